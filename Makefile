@@ -1,0 +1,33 @@
+# Two commands: `make demo` (train + sample + evaluate on the built-in tiny demo) and `make test`.
+# Each bootstraps .venv when missing and is idempotent.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip -q --disable-pip-version-check
+LOCK   := requirements-lock.txt
+export JAX_COMPILATION_CACHE_DIR ?= $(CURDIR)/.jax_cache
+export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS ?= 1
+
+.PHONY: demo test venv venv-test clean-demo
+
+$(VENV)/.core: pyproject.toml $(LOCK)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -c $(LOCK) -e .
+	touch $@
+
+$(VENV)/.test: $(VENV)/.core
+	$(PIP) install -c $(LOCK) -e ".[test,torch]"
+	touch $@
+
+venv: $(VENV)/.core
+venv-test: $(VENV)/.test
+
+demo: $(VENV)/.core
+	$(PY) -m mtok_jax.demo.run
+
+test: $(VENV)/.test
+	XLA_FLAGS="--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0" \
+	  $(PY) -m pytest -q -p no:cacheprovider tests
+
+clean-demo:
+	rm -rf runs/demo demo_assets

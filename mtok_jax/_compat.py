@@ -1,0 +1,35 @@
+"""Process-wide quieting of known-noisy third-party loggers (imported first by ``mtok_jax``).
+
+diffusers 0.39 logs "Flax classes are deprecated" from every Flax module's ``setup`` (~120 lines per
+UNet trace) through its own non-propagating logger, so ``warnings`` filters cannot reach it; we drop
+exactly that message and keep every other diffusers warning. transformers 4.57 prints a one-time
+TF/JAX deprecation line for Flax models; same treatment.
+"""
+
+import logging
+import os
+
+os.environ.setdefault("USE_TF", "0")  # transformers must never import TensorFlow
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+_DROPPED = ("Flax classes are deprecated", "TensorFlow and JAX classes are deprecated")
+
+
+class _DropDeprecations(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return not any(d in msg for d in _DROPPED)
+
+
+def quiet_third_party_loggers() -> None:
+    """Attach the filter to the diffusers/transformers loggers and their handlers (idempotent)."""
+    import diffusers.utils.logging as dlog
+    import transformers.utils.logging as tlog
+
+    dlog.get_logger("diffusers")
+    tlog.get_logger("transformers")
+    for name in ("diffusers", "transformers"):
+        logger = logging.getLogger(name)
+        for target in [logger, *logger.handlers]:
+            if not any(isinstance(f, _DropDeprecations) for f in target.filters):
+                target.addFilter(_DropDeprecations())

@@ -1,0 +1,37 @@
+"""Test-session setup: 8 virtual CPU devices, float32 'highest' matmuls, quiet third-party logs.
+
+XLA_FLAGS must be set before jax initialises its backend, so this runs before any test imports jax.
+"""
+
+import os
+import pathlib
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+if "--xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
+    os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
+os.environ.setdefault("USE_TF", "0")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+import mtok_jax._compat as _compat  # noqa: E402
+
+_compat.quiet_third_party_loggers()
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SHARED = pathlib.Path(os.environ.get("MTOK_SHARED", REPO.parent / "shared"))
+GOLDEN = SHARED / "golden"
+
+
+@pytest.fixture(scope="session")
+def golden_dir() -> pathlib.Path:
+    if not GOLDEN.is_dir():
+        pytest.skip(f"golden tensors not found at {GOLDEN} (set MTOK_SHARED)")
+    return GOLDEN
+
+
+def torch_or_skip():
+    """Import torch or skip the calling test (torch is the optional `torch` extra)."""
+    return pytest.importorskip("torch")
