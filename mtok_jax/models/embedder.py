@@ -1,0 +1,171 @@
+"""AudioToken embedder: BEATs features [B, T, C_in] → one audio token [B, D] (DESIGN §2.3).
+
+Port of the reference ``FGAEmbedder`` (guyyariv/AudioToken ``modules/AudioToken/embedder.py`` +
+``modules/FGA/atten.py``, one utility, self-pairwise only):
+
+  H   = fc2(GELU_erf(fc1(x)))                                   [B, T, D]
+  u_t = w·Dropout_0.5(ReLU(W_e h_t + b_e)) + b                  unary potential      [B, T]
+  p_t = mean_s cos(W_X h_t + b_X, W_Y h_s + b_Y)                self-pairwise        [B, T]
+  z_t = r0·u_t + r1·p_t  (bias-free 2→1 mix),  α = softmax_t z,  e = Σ_t α_t h_t     [B, D]
+
+Reference quirk kept behind ``unary_dropout_at_inference`` (default True = reference): the unary
+dropout calls ``F.dropout`` with its default ``training=True``, so it is active at inference too.
+With the flag on it draws from the ``'dropout'`` rng even when ``deterministic=True``; with it off
+the dropout is active only when ``deterministic=False``.
+
+Init matches PyTorch's Linear/Conv1d defaults: U(±1/√fan_in) for weights and biases.
+Intermediates (``fc2_out``, ``unary``, ``self_pairwise``, ``logits``, ``attn_weights``) are sown into
+the ``'intermediates'`` collection for debugging/parity tests.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from mtok_jax.params_io import load_params, save_params
+
+UNARY_DROPOUT_RATE = 0.5
+L2_EPS = 1e-12  # F.normalize eps
+
+
+def torch_uniform_init(fan_in: int):
+    """PyTorch default Linear/Conv init: U(-1/√fan_in, +1/√fan_in) (kaiming_uniform a=√5 == this bound)."""
+    bound = 1.0 / np.sqrt(fan_in)
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+def _dense(features: int, fan_in: int, name: str, dtype, use_bias: bool = True) -> nn.Dense:
+    init = torch_uniform_init(fan_in)
+    return nn.Dense(features, use_bias=use_bias, kernel_init=init, bias_init=init, dtype=dtype,
+                    param_dtype=jnp.float32, name=name)
+
+
+def _l2_normalize(x: jax.Array) -> jax.Array:
+    """x / max(‖x‖₂, 1e-12) over the last axis (torch ``F.normalize``)."""
+    norm = jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True))
+    return x / jnp.maximum(norm, L2_EPS)
+
+
+class AudioTokenEmbedder(nn.Module):
+    """MLP + factor-graph attentive pooling; ``x [B, T, C_in] → audio token [B, output_dim]``."""
+
+    output_dim: int
+    unary_dropout_at_inference: bool = True
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, deterministic: bool = True,
+                 unary_dropout_mask: jax.Array | None = None) -> jax.Array:
+        """``x`` [B, T, C_in] → [B, output_dim] float32.
+
+        ``unary_dropout_mask`` (optional, [B, T, output_dim], 1 = kept) replays a recorded dropout
+        mask instead of drawing one (kept values are scaled by 1/(1-p) = 2); it is applied whenever
+        given. Otherwise the dropout is active iff ``not deterministic or unary_dropout_at_inference``
+        and then needs ``rngs={'dropout': key}``.
+        """
+        c_in, d = x.shape[-1], self.output_dim
+        x = x.astype(self.dtype)
+        h = _dense(c_in, c_in, "fc1", self.dtype)(x)
+        h = nn.gelu(h, approximate=False)
+        h = _dense(d, c_in, "fc2", self.dtype)(h)                          # H [B, T, D]
+        self.sow("intermediates", "fc2_out", h)
+
+        # Unary potential.
+        r = nn.relu(_dense(d, d, "unary_embed", self.dtype)(h))
+        keep_scale = 1.0 / (1.0 - UNARY_DROPOUT_RATE)
+        if unary_dropout_mask is not None:
+            r = r * (unary_dropout_mask.astype(r.dtype) * keep_scale)
+        elif (not deterministic) or self.unary_dropout_at_inference:
+            keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - UNARY_DROPOUT_RATE, r.shape)
+            r = jnp.where(keep, r * keep_scale, jnp.zeros_like(r))
+        unary = _dense(1, d, "unary_reduce", self.dtype)(r)[..., 0].astype(jnp.float32)   # [B, T]
+
+        # Self-pairwise potential: mean over keys of the cosine matrix.
+        a = _l2_normalize(_dense(d, d, "pairwise_embed_x", self.dtype)(h).astype(jnp.float32))
+        b = _l2_normalize(_dense(d, d, "pairwise_embed_y", self.dtype)(h).astype(jnp.float32))
+        pairwise = jnp.mean(jnp.einsum("btc,bsc->bts", a, b), axis=-1)     # [B, T]
+
+        potentials = jnp.stack([unary, pairwise], axis=-1)                 # [B, T, 2] order [unary, self]
+        logits = _dense(1, 2, "potential_mix", jnp.float32, use_bias=False)(potentials)[..., 0]
+        attn = jax.nn.softmax(logits, axis=-1)                             # [B, T]
+        for name, v in (("unary", unary), ("self_pairwise", pairwise), ("logits", logits),
+                        ("attn_weights", attn)):
+            self.sow("intermediates", name, v)
+        return jnp.einsum("bt,btd->bd", attn, h.astype(jnp.float32))
+
+
+def _conv1x1_kernel(w: np.ndarray) -> np.ndarray:
+    """Conv1d k=1 weight [out, in, 1] → Dense kernel [in, out]."""
+    return np.ascontiguousarray(np.asarray(w, np.float32)[:, :, 0].T)
+
+
+def params_from_torch(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """Reference ``FGAEmbedder`` state dict (key names of the AudioToken repo) → Flax params.
+
+    Accepts numpy arrays or torch tensors; a common ``embedder.`` prefix is stripped.
+    """
+    sd = {k: np.asarray(v.detach().cpu().numpy() if hasattr(v, "detach") else v, np.float32)
+          for k, v in state_dict.items()}
+    if all(k.startswith("embedder.") for k in sd):
+        sd = {k[len("embedder."):]: v for k, v in sd.items()}
+
+    def linear(prefix):
+        return {"kernel": np.ascontiguousarray(sd[prefix + ".weight"].T), "bias": sd[prefix + ".bias"]}
+
+    def conv(prefix):
+        return {"kernel": _conv1x1_kernel(sd[prefix + ".weight"]), "bias": sd[prefix + ".bias"]}
+
+    expected = {"fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias",
+                "fga.un_models.0.embed.weight", "fga.un_models.0.embed.bias",
+                "fga.un_models.0.feature_reduce.weight", "fga.un_models.0.feature_reduce.bias",
+                "fga.pp_models.0.embed_X.weight", "fga.pp_models.0.embed_X.bias",
+                "fga.pp_models.0.embed_Y.weight", "fga.pp_models.0.embed_Y.bias",
+                "fga.reduce_potentials.0.weight"}
+    missing, extra = expected - set(sd), set(sd) - expected
+    if missing or extra:
+        raise KeyError(f"not an AudioToken FGAEmbedder state dict: missing {sorted(missing)}, "
+                       f"unexpected {sorted(extra)}")
+    return {
+        "fc1": linear("fc1"),
+        "fc2": linear("fc2"),
+        "unary_embed": conv("fga.un_models.0.embed"),
+        "unary_reduce": conv("fga.un_models.0.feature_reduce"),
+        "pairwise_embed_x": conv("fga.pp_models.0.embed_X"),
+        "pairwise_embed_y": conv("fga.pp_models.0.embed_Y"),
+        "potential_mix": {"kernel": _conv1x1_kernel(sd["fga.reduce_potentials.0.weight"])},
+    }
+
+
+def embedder_config(params: Mapping[str, Any]) -> dict[str, int]:
+    """{'output_dim': D, 'input_dim': C_in} read from the params' shapes."""
+    c_in, d = np.shape(params["fc2"]["kernel"])
+    return {"output_dim": int(d), "input_dim": int(c_in)}
+
+
+def convert_checkpoint(learned_embeds_bin: str | os.PathLike, out_dir: str | os.PathLike) -> dict[str, int]:
+    """Reference ``learned_embeds.bin`` (torch state dict) → params_io folder; returns its config."""
+    import torch  # optional extra, converters only
+
+    state_dict = torch.load(learned_embeds_bin, map_location="cpu", weights_only=True)
+    params = params_from_torch(state_dict)
+    config = embedder_config(params)
+    save_params(out_dir, params, config)
+    return config
+
+
+def load_embedder(directory: str | os.PathLike, unary_dropout_at_inference: bool = True,
+                  dtype=jnp.float32) -> tuple[AudioTokenEmbedder, dict[str, Any]]:
+    """params_io folder (from :func:`convert_checkpoint`) → (module, params)."""
+    params, config = load_params(directory)
+    module = AudioTokenEmbedder(int(config["output_dim"]), unary_dropout_at_inference, dtype)
+    return module, jax.tree_util.tree_map(jnp.asarray, params)
