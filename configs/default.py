@@ -1,0 +1,93 @@
+"""Shared base config: SD v1.4 + converted BEATs iter3+ AS2M, the thesis's losses and data settings.
+
+Every experiment config starts from this one and changes only what differs. On its own it trains the
+embedder like exp1 (DESIGN §2.6):
+
+  python train.py --config configs/default.py --workdir runs/default \
+      --config.model.sd_path=/path/to/stable-diffusion-v1-4 --config.model.beats_path=/path/to/beats
+
+Expected runtime: as configs/exp1.py. The config is locked: an unknown key (here or on the command
+line) is an error, and `mtok_jax.config_utils.validate` checks the values before training starts.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.workdir_name = "default"  # train.py's default workdir is runs/<workdir_name>
+    c.seed = 0
+    c.multihost = False  # jax.distributed.initialize() (also when MTOK_MULTIHOST=1)
+
+    # Models. sd_path: a local HF folder (Flax msgpack or PyTorch-layout safetensors) or a hub id.
+    c.model = ml_collections.ConfigDict(dict(
+        sd_path="CompVis/stable-diffusion-v1-4",
+        beats_path="checkpoints/beats_iter3_plus_as2m",  # params_io folder from the BEATs converter
+        embedder_path="",  # optional initial embedder (params_io folder); "" = PyTorch-style random init
+        beats_layers=(3, 7, 11),  # 0-based BEATs blocks whose outputs are concatenated
+        dtype="float32",  # compute dtype: float32 | bfloat16 (master params stay float32)
+        beats_train_mode=False,  # thesis: BEATs dropout/layer-drop on while training; AudioToken: eval
+        unary_dropout_at_inference=True,  # reference quirk: embedder p=0.5 dropout also at inference
+        split_conv_pos=True,  # BEATs positional conv as 16 ungrouped convs (fast backward on XLA:CPU)
+    ))
+
+    c.prompt = ml_collections.ConfigDict(dict(
+        train="an art image of <*>",
+        inference="an art image of <*>, 4k, high resolution",
+        placeholder="<*>",
+    ))
+
+    c.data = ml_collections.ConfigDict(dict(
+        name="music_image",  # TFDS builder
+        data_dir="data/tfds",  # TFDS data_dir holding the built dataset
+        builder_config="museart",
+        clip_seconds=30.0,  # first 30 s of each clip (repeat-padded)
+        image_size=512,  # square side in pixels (bicubic resize)
+        bgr=False,  # thesis quirk: images fed in BGR channel order
+        seed=0,  # pairing / shuffling seed (an epoch's order is a function of (seed, epoch))
+    ))
+
+    c.train = ml_collections.ConfigDict(dict(
+        trainable="embedder",  # regex on parameter paths 'part/...' (parts: beats embedder text unet vae)
+        epochs=25,
+        batch_size=8,  # examples per micro-batch (global, over all devices)
+        grad_accum=1,  # micro-batches per optimizer step (update == the big batch's update)
+        val_batch_size=1,
+        lr=8e-5,
+        schedule="cosine",  # cosine | constant
+        warmup_steps=0,
+        scale_lr=False,  # reference: lr × batch × accum × devices; thesis reports the base lr
+        b1=0.9,
+        b2=0.999,
+        eps=1e-8,
+        weight_decay=1e-2,  # decoupled (AdamW), on every trainable leaf
+        lambda_l1=0.01,  # × mean|e| (the code's L1; the thesis writes ||e||_1)
+        lambda_l2=0.0,  # × mean_b ||e||^2
+        lambda_cl=0.01,  # × (1 − mean_b cos(e, τ_label))^2
+        log_every=10,  # steps between metrics.jsonl train lines
+        checkpoint_every=500,  # steps between `latest` checkpoints (also at every epoch end)
+        max_steps=-1,  # stop after this many optimizer steps (-1: run all epochs)
+        fsdp_min_size=2**22,  # leaves with more elements than this are sharded over `fsdp`
+    ))
+
+    # Mesh axis sizes; one may be -1 (all remaining devices).
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+
+    c.sample = ml_collections.ConfigDict(dict(
+        num_images=4,
+        steps=50,
+        guidance=7.5,
+        scheduler="pndm",  # pndm | ddim | dpm | euler
+        seed=0,
+    ))
+
+    c.metrics = ml_collections.ConfigDict(dict(
+        clip_path="checkpoints/clip-vit-base-patch32",
+        inception_path="checkpoints/pt_inception",
+        wav2clip_path="checkpoints/wav2clip",
+        num_images=335,
+        per_label=10,
+    ))
+
+    c.lock()
+    return c
