@@ -1,0 +1,1 @@
+"""Flax models (BEATs, embedder, text tower, diffusion wrappers). Import submodules directly."""

@@ -1,0 +1,500 @@
+"""BEATs audio encoder (microsoft/unilm ``beats/``, the released iter3+ family) in Flax (DESIGN §2.2).
+
+waveform [B, N] 16 kHz ─► Kaldi fbank, normalised [B, F, 128] ─► Conv 16×16/16 (patches, token = t·8 + f)
+─► LayerNorm(embed_dim) ─► Dense → C ─► (+ GELU(weight-normed grouped conv-pos)) ─► LayerNorm
+─► ``encoder_layers`` post-LN deep-norm transformer layers with a shared, GRU-gated, bucketed relative
+position bias ─► features [B, T, C], T = 8·⌊F/16⌋.
+
+Every size and flag comes from the checkpoint's ``cfg`` dict (missing keys take the reference's
+``BEATsConfig`` class defaults). Parameter names follow the PyTorch state-dict names
+(``params_from_torch`` maps them). Weight norm of the conv-pos is recomposed once at load: the Flax
+tree holds the effective kernel. Intermediate stages are ``sow``-n into the ``intermediates``
+collection (``apply(..., mutable=['intermediates'])``) for debugging and parity tests.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from typing import Any, Mapping, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from mtok_jax import params_io
+from mtok_jax.audio.fbank import beats_normalize, kaldi_fbank
+
+LN_EPS = 1e-5                     # torch.nn.LayerNorm default (Flax's is 1e-6)
+SAMPLE_RATE = 16000               # BEATs.preprocess hard-codes 16 kHz, 128 mel bins
+NUM_MEL_BINS = 128
+AUDIOTOKEN_LAYERS = (3, 7, 11)    # 0-based blocks whose outputs AudioToken concatenates ("layers 4, 8, 12")
+
+# The reference's BEATsConfig class defaults (applied before the checkpoint's cfg, as BEATsConfig does).
+BEATS_CONFIG_DEFAULTS: dict[str, Any] = dict(
+    input_patch_size=-1, embed_dim=512, conv_bias=False,
+    encoder_layers=12, encoder_embed_dim=768, encoder_ffn_embed_dim=3072, encoder_attention_heads=12,
+    activation_fn="gelu", layer_wise_gradient_decay_ratio=1.0, layer_norm_first=False, deep_norm=False,
+    dropout=0.1, attention_dropout=0.1, activation_dropout=0.0, encoder_layerdrop=0.0, dropout_input=0.0,
+    conv_pos=128, conv_pos_groups=16,
+    relative_position_embedding=False, num_buckets=320, max_distance=1280, gru_rel_pos=False,
+    finetuned_model=False, predictor_dropout=0.1, predictor_class=527,
+)
+
+# checkpoint['cfg'] of BEATs_iter3_plus_AS2M.pt (golden/README.md §1.6); for eval_shape / benchmarks.
+BEATS_ITER3_PLUS_AS2M_CFG: dict[str, Any] = dict(
+    encoder_layers=12, encoder_embed_dim=768, encoder_ffn_embed_dim=3072, encoder_attention_heads=12,
+    embed_dim=512, input_patch_size=16, conv_bias=False, activation_fn="gelu",
+    layer_norm_first=False, deep_norm=True, layer_wise_gradient_decay_ratio=0.6,
+    conv_pos=128, conv_pos_groups=16,
+    relative_position_embedding=True, num_buckets=320, max_distance=800, gru_rel_pos=True,
+    dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, dropout_input=0.0, encoder_layerdrop=0.05,
+    finetuned_model=False, predictor_dropout=0.0, predictor_class=527,
+)
+
+
+def beats_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """Checkpoint cfg → complete config (reference class defaults for missing keys), validated."""
+    c = dict(BEATS_CONFIG_DEFAULTS)
+    c.update(dict(cfg))
+    if c["input_patch_size"] <= 0:
+        raise ValueError(f"input_patch_size must be positive, got {c['input_patch_size']}")
+    if c["deep_norm"] and c["layer_norm_first"]:
+        raise ValueError("deep_norm and layer_norm_first are exclusive (as in the reference)")
+    if c["encoder_embed_dim"] % c["encoder_attention_heads"]:
+        raise ValueError("encoder_embed_dim must be divisible by encoder_attention_heads")
+    if c["encoder_embed_dim"] % c["conv_pos_groups"]:
+        raise ValueError("encoder_embed_dim must be divisible by conv_pos_groups")
+    if c["activation_fn"] not in _ACTIVATIONS:
+        raise NotImplementedError(f"activation_fn {c['activation_fn']!r} not supported "
+                                  f"(supported: {sorted(_ACTIVATIONS)}; 'glu' is not ported)")
+    return c
+
+
+# ----------------------------------------------------------------------------------------------------
+# Pure helpers
+
+
+def _gelu_f32(x):
+    """Exact (erf) GELU computed in float32, cast back (the reference's ``gelu``)."""
+    return jax.nn.gelu(x.astype(jnp.float32), approximate=False).astype(x.dtype)
+
+
+def _gelu_tanh_f32(x):
+    return jax.nn.gelu(x.astype(jnp.float32), approximate=True).astype(x.dtype)
+
+
+_ACTIVATIONS = {"gelu": _gelu_f32, "gelu_fast": _gelu_tanh_f32, "gelu_accurate": _gelu_tanh_f32,
+                "relu": jax.nn.relu, "tanh": jnp.tanh, "linear": lambda x: x}
+
+
+def downsample_padding_mask(padding_mask: jax.Array, length: int) -> jax.Array:
+    """The reference's ``forward_padding_mask``: ``[B, n]`` → ``[B, length]`` (True = padding).
+
+    Drops the last n mod length entries, groups the rest into ``length`` consecutive slots of n // length
+    and marks a slot as padding iff all its entries are. Crude on purpose (copied, not fixed): the second
+    application (frames → patches) ignores the time-major patch layout.
+    """
+    mask = jnp.asarray(padding_mask, bool)
+    b, n = mask.shape
+    per = n // length
+    if per == 0:
+        return jnp.ones((b, length), bool)
+    return mask[:, : per * length].reshape(b, length, per).all(-1)
+
+
+def relative_position_buckets_1d(max_rel: int, num_buckets: int, max_distance: int) -> np.ndarray:
+    """Bidirectional T5 bucket of r = key − query for r = −max_rel..max_rel, int32 ``[2·max_rel + 1]``.
+
+    Float32 arithmetic with truncation toward zero, as the reference's ``_relative_positions_bucket``.
+    """
+    rel = np.arange(-max_rel, max_rel + 1, dtype=np.int64)
+    nb = num_buckets // 2
+    base = (rel > 0).astype(np.int64) * nb
+    a = np.abs(rel)
+    max_exact = nb // 2
+    with np.errstate(divide="ignore"):
+        ratio = np.log(a.astype(np.float32) / np.float32(max_exact))
+    large = ratio / np.float32(math.log(max_distance / max_exact)) * np.float32(nb - max_exact)
+    large = max_exact + np.trunc(np.where(a < max_exact, 0.0, large)).astype(np.int64)
+    large = np.minimum(large, nb - 1)
+    return (base + np.where(a < max_exact, a, large)).astype(np.int32)
+
+
+@jax.custom_vjp
+def _grad_multiply(x, scale):
+    return x
+
+
+def _grad_multiply_fwd(x, scale):
+    return x, scale
+
+
+def _grad_multiply_bwd(scale, g):
+    return g * scale, None
+
+
+_grad_multiply.defvjp(_grad_multiply_fwd, _grad_multiply_bwd)
+
+
+def grad_multiply(x: jax.Array, scale: float) -> jax.Array:
+    """Identity forward; multiplies the gradient by ``scale`` (the reference's ``GradMultiply``)."""
+    return _grad_multiply(x, jnp.asarray(scale, x.dtype))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Modules
+
+
+@struct.dataclass
+class BEATsOutput:
+    """What ``BEATs.apply`` returns.
+
+    fbank: normalised fbank ``[B, F, 128]`` float32; hidden_states: output of every layer, each
+    ``[B, T, C]``; features: final output ``[B, T, C]``; padding_mask: patch-level mask ``[B, T]``
+    (True = padding) or None.
+    """
+    fbank: jax.Array
+    hidden_states: tuple
+    features: jax.Array
+    padding_mask: Optional[jax.Array] = None
+
+
+class ConvPositionalEmbedding(nn.Module):
+    """GELU(grouped Conv1d(C→C, kernel K, padding K//2) with the last step removed for even K).
+
+    ``kernel`` is ``[K, C/groups, C]`` (the effective, weight-norm-recomposed weight). ``split=True``
+    runs it as ``groups`` ungrouped convs on channel slices: numerically the same, and its gradient
+    is ~60× faster on XLA:CPU than ``feature_group_count`` (notes/cpu-anchors.md).
+    """
+    kernel_size: int
+    groups: int
+    split: bool = True
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):                                      # [B, T, C]
+        c = x.shape[-1]
+        cg = c // self.groups
+        k = self.kernel_size
+        std = math.sqrt(4.0 / (k * c))
+        kernel = self.param("kernel", nn.initializers.normal(std), (k, cg, c), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+        x = x.astype(self.dtype)
+        kernel = kernel.astype(self.dtype)
+        conv = lambda inp, w, groups: jax.lax.conv_general_dilated(   # noqa: E731
+            inp, w, window_strides=(1,), padding=[(k // 2, k // 2)],
+            dimension_numbers=("NWC", "WIO", "NWC"), feature_group_count=groups)
+        if self.split:
+            y = jnp.concatenate([conv(x[..., g * cg:(g + 1) * cg], kernel[..., g * cg:(g + 1) * cg], 1)
+                                 for g in range(self.groups)], axis=-1)
+        else:
+            y = conv(x, kernel, self.groups)
+        y = y + bias.astype(self.dtype)
+        if k % 2 == 0:                                          # SamePad
+            y = y[:, :-1]
+        return _gelu_f32(y)
+
+
+class BEATsAttention(nn.Module):
+    """Multi-head self-attention with the (optionally GRU-gated) shared relative position bias."""
+    embed_dim: int
+    num_heads: int
+    gru_rel_pos: bool
+    attention_dropout: float
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, pos_bias, key_padding_mask, deterministic: bool):
+        b, t, c = x.shape
+        h = self.num_heads
+        d = c // h
+        dense = lambda name: nn.Dense(c, dtype=self.dtype, name=name,   # noqa: E731
+                                      kernel_init=nn.initializers.normal(0.02))
+        q = dense("q_proj")(x).reshape(b, t, h, d)
+        k = dense("k_proj")(x).reshape(b, t, h, d)
+        v = dense("v_proj")(x).reshape(b, t, h, d)
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q * jnp.asarray(d ** -0.5, q.dtype), k,
+                            preferred_element_type=jnp.float32)
+        if key_padding_mask is not None:
+            logits = jnp.where(key_padding_mask[:, None, None, :], -jnp.inf, logits)
+        if pos_bias is not None:                                # [H, T, T] float32
+            bias = pos_bias[None]
+            if self.gru_rel_pos:
+                g = nn.Dense(8, dtype=self.dtype, name="grep_linear",
+                             kernel_init=nn.initializers.normal(0.02))(q)          # [B, T, H, 8]
+                self.sow("intermediates", "grep_linear_out", g.transpose(0, 2, 1, 3))
+                g = jax.nn.sigmoid(g.astype(jnp.float32).reshape(b, t, h, 2, 4).sum(-1))
+                grep_a = self.param("grep_a", nn.initializers.ones, (h,), jnp.float32)
+                gate = g[..., 0] * (g[..., 1] * grep_a - 1.0) + 2.0                # [B, T, H]
+                bias = gate.transpose(0, 2, 1)[..., None] * bias
+            logits = logits + bias
+        probs = jax.nn.softmax(logits, axis=-1)
+        self.sow("intermediates", "attn_probs", probs)
+        probs = nn.Dropout(self.attention_dropout)(probs, deterministic=deterministic)
+        out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v).reshape(b, t, c)
+        out = dense("out_proj")(out)
+        self.sow("intermediates", "attn_out", out)
+        return out
+
+
+class BEATsLayer(nn.Module):
+    """One transformer layer: post-LN with deep-norm residual scale α, or pre-LN (layer_norm_first)."""
+    cfg: Mapping[str, Any]
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, pos_bias, key_padding_mask, deterministic: bool):
+        c = self.cfg
+        dim = c["encoder_embed_dim"]
+        alpha = (2.0 * c["encoder_layers"]) ** 0.25 if c["deep_norm"] else 1.0
+        act = _ACTIVATIONS[c["activation_fn"]]
+        attn = BEATsAttention(dim, c["encoder_attention_heads"], bool(c["gru_rel_pos"]),
+                              c["attention_dropout"], self.dtype, name="self_attn")
+        attn_ln = nn.LayerNorm(LN_EPS, dtype=self.dtype, name="self_attn_layer_norm")
+        final_ln = nn.LayerNorm(LN_EPS, dtype=self.dtype, name="final_layer_norm")
+        init = nn.initializers.normal(0.02)
+        fc1 = nn.Dense(c["encoder_ffn_embed_dim"], dtype=self.dtype, kernel_init=init, name="fc1")
+        fc2 = nn.Dense(dim, dtype=self.dtype, kernel_init=init, name="fc2")
+        drop = lambda y, rate: nn.Dropout(rate)(y, deterministic=deterministic)   # noqa: E731
+
+        def ffn(y):
+            y = drop(act(fc1(y)), c["activation_dropout"])
+            return drop(fc2(y), c["dropout"])
+
+        if c["layer_norm_first"]:
+            x = x + drop(attn(attn_ln(x), pos_bias, key_padding_mask, deterministic), c["dropout"])
+            return x + ffn(final_ln(x))
+        a = drop(attn(x, pos_bias, key_padding_mask, deterministic), c["dropout"])
+        x = attn_ln(x * alpha + a)
+        return final_ln(x * alpha + ffn(x))
+
+
+class BEATsEncoder(nn.Module):
+    """Conv-pos embedding, LayerNorm and the layer stack (the reference's ``TransformerEncoder``)."""
+    cfg: Mapping[str, Any]
+    dtype: Any = jnp.float32
+    split_conv_pos: bool = True
+
+    def relative_position_bias(self, length: int) -> jax.Array:
+        """Shared bias ``[H, T, T]``: ``bias[h, i, j] = table[bucket(j − i), h]`` (float32)."""
+        c = self.cfg
+        table = self.param("relative_attention_bias",
+                           lambda k, s: nn.initializers.xavier_normal()(k, s, jnp.float32),
+                           (c["num_buckets"], c["encoder_attention_heads"]))
+        b1d = jnp.asarray(relative_position_buckets_1d(length - 1, c["num_buckets"], c["max_distance"]))
+        pos = jnp.arange(length)
+        buckets = b1d[pos[None, :] - pos[:, None] + (length - 1)]     # [T, T]
+        return jnp.transpose(table[buckets], (2, 0, 1)).astype(jnp.float32)
+
+    @nn.compact
+    def __call__(self, x, padding_mask, deterministic: bool):
+        c = self.cfg
+        if padding_mask is not None:
+            x = jnp.where(padding_mask[..., None], 0.0, x).astype(x.dtype)
+        pos = ConvPositionalEmbedding(c["conv_pos"], c["conv_pos_groups"], self.split_conv_pos,
+                                      self.dtype, name="pos_conv")(x)
+        self.sow("intermediates", "pos_conv_out", pos)
+        x = x + pos.astype(x.dtype)
+        layer_norm = nn.LayerNorm(LN_EPS, dtype=self.dtype, name="layer_norm")
+        if not c["layer_norm_first"]:
+            x = layer_norm(x)
+        self.sow("intermediates", "encoder_input", x)
+        x = nn.Dropout(c["dropout"])(x, deterministic=deterministic)
+        pos_bias = None
+        if c["relative_position_embedding"]:
+            pos_bias = self.relative_position_bias(x.shape[1])
+            self.sow("intermediates", "rel_pos_bias", pos_bias)
+        ratio = c["layer_wise_gradient_decay_ratio"]
+        layerdrop = c["encoder_layerdrop"]
+        hidden = []
+        for i in range(c["encoder_layers"]):
+            if ratio != 1.0:
+                x = grad_multiply(x, ratio)
+            y = BEATsLayer(c, self.dtype, name=f"layers_{i}")(x, pos_bias, padding_mask, deterministic)
+            if not deterministic and layerdrop > 0.0:
+                keep = jax.random.uniform(self.make_rng("dropout")) > layerdrop
+                y = jnp.where(keep, y, x)
+            x = y
+            hidden.append(x)
+        if c["layer_norm_first"]:
+            x = layer_norm(x)
+        return x, tuple(hidden)
+
+
+class BEATs(nn.Module):
+    """BEATs from a checkpoint ``cfg`` dict.
+
+    ``apply({'params': p}, waveforms [B, N] float32 16 kHz in [−1, 1], padding_mask [B, N] bool
+    (True = padding) or None, deterministic=True)`` → :class:`BEATsOutput`. With
+    ``deterministic=False`` dropout, attention dropout and layer drop (rates from cfg) are active and
+    ``rngs={'dropout': key}`` is needed. ``dtype=jnp.bfloat16`` computes in bf16 (params stay float32;
+    fbank, softmax, GELU and LayerNorm statistics in float32). ``split_conv_pos`` picks the conv-pos form
+    (same numbers; split trains much faster on CPU).
+    """
+    cfg: Mapping[str, Any]
+    dtype: Any = jnp.float32
+    split_conv_pos: bool = True
+
+    def setup(self):
+        c = beats_config(self.cfg)
+        self.config = c
+        p = c["input_patch_size"]
+        self.patch_embedding = nn.Conv(c["embed_dim"], (p, p), strides=(p, p), padding="VALID",
+                                       use_bias=bool(c["conv_bias"]), dtype=self.dtype)
+        self.layer_norm = nn.LayerNorm(LN_EPS, dtype=self.dtype)
+        if c["embed_dim"] != c["encoder_embed_dim"]:
+            self.post_extract_proj = nn.Dense(c["encoder_embed_dim"], dtype=self.dtype)
+        self.dropout_input = nn.Dropout(c["dropout_input"])
+        self.encoder = BEATsEncoder(c, self.dtype, self.split_conv_pos)
+
+    def __call__(self, waveforms, padding_mask=None, deterministic: bool = True) -> BEATsOutput:
+        fbank = beats_normalize(kaldi_fbank(waveforms, SAMPLE_RATE, NUM_MEL_BINS))
+        frame_mask = None
+        if padding_mask is not None:
+            frame_mask = downsample_padding_mask(padding_mask, fbank.shape[1])
+        return self.from_fbank(fbank, frame_mask, deterministic)
+
+    def from_fbank(self, fbank, padding_mask=None, deterministic: bool = True) -> BEATsOutput:
+        """Same as ``__call__`` from a normalised fbank ``[B, F, 128]`` and a frame mask ``[B, F]``."""
+        c = self.config
+        p = c["input_patch_size"]
+        if fbank.shape[1] < p or fbank.shape[2] < p:
+            raise ValueError(f"fbank {fbank.shape} is smaller than one {p}×{p} patch "
+                             f"(need ≥ {400 + (p - 1) * 160} samples at 16 kHz)")
+        x = self.patch_embedding(fbank[..., None])               # [B, F/p, 128/p, E]
+        x = x.reshape(x.shape[0], -1, x.shape[-1])               # token = t·(128/p) + f
+        self.sow("intermediates", "patch_embed", x)
+        x = self.layer_norm(x)
+        self.sow("intermediates", "patch_embed_ln", x)
+        if padding_mask is not None:
+            padding_mask = downsample_padding_mask(padding_mask, x.shape[1])
+        if c["embed_dim"] != c["encoder_embed_dim"]:
+            x = self.post_extract_proj(x)
+        self.sow("intermediates", "post_extract_proj_out", x)
+        x = self.dropout_input(x, deterministic=deterministic)
+        features, hidden = self.encoder(x, padding_mask, deterministic)
+        return BEATsOutput(fbank=fbank, hidden_states=hidden, features=features, padding_mask=padding_mask)
+
+
+def audiotoken_features(output: BEATsOutput, layers: Sequence[int] = AUDIOTOKEN_LAYERS) -> jax.Array:
+    """Outputs of the 0-based blocks ``layers`` concatenated on channels: ``[B, T, len(layers)·C]``."""
+    n = len(output.hidden_states)
+    if max(layers) >= n:
+        raise ValueError(f"audiotoken_features needs layers {tuple(layers)} but the model has only {n} "
+                         f"layers; pass layers= for a small model")
+    return jnp.concatenate([output.hidden_states[i] for i in layers], axis=-1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Parameters: PyTorch state dict → Flax, init, save/load
+
+
+def _weight_norm(g: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """``nn.utils.weight_norm(dim=2)``: W[o, i, k] = g[k] · v[o, i, k] / ‖v[:, :, k]‖ (float64 math)."""
+    v64 = v.astype(np.float64)
+    norm = np.sqrt((v64 ** 2).sum(axis=(0, 1), keepdims=True))
+    return (g.astype(np.float64).reshape(1, 1, -1) * v64 / norm).astype(np.float32)
+
+
+def params_from_torch(state_dict: Mapping[str, Any], cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """Reference state dict (``checkpoint['model']``, key names as in microsoft/unilm) → Flax params.
+
+    Linear ``[out, in]`` → Dense kernel ``[in, out]``; Conv weights ``[out, in/g, k...]`` → ``[k..., in/g,
+    out]``; the conv-pos weight norm (``weight_g``/``weight_v``, or the parametrizations names) is
+    recomposed; the shared relative-bias table is taken from layer 0. ``predictor.*`` (fine-tuned
+    heads; AudioToken drops them) is ignored. Any other unused or missing key raises ``ValueError``.
+    """
+    c = beats_config(cfg)
+    sd = {k: np.asarray(v) for k, v in state_dict.items()}
+    used: set[str] = set()
+
+    def take(key):
+        if key not in sd:
+            raise ValueError(f"BEATs state dict has no {key!r} (cfg and checkpoint disagree?)")
+        used.add(key)
+        return sd[key].astype(np.float32)
+
+    def dense(prefix):
+        return {"kernel": take(prefix + ".weight").T, "bias": take(prefix + ".bias")}
+
+    def layer_norm(prefix):
+        return {"scale": take(prefix + ".weight"), "bias": take(prefix + ".bias")}
+
+    patch = {"kernel": take("patch_embedding.weight").transpose(2, 3, 1, 0)}
+    if c["conv_bias"]:
+        patch["bias"] = take("patch_embedding.bias")
+    params: dict[str, Any] = {"patch_embedding": patch, "layer_norm": layer_norm("layer_norm")}
+    if c["embed_dim"] != c["encoder_embed_dim"]:
+        params["post_extract_proj"] = dense("post_extract_proj")
+
+    pc = "encoder.pos_conv.0."
+    if pc + "weight_g" in sd:
+        w = _weight_norm(take(pc + "weight_g"), take(pc + "weight_v"))
+    elif pc + "parametrizations.weight.original0" in sd:
+        w = _weight_norm(take(pc + "parametrizations.weight.original0"),
+                         take(pc + "parametrizations.weight.original1"))
+    else:
+        w = take(pc + "weight")
+    enc: dict[str, Any] = {"pos_conv": {"kernel": w.transpose(2, 1, 0), "bias": take(pc + "bias")},
+                           "layer_norm": layer_norm("encoder.layer_norm")}
+    if c["relative_position_embedding"]:
+        keys = [f"encoder.layers.{i}.self_attn.relative_attention_bias.weight"
+                for i in range(c["encoder_layers"])]
+        tables = [take(k) for k in keys if k in sd or k == keys[0]]
+        if any(not np.array_equal(t, tables[0]) for t in tables[1:]):
+            warnings.warn("relative_attention_bias copies differ between layers; using layer 0's "
+                          "(the reference shares one table)")
+        enc["relative_attention_bias"] = tables[0]
+    for i in range(c["encoder_layers"]):
+        pre = f"encoder.layers.{i}."
+        attn = {n: dense(pre + "self_attn." + n) for n in ("q_proj", "k_proj", "v_proj", "out_proj")}
+        if c["gru_rel_pos"]:
+            attn["grep_linear"] = dense(pre + "self_attn.grep_linear")
+            attn["grep_a"] = take(pre + "self_attn.grep_a").reshape(-1)
+        enc[f"layers_{i}"] = {"self_attn": attn,
+                              "self_attn_layer_norm": layer_norm(pre + "self_attn_layer_norm"),
+                              "final_layer_norm": layer_norm(pre + "final_layer_norm"),
+                              "fc1": dense(pre + "fc1"), "fc2": dense(pre + "fc2")}
+    params["encoder"] = enc
+    unused = sorted(k for k in sd if k not in used and not k.startswith("predictor."))
+    if unused:
+        raise ValueError(f"unexpected BEATs state-dict keys (cfg and checkpoint disagree?): {unused[:8]}"
+                         + (f" … ({len(unused)} in all)" if len(unused) > 8 else ""))
+    return params
+
+
+def _dummy_waveform(cfg: Mapping[str, Any]) -> jax.ShapeDtypeStruct:
+    """Shortest input giving one patch row (params do not depend on the length)."""
+    p = beats_config(cfg)["input_patch_size"]
+    return jax.ShapeDtypeStruct((1, 400 + (p - 1) * 160), jnp.float32)
+
+
+def param_shapes(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """Parameter tree of ``ShapeDtypeStruct`` (no compute, no weights), e.g. for the full-size model."""
+    model = BEATs(dict(cfg))
+    return jax.eval_shape(model.init, jax.random.PRNGKey(0), _dummy_waveform(cfg))["params"]
+
+
+def init_params(cfg: Mapping[str, Any], rng: jax.Array) -> dict[str, Any]:
+    """Random float32 params for ``BEATs(cfg)`` (the modules' own initialisers; for tiny/random models)."""
+    model = BEATs(dict(cfg))
+    dummy = _dummy_waveform(cfg)
+    init = jax.jit(lambda k: model.init(k, jnp.zeros(dummy.shape, dummy.dtype))["params"])
+    return init(rng)
+
+
+def save_beats(directory: str | os.PathLike, cfg: Mapping[str, Any], params: Mapping[str, Any]) -> None:
+    """Write a params_io folder: params.safetensors + config.json (the complete cfg)."""
+    params_io.save_params(directory, jax.device_get(params), beats_config(cfg))
+
+
+def load_beats(directory: str | os.PathLike, dtype: Any = jnp.float32,
+               split_conv_pos: bool = True) -> tuple[BEATs, dict[str, Any]]:
+    """Read a folder written by :func:`save_beats` / the converter → ``(BEATs module, params)``."""
+    params, cfg = params_io.load_params(directory)
+    model = BEATs(cfg, dtype=dtype, split_conv_pos=split_conv_pos)
+    return model, jax.tree.map(jnp.asarray, params)
