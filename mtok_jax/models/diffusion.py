@@ -1,0 +1,402 @@
+"""Stable Diffusion parts on diffusers 0.39 Flax classes: configs, loading, noising, sampling steps.
+
+Layout conventions (DESIGN §2.5):
+  images   [B, H, W, 3] float in [-1, 1] (NHWC, what the data pipeline and PIL use)
+  latents  [B, C, h, w] (NCHW, what the Flax UNet takes), already × the VAE ``scaling_factor``
+The NHWC→NCHW transpose happens in :func:`encode_latents` only (and back in :func:`decode_images`).
+
+Loading (``load_unet`` / ``load_vae``) reads a diffusers model folder (or an SD root with ``unet/`` /
+``vae/`` sub-folders, or a hub id) holding either ``diffusion_flax_model.msgpack`` (the SD v1.4 ``flax``
+revision) or PyTorch-layout ``diffusion_pytorch_model*.safetensors`` — the latter without torch, with
+diffusers' own PyTorch→Flax key renaming applied to ``safetensors.numpy`` arrays against an
+``eval_shape`` of the Flax module (no weight init).
+
+Samplers: ``pndm`` (SD v1.x default, PLMS with ``skip_prk_steps``), ``ddim``, ``dpm`` (DPM-Solver++
+2M) and ``euler``. The Flax DPM-Solver++ differs from PyTorch's default in its LAST step only: PyTorch
+(``final_sigmas_type="zero"``) steps to σ = 0, i.e. returns the data prediction x̂₀, while the Flax
+class steps to timestep 0 (σ ≈ 0.029) and leaves that much noise in; :func:`sampler_step` returns x̂₀ on
+the last step, which makes ``dpm`` match PyTorch. Flax LMS returns NaN and is not offered.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import inspect
+import json
+import os
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+SAMPLERS = ("pndm", "ddim", "dpm", "euler")
+
+
+def _hide_broken_torchvision() -> None:
+    """A torchvision whose C ops do not load beside the installed torch (the PyPI build next to the CPU
+    torch of the ``torch`` extra) makes diffusers fail to import its Flax UNet (diffusers imports
+    torchvision through ``diffusers.models.transformers``). Mark it unavailable for diffusers and
+    transformers in that case; a working torchvision is left alone."""
+    import importlib.util
+
+    if importlib.util.find_spec("torchvision") is None:
+        return
+    try:
+        import torchvision  # noqa: F401
+    except Exception:  # RuntimeError: operator torchvision::nms does not exist
+        import diffusers.utils.import_utils as diffusers_imports
+        import transformers.utils.import_utils as transformers_imports
+
+        diffusers_imports._torchvision_available = False
+        transformers_imports._torchvision_available = False
+
+
+_hide_broken_torchvision()
+
+# --- Released SD v1.4 configs (CompVis/stable-diffusion-v1-4), so full-size shapes resolve without weights.
+SD14_UNET_CONFIG: dict[str, Any] = {
+    "_class_name": "UNet2DConditionModel",
+    "act_fn": "silu",
+    "attention_head_dim": 8,
+    "block_out_channels": [320, 640, 1280, 1280],
+    "center_input_sample": False,
+    "cross_attention_dim": 768,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "downsample_padding": 1,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "in_channels": 4,
+    "layers_per_block": 2,
+    "mid_block_scale_factor": 1,
+    "norm_eps": 1e-05,
+    "norm_num_groups": 32,
+    "out_channels": 4,
+    "sample_size": 64,
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+}
+SD14_VAE_CONFIG: dict[str, Any] = {
+    "_class_name": "AutoencoderKL",
+    "act_fn": "silu",
+    "block_out_channels": [128, 256, 512, 512],
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "in_channels": 3,
+    "latent_channels": 4,
+    "layers_per_block": 2,
+    "norm_num_groups": 32,
+    "out_channels": 3,
+    "sample_size": 512,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "scaling_factor": 0.18215,
+}
+SD14_TEXT_CONFIG: dict[str, Any] = {
+    "architectures": ["CLIPTextModel"],
+    "attention_dropout": 0.0,
+    "bos_token_id": 0,
+    "dropout": 0.0,
+    "eos_token_id": 2,
+    "hidden_act": "quick_gelu",
+    "hidden_size": 768,
+    "initializer_factor": 1.0,
+    "initializer_range": 0.02,
+    "intermediate_size": 3072,
+    "layer_norm_eps": 1e-05,
+    "max_position_embeddings": 77,
+    "model_type": "clip_text_model",
+    "num_attention_heads": 12,
+    "num_hidden_layers": 12,
+    "pad_token_id": 1,
+    "projection_dim": 768,
+    "vocab_size": 49408,
+}
+SD14_SCHEDULER_CONFIG: dict[str, Any] = {
+    "_class_name": "PNDMScheduler",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "clip_sample": False,
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "trained_betas": None,
+}
+
+FLAX_WEIGHTS = "diffusion_flax_model.msgpack"
+PT_SAFETENSORS = "diffusion_pytorch_model.safetensors"
+PT_BIN = "diffusion_pytorch_model.bin"
+CONFIG_FILE = "config.json"
+
+
+# ----------------------------------------------------------------------------------------- paths
+def _resolve(path: str | os.PathLike, subfolder: str, marker: str = CONFIG_FILE) -> str:
+    """A local folder holding ``marker``: ``path`` itself, ``path/subfolder``, or a hub snapshot."""
+    path = os.fspath(path)
+    for cand in (os.path.join(path, subfolder), path):
+        if os.path.isfile(os.path.join(cand, marker)):
+            return cand
+    if os.path.exists(path):
+        raise FileNotFoundError(f"no {marker} in {path} or {os.path.join(path, subfolder)}")
+    from huggingface_hub import snapshot_download  # a hub id such as CompVis/stable-diffusion-v1-4
+
+    root = snapshot_download(path, allow_patterns=[f"{subfolder}/*.json", f"{subfolder}/*.safetensors",
+                                                   f"{subfolder}/*.msgpack"])
+    return os.path.join(root, subfolder)
+
+
+def _read_json(path: str) -> dict[str, Any]:
+    with open(path) as f:
+        return json.load(f)
+
+
+# --------------------------------------------------------------------------------------- modules
+def unet_from_config(config: Mapping[str, Any], dtype=jnp.float32):
+    """``FlaxUNet2DConditionModel`` from a (PyTorch or Flax) diffusers config; rejects ≠32 GroupNorm groups."""
+    from diffusers import FlaxUNet2DConditionModel
+
+    groups = config.get("norm_num_groups", 32)
+    if groups != 32:
+        raise ValueError(
+            f"UNet config has norm_num_groups={groups}: diffusers' FlaxUNet2DConditionModel always uses 32 "
+            "GroupNorm groups, so these weights would load silently and compute something else. Use a UNet "
+            "with norm_num_groups=32 (channels multiples of 32).")
+    return FlaxUNet2DConditionModel.from_config(_fields_of(FlaxUNet2DConditionModel, config), dtype=dtype)
+
+
+def vae_from_config(config: Mapping[str, Any], dtype=jnp.float32):
+    """``FlaxAutoencoderKL`` from a diffusers config (it honours ``norm_num_groups``)."""
+    from diffusers import FlaxAutoencoderKL
+
+    return FlaxAutoencoderKL.from_config(_fields_of(FlaxAutoencoderKL, config), dtype=dtype)
+
+
+def _fields_of(cls, config: Mapping[str, Any]) -> dict[str, Any]:
+    """The config keys that the Flax module class takes (PyTorch-only keys such as ``act_fn`` dropped)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in config.items() if k in names and k not in ("parent", "name")}
+
+
+def param_shapes(module) -> dict[str, Any]:
+    """Parameter tree of ``module`` as ``jax.ShapeDtypeStruct`` (no weights computed)."""
+    return jax.eval_shape(module.init_weights, jax.random.PRNGKey(0))
+
+
+# --------------------------------------------------------------------------------------- loading
+def pytorch_to_flax(pt_state: Mapping[str, np.ndarray], shapes: Mapping[str, Any]) -> dict[str, Any]:
+    """PyTorch diffusers state dict (numpy values) → Flax param tree matching ``shapes``.
+
+    Uses diffusers' own key renaming / reshaping (``rename_key``, ``rename_key_and_reshape_tensor``, the
+    body of ``convert_pytorch_state_dict_to_flax`` minus its torch ``.numpy()`` and its full weight init).
+    Raises on any missing, unexpected or mis-shaped parameter.
+    """
+    from diffusers.models.modeling_flax_pytorch_utils import rename_key, rename_key_and_reshape_tensor
+
+    expected = traverse_util.flatten_dict(dict(shapes))
+    out: dict[tuple, np.ndarray] = {}
+    unexpected = []
+    for pt_key, tensor in pt_state.items():
+        key = tuple(rename_key(pt_key).split("."))
+        flax_key, value = rename_key_and_reshape_tensor(key, np.asarray(tensor), expected)
+        if flax_key not in expected:
+            unexpected.append(pt_key)
+            continue
+        if value.shape != expected[flax_key].shape:
+            raise ValueError(f"{pt_key}: shape {value.shape} after conversion, expected {expected[flax_key].shape}")
+        out[flax_key] = value
+    missing = sorted("/".join(k) for k in expected.keys() - out.keys())
+    if missing or unexpected:
+        raise ValueError(f"PyTorch weights do not match the Flax model: missing {missing[:8]} "
+                         f"({len(missing)}), unexpected {unexpected[:8]} ({len(unexpected)})")
+    return traverse_util.unflatten_dict(out)
+
+
+def _load_safetensors_folder(folder: str) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    state: dict[str, np.ndarray] = {}
+    for f in sorted(glob.glob(os.path.join(folder, "diffusion_pytorch_model*.safetensors"))):
+        state.update(load_file(f))
+    return state
+
+
+def _has_pt_safetensors(folder: str) -> bool:
+    return bool(glob.glob(os.path.join(folder, "diffusion_pytorch_model*.safetensors")))
+
+
+def _load_model(folder: str, module) -> dict[str, Any]:
+    """Params for ``module`` from ``folder``: Flax msgpack, else PyTorch safetensors, else PyTorch .bin (torch)."""
+    if os.path.isfile(os.path.join(folder, FLAX_WEIGHTS)):
+        from flax.serialization import msgpack_restore
+
+        with open(os.path.join(folder, FLAX_WEIGHTS), "rb") as f:
+            params = msgpack_restore(f.read())
+        expected = traverse_util.flatten_dict(param_shapes(module))
+        got = traverse_util.flatten_dict(params)
+        bad = [k for k in expected if k not in got or got[k].shape != expected[k].shape]
+        if bad or len(got) != len(expected):
+            raise ValueError(f"{folder}/{FLAX_WEIGHTS} does not match its config: e.g. {['/'.join(k) for k in bad[:5]]}")
+    elif _has_pt_safetensors(folder):
+        params = pytorch_to_flax(_load_safetensors_folder(folder), param_shapes(module))
+    elif os.path.isfile(os.path.join(folder, PT_BIN)):
+        try:
+            import torch
+        except ImportError as e:
+            raise ImportError(f"{folder} holds only {PT_BIN}; reading it needs torch (pip install '.[torch]'), "
+                              "or convert it to safetensors") from e
+        pt = torch.load(os.path.join(folder, PT_BIN), map_location="cpu", weights_only=True)
+        params = pytorch_to_flax({k: v.float().numpy() for k, v in pt.items()}, param_shapes(module))
+    else:
+        raise FileNotFoundError(f"no {FLAX_WEIGHTS}, {PT_SAFETENSORS} or {PT_BIN} in {folder}")
+    return jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), params)
+
+
+def load_unet(path: str | os.PathLike, dtype=jnp.float32):
+    """UNet folder / SD root / hub id → ``(FlaxUNet2DConditionModel, params)``; params float32, compute ``dtype``."""
+    folder = _resolve(path, "unet")
+    module = unet_from_config(_read_json(os.path.join(folder, CONFIG_FILE)), dtype=dtype)
+    return module, _load_model(folder, module)
+
+
+def load_vae(path: str | os.PathLike, dtype=jnp.float32):
+    """VAE folder / SD root / hub id → ``(FlaxAutoencoderKL, params)``; params float32, compute ``dtype``."""
+    folder = _resolve(path, "vae")
+    module = vae_from_config(_read_json(os.path.join(folder, CONFIG_FILE)), dtype=dtype)
+    return module, _load_model(folder, module)
+
+
+# ------------------------------------------------------------------------------------ schedulers
+def read_scheduler_config(path: str | os.PathLike) -> dict[str, Any]:
+    """The ``scheduler_config.json`` of an SD root / scheduler folder / hub id."""
+    folder = _resolve(path, "scheduler", "scheduler_config.json")
+    return _read_json(os.path.join(folder, "scheduler_config.json"))
+
+
+def _scheduler(cls, config: Mapping[str, Any]):
+    accepted = set(inspect.signature(cls.__init__).parameters)
+    kwargs = {k: v for k, v in config.items() if k in accepted and k != "dtype"}
+    scheduler = cls(**kwargs, dtype=jnp.float32)
+    return scheduler, scheduler.create_state()
+
+
+def noise_scheduler_from_config(config: Mapping[str, Any]):
+    """Training scheduler: ``FlaxDDPMScheduler`` with the model's β schedule and prediction_type."""
+    from diffusers import FlaxDDPMScheduler
+
+    return _scheduler(FlaxDDPMScheduler, config)
+
+
+def load_noise_scheduler(path: str | os.PathLike):
+    """``(FlaxDDPMScheduler, state)`` built from the folder's scheduler config (training noise)."""
+    return noise_scheduler_from_config(read_scheduler_config(path))
+
+
+def sampler_from_config(config: Mapping[str, Any], kind: str = "pndm"):
+    """``(scheduler, state)`` of sampler ``kind`` ∈ SAMPLERS on the model's β schedule / prediction_type."""
+    import diffusers
+
+    classes = {"pndm": diffusers.FlaxPNDMScheduler, "ddim": diffusers.FlaxDDIMScheduler,
+               "dpm": diffusers.FlaxDPMSolverMultistepScheduler, "euler": diffusers.FlaxEulerDiscreteScheduler}
+    if kind not in classes:
+        raise ValueError(f"unknown scheduler {kind!r}: choose one of {SAMPLERS} (Flax LMS returns NaN: not offered)")
+    config = dict(config)
+    if kind == "pndm":
+        config.setdefault("skip_prk_steps", True)
+    return _scheduler(classes[kind], config)
+
+
+def make_sampler_scheduler(path: str | os.PathLike, kind: str = "pndm"):
+    """``(scheduler, state)`` for sampling with ``kind`` ∈ {'pndm','ddim','dpm','euler'} from the SD folder."""
+    return sampler_from_config(read_scheduler_config(path), kind)
+
+
+def sampler_timesteps(scheduler, state, num_steps: int, shape: tuple[int, ...]):
+    """State with the inference timesteps of ``num_steps`` steps for latents of ``shape`` set.
+
+    ``len(state.timesteps)`` is the number of UNet calls (PNDM with skip_prk_steps: num_steps + 1).
+    """
+    return scheduler.set_timesteps(state, num_steps, shape)
+
+
+def sampler_step(scheduler, state, model_output, index, sample):
+    """One denoising step at ``state.timesteps[index]`` → ``(prev_sample, state)`` (jit-able, traced index).
+
+    For DPM-Solver++ the last step returns the data prediction x̂₀ (σ_last = 0, PyTorch's default
+    ``final_sigmas_type="zero"``) instead of the Flax class's step to timestep 0.
+    """
+    from diffusers import FlaxDPMSolverMultistepScheduler
+
+    t = state.timesteps[index]
+    prev, new_state = scheduler.step(state, model_output, t, sample, return_dict=False)
+    if isinstance(scheduler, FlaxDPMSolverMultistepScheduler):
+        x0 = scheduler.convert_model_output(state, model_output, t, sample)
+        prev = jnp.where(index == len(state.timesteps) - 1, x0, prev)
+    return prev, new_state
+
+
+def denoise_latents(unet, unet_params, scheduler, state, text_states, uncond_states, latents, *,
+                    num_steps: int, guidance: float | jax.Array):
+    """Classifier-free-guided denoising loop (one ``lax.fori_loop``; call it inside ``jax.jit``).
+
+    text_states, uncond_states: [B, 77, D] conditional / unconditional CLIP states.
+    latents: [B, C, h, w] initial standard-normal noise (scaled here by ``init_noise_sigma``).
+    Returns the final latents [B, C, h, w] (still × scaling_factor).
+    """
+    state = sampler_timesteps(scheduler, state, num_steps, latents.shape)
+    context = jnp.concatenate([uncond_states, text_states], axis=0)
+    guidance = jnp.asarray(guidance, jnp.float32)
+    latents = latents * state.init_noise_sigma
+
+    def body(i, carry):
+        x, st = carry
+        t = st.timesteps[i]
+        x_in = scheduler.scale_model_input(st, jnp.concatenate([x, x], axis=0), t)
+        t_in = jnp.broadcast_to(t, (x_in.shape[0],))
+        out = unet.apply({"params": unet_params}, x_in, t_in, context, train=False).sample
+        uncond, cond = jnp.split(out.astype(jnp.float32), 2, axis=0)
+        guided = uncond + guidance * (cond - uncond)
+        return sampler_step(scheduler, st, guided, i, x)
+
+    latents, _ = jax.lax.fori_loop(0, len(state.timesteps), body, (latents, state))
+    return latents
+
+
+# ------------------------------------------------------------------------------ VAE and noising
+def encode_latents(vae, vae_params, images, rng):
+    """images [B, H, W, 3] in [-1, 1] → sampled posterior latents [B, C, H/f, W/f] × scaling_factor."""
+    from diffusers.models.vae_flax import FlaxDiagonalGaussianDistribution
+
+    def moments(m, x):
+        return m.quant_conv(m.encoder(x, deterministic=True))
+
+    mom = vae.apply({"params": vae_params}, images.astype(vae.dtype), method=moments)
+    z = FlaxDiagonalGaussianDistribution(mom.astype(jnp.float32)).sample(rng)  # NHWC
+    return jnp.transpose(z, (0, 3, 1, 2)) * vae.scaling_factor
+
+
+def decode_images(vae, vae_params, latents):
+    """latents [B, C, h, w] (× scaling_factor) → images [B, H, W, 3] (≈[-1, 1], not clipped)."""
+    def decode(m, z):
+        return m.decoder(m.post_quant_conv(z), deterministic=True)
+
+    z = jnp.transpose(latents / vae.scaling_factor, (0, 2, 3, 1)).astype(vae.dtype)
+    return vae.apply({"params": vae_params}, z, method=decode).astype(jnp.float32)
+
+
+def noisy_latents_and_target(scheduler, state, latents, noise, timesteps):
+    """DDPM forward noising → ``(noisy [B,C,h,w], target)``: target = ε, or v = √ᾱ·ε − √(1−ᾱ)·x₀ for
+    ``prediction_type == 'v_prediction'`` (SD-2 family)."""
+    noisy = scheduler.add_noise(state, latents, noise, timesteps)
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noisy, noise
+    if kind == "v_prediction":
+        return noisy, scheduler.get_velocity(state, latents, noise, timesteps)
+    raise ValueError(f"prediction_type {kind!r} is not supported for training (epsilon or v_prediction)")
+
+
+def images_to_uint8(images) -> np.ndarray:
+    """[..., H, W, 3] in [-1, 1] → uint8 [0, 255] (clipped, rounded)."""
+    x = (np.asarray(images, np.float32) + 1.0) * 127.5
+    return np.clip(np.round(x), 0, 255).astype(np.uint8)
