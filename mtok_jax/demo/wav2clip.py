@@ -12,10 +12,11 @@ from mtok_jax import params_io
 
 
 def write_tiny_wav2clip(directory: str | os.PathLike, seed: int = 0, *, width: int = 8,
-                        embed_dim: int = 512) -> str:
+                        embed_dim: int = 32) -> str:
     """Write a random Wav2CLIP (same architecture, ResNet stem ``width``, MLP 8·width → embed_dim → embed_dim)
     as a params_io folder that :func:`metrics.wav2clip.load_wav2clip` reads. ``embed_dim`` must equal the
-    CLIP image-feature size it is compared with (512 for ViT-B/32). BatchNorm statistics are random
+    CLIP image-feature size it is compared with: 32 = the demo's tiny CLIP
+    (``mtok_jax.demo.metric_models.tiny_clip_config`` projection_dim), 512 for ViT-B/32. BatchNorm statistics are random
     (mean N(0, 0.1²), var U(0.5, 1.5)) so that eval-mode BN is not the identity."""
     config = {**wav2clip.DEFAULT_CONFIG, "width": int(width), "mlp_units": [8 * int(width), int(embed_dim), int(embed_dim)]}
     model = wav2clip.model_from_config(config)
