@@ -1,7 +1,7 @@
 """FID Inception-V3 pool3: resize vs torch, parity with pytorch-fid's InceptionV3, converter round trip."""
 
 import importlib.util
-import os
+import sys
 
 import jax.numpy as jnp
 import numpy as np
@@ -10,33 +10,142 @@ import pytest
 from conftest import torch_or_skip
 from metrics import inception as inc
 
-_TV_LIB = []  # keeps the shim's torch.library.Library alive
+def _torchvision_inception_stub(torch):
+    """A stand-in ``torchvision`` holding only what pytorch-fid's module code uses.
 
-
-def _import_pytorch_fid_inception():
-    """Import ``pytorch_fid.inception`` (and torchvision) or skip with the exact reason.
-
-    PyPI's torchvision wheel links its C++ ops against the CUDA torch build; beside the local CPU
-    torch 2.13.0 wheel ``_C.so`` does not load and ``import torchvision`` fails in
-    ``_meta_registrations`` ('operator torchvision::nms does not exist'). pytorch-fid only needs
-    torchvision's pure-Python Inception blocks, so when the ops do not load we declare the two op
-    schemas that the import registers fake kernels for (nms, qnms); no op is ever called.
+    PyPI's torchvision links its C++ ops against the CUDA torch build: beside the local CPU torch
+    2.13.0 wheel it fails to import ('operator torchvision::nms does not exist'), and once installed it
+    also breaks ``transformers`` image processors (they import torchvision when it is present). So the
+    torchvision blocks are transcribed here from torchvision's ``models/inception.py`` architecture:
+    layer definitions of BasicConv2d / InceptionA–E / Inception3 and the forwards of the blocks that
+    pytorch-fid does not patch (B, D). The FID blocks' forwards, the assembly into pool3, the resize
+    and the [-1, 1] scaling are pytorch-fid's own code.
     """
+    import types
+
+    nn, F = torch.nn, torch.nn.functional
+
+    class BasicConv2d(nn.Module):
+        def __init__(self, cin, cout, **kw):
+            super().__init__()
+            self.conv = nn.Conv2d(cin, cout, bias=False, **kw)
+            self.bn = nn.BatchNorm2d(cout, eps=0.001)
+
+        def forward(self, x):
+            return F.relu(self.bn(self.conv(x)))
+
+    C = BasicConv2d
+
+    class InceptionA(nn.Module):
+        def __init__(self, cin, pool_features):
+            super().__init__()
+            self.branch1x1 = C(cin, 64, kernel_size=1)
+            self.branch5x5_1, self.branch5x5_2 = C(cin, 48, kernel_size=1), C(48, 64, kernel_size=5, padding=2)
+            self.branch3x3dbl_1 = C(cin, 64, kernel_size=1)
+            self.branch3x3dbl_2 = C(64, 96, kernel_size=3, padding=1)
+            self.branch3x3dbl_3 = C(96, 96, kernel_size=3, padding=1)
+            self.branch_pool = C(cin, pool_features, kernel_size=1)
+
+    class InceptionB(nn.Module):
+        def __init__(self, cin):
+            super().__init__()
+            self.branch3x3 = C(cin, 384, kernel_size=3, stride=2)
+            self.branch3x3dbl_1 = C(cin, 64, kernel_size=1)
+            self.branch3x3dbl_2 = C(64, 96, kernel_size=3, padding=1)
+            self.branch3x3dbl_3 = C(96, 96, kernel_size=3, stride=2)
+
+        def forward(self, x):
+            d = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
+            return torch.cat([self.branch3x3(x), d, F.max_pool2d(x, kernel_size=3, stride=2)], 1)
+
+    class InceptionC(nn.Module):
+        def __init__(self, cin, channels_7x7):
+            super().__init__()
+            c7 = channels_7x7
+            self.branch1x1 = C(cin, 192, kernel_size=1)
+            self.branch7x7_1 = C(cin, c7, kernel_size=1)
+            self.branch7x7_2 = C(c7, c7, kernel_size=(1, 7), padding=(0, 3))
+            self.branch7x7_3 = C(c7, 192, kernel_size=(7, 1), padding=(3, 0))
+            self.branch7x7dbl_1 = C(cin, c7, kernel_size=1)
+            self.branch7x7dbl_2 = C(c7, c7, kernel_size=(7, 1), padding=(3, 0))
+            self.branch7x7dbl_3 = C(c7, c7, kernel_size=(1, 7), padding=(0, 3))
+            self.branch7x7dbl_4 = C(c7, c7, kernel_size=(7, 1), padding=(3, 0))
+            self.branch7x7dbl_5 = C(c7, 192, kernel_size=(1, 7), padding=(0, 3))
+            self.branch_pool = C(cin, 192, kernel_size=1)
+
+    class InceptionD(nn.Module):
+        def __init__(self, cin):
+            super().__init__()
+            self.branch3x3_1, self.branch3x3_2 = C(cin, 192, kernel_size=1), C(192, 320, kernel_size=3, stride=2)
+            self.branch7x7x3_1 = C(cin, 192, kernel_size=1)
+            self.branch7x7x3_2 = C(192, 192, kernel_size=(1, 7), padding=(0, 3))
+            self.branch7x7x3_3 = C(192, 192, kernel_size=(7, 1), padding=(3, 0))
+            self.branch7x7x3_4 = C(192, 192, kernel_size=3, stride=2)
+
+        def forward(self, x):
+            a = self.branch3x3_2(self.branch3x3_1(x))
+            b = self.branch7x7x3_4(self.branch7x7x3_3(self.branch7x7x3_2(self.branch7x7x3_1(x))))
+            return torch.cat([a, b, F.max_pool2d(x, kernel_size=3, stride=2)], 1)
+
+    class InceptionE(nn.Module):
+        def __init__(self, cin):
+            super().__init__()
+            self.branch1x1 = C(cin, 320, kernel_size=1)
+            self.branch3x3_1 = C(cin, 384, kernel_size=1)
+            self.branch3x3_2a = C(384, 384, kernel_size=(1, 3), padding=(0, 1))
+            self.branch3x3_2b = C(384, 384, kernel_size=(3, 1), padding=(1, 0))
+            self.branch3x3dbl_1 = C(cin, 448, kernel_size=1)
+            self.branch3x3dbl_2 = C(448, 384, kernel_size=3, padding=1)
+            self.branch3x3dbl_3a = C(384, 384, kernel_size=(1, 3), padding=(0, 1))
+            self.branch3x3dbl_3b = C(384, 384, kernel_size=(3, 1), padding=(1, 0))
+            self.branch_pool = C(cin, 192, kernel_size=1)
+
+    class Inception3(nn.Module):
+        def __init__(self, num_classes=1000, aux_logits=True, init_weights=None, **_):
+            super().__init__()
+            assert not aux_logits
+            self.Conv2d_1a_3x3 = C(3, 32, kernel_size=3, stride=2)
+            self.Conv2d_2a_3x3 = C(32, 32, kernel_size=3)
+            self.Conv2d_2b_3x3 = C(32, 64, kernel_size=3, padding=1)
+            self.Conv2d_3b_1x1 = C(64, 80, kernel_size=1)
+            self.Conv2d_4a_3x3 = C(80, 192, kernel_size=3)
+            self.Mixed_5b, self.Mixed_5c, self.Mixed_5d = InceptionA(192, 32), InceptionA(256, 64), InceptionA(288, 64)
+            self.Mixed_6a = InceptionB(288)
+            self.Mixed_6b, self.Mixed_6c = InceptionC(768, 128), InceptionC(768, 160)
+            self.Mixed_6d, self.Mixed_6e = InceptionC(768, 160), InceptionC(768, 192)
+            self.Mixed_7a = InceptionD(768)
+            self.Mixed_7b, self.Mixed_7c = InceptionE(1280), InceptionE(2048)
+            self.fc = nn.Linear(2048, num_classes)
+
+    inception = types.ModuleType("torchvision.models.inception")
+    for cls in (BasicConv2d, InceptionA, InceptionB, InceptionC, InceptionD, InceptionE, Inception3):
+        setattr(inception, cls.__name__, cls)
+    models = types.ModuleType("torchvision.models")
+    models.inception = inception
+    models.inception_v3 = lambda weights=None, **kw: Inception3(**kw)
+    tv = types.ModuleType("torchvision")
+    tv.__version__, tv.models = "0.28.0", models
+    return {"torchvision": tv, "torchvision.models": models, "torchvision.models.inception": inception}
+
+
+def _import_pytorch_fid_inception(monkeypatch):
+    """``pytorch_fid.inception`` on the real torchvision when it imports, else on the stub above."""
     torch = torch_or_skip()
-    spec = importlib.util.find_spec("torchvision")
-    if spec is None or importlib.util.find_spec("pytorch_fid") is None:
-        pytest.skip("pytorch-fid / torchvision not installed (pip install -e '.[torch]')")
-    if not _TV_LIB and "torchvision" not in __import__("sys").modules:
-        so = [f for f in os.listdir(os.path.dirname(spec.origin)) if f.startswith("_C") and f.endswith(".so")]
-        try:
-            torch.ops.load_library(os.path.join(os.path.dirname(spec.origin), so[0]))
-        except (OSError, RuntimeError, IndexError):
-            lib = torch.library.Library("torchvision", "DEF")
-            lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-            lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-            _TV_LIB.append(lib)
+    if importlib.util.find_spec("pytorch_fid") is None:
+        pytest.skip("pytorch-fid not installed (pip install -c requirements-lock.txt --no-deps pytorch-fid==0.3.0)")
+    try:
+        import pytorch_fid.inception as pfi
+
+        return torch, pfi
+    except (ImportError, RuntimeError):  # no torchvision, or PyPI's build beside the CPU torch
+        pass
+    for name in [m for m in sys.modules if m == "torchvision" or m.startswith(("torchvision.", "pytorch_fid"))]:
+        monkeypatch.delitem(sys.modules, name)
+    for name, module in _torchvision_inception_stub(torch).items():
+        monkeypatch.setitem(sys.modules, name, module)
     import pytorch_fid.inception as pfi
 
+    monkeypatch.delitem(sys.modules, "pytorch_fid.inception")  # do not leak the stub-based module
     return torch, pfi
 
 
@@ -103,7 +212,7 @@ def test_params_from_torch_rejects_wrong_layout(params):
 
 @pytest.mark.torch
 def test_pool3_parity_with_pytorch_fid_and_converter_round_trip(params, tmp_path, monkeypatch):
-    torch, pfi = _import_pytorch_fid_inception()
+    torch, pfi = _import_pytorch_fid_inception(monkeypatch)
     rng = np.random.default_rng(2)
     sd = _to_fid_state_dict(params, rng)
     pth = tmp_path / "pt_inception-2015-12-05-test.pth"
