@@ -1,0 +1,132 @@
+"""Host-side audio decoding: any file soundfile (or, if installed, librosa) reads → mono float32 clip.
+
+`load_audio` is the one decoder used by the dataset builder and by sampling on user files:
+decode (libsndfile: wav/flac/ogg/mp3/aiff/...; librosa/audioread only as a fallback when installed),
+average channels to mono, resample with soxr "HQ" (the resampler `librosa.load` uses; bit-identical
+to `librosa.load(path, sr=16000, mono=True)`), keep the first `clip_seconds`, repeat-pad short clips.
+Bad input raises `AudioDecodeError` whose message starts with the file path.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional
+
+import numpy as np
+
+# Peak amplitude at or below one 16-bit LSB counts as digital silence.
+SILENCE_PEAK = 1.0 / 32768.0
+
+
+class AudioDecodeError(ValueError):
+    """A file that cannot be turned into a usable clip; `str(err)` is '<path>: <reason>'."""
+
+    def __init__(self, path, reason: str):
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+
+def _read_soundfile(path: str, max_frames: int) -> tuple[np.ndarray, int]:
+    import soundfile as sf
+
+    with sf.SoundFile(path) as f:
+        x = f.read(frames=max_frames if max_frames > 0 else -1, dtype="float32", always_2d=True)
+        return x, int(f.samplerate)
+
+
+def _read_librosa(path: str, max_seconds: float) -> tuple[np.ndarray, int]:
+    import librosa  # optional extra; only reached when soundfile cannot open the file
+
+    x, sr = librosa.load(path, sr=None, mono=False, duration=max_seconds or None)
+    x = np.asarray(x, np.float32)
+    return (x[:, None] if x.ndim == 1 else x.T), int(sr)
+
+
+def decode_audio(path, max_seconds: Optional[float] = None) -> tuple[np.ndarray, int]:
+    """Decode a file to (float32 [frames, channels], native sample rate), at most `max_seconds`."""
+    path = os.fspath(path)
+    try:
+        size = os.path.getsize(path)
+    except OSError as e:
+        raise AudioDecodeError(path, f"cannot stat file ({e.strerror})") from None
+    if size == 0:
+        raise AudioDecodeError(path, "empty file (0 bytes)")
+    try:
+        import soundfile as sf
+
+        sr = int(sf.info(path).samplerate)
+        x, sr = _read_soundfile(path, int(math.ceil(max_seconds * sr)) if max_seconds else 0)
+    except Exception as sf_err:  # noqa: BLE001 - libsndfile raises several types
+        try:
+            import librosa  # noqa: F401
+        except ImportError:
+            raise AudioDecodeError(path, f"unreadable audio ({type(sf_err).__name__}: {sf_err})") from None
+        try:
+            x, sr = _read_librosa(path, max_seconds or 0.0)
+        except Exception as lr_err:  # noqa: BLE001
+            raise AudioDecodeError(
+                path, f"unreadable audio (soundfile: {sf_err}; librosa: {lr_err})") from None
+    if x.shape[0] == 0:
+        raise AudioDecodeError(path, "no audio frames (empty or truncated file)")
+    if not np.all(np.isfinite(x)):
+        raise AudioDecodeError(path, "audio contains NaN or Inf samples")
+    return x, sr
+
+
+def resample(x: np.ndarray, sr_in: int, sr_out: int) -> np.ndarray:
+    """soxr HQ resampling of float32 [frames] (what librosa.load uses by default)."""
+    if sr_in == sr_out:
+        return np.ascontiguousarray(x, np.float32)
+    import soxr
+
+    return soxr.resample(np.ascontiguousarray(x, np.float32), sr_in, sr_out, quality="HQ").astype(np.float32)
+
+
+def fit_length(x: np.ndarray, n: int) -> np.ndarray:
+    """First `n` samples of `x`; a shorter `x` is tiled (repeat-padded) up to `n`."""
+    if x.shape[0] >= n:
+        return x[:n]
+    reps = int(math.ceil(n / x.shape[0]))
+    return np.tile(x, reps)[:n]
+
+
+def load_audio(
+    path,
+    sample_rate: int = 16000,
+    clip_seconds: float = 30.0,
+    *,
+    min_seconds: float = 1.0,
+    skip_silent: bool = True,
+) -> np.ndarray:
+    """Decode `path` to a mono float32 clip of exactly round(clip_seconds · sample_rate) samples.
+
+    Channels are averaged; the source is resampled (soxr HQ) to `sample_rate`; the first
+    `clip_seconds` are kept and a shorter clip is repeat-padded. Samples are clipped to [-1, 1].
+    Raises `AudioDecodeError` ('<path>: <reason>') for empty, unreadable, non-finite, shorter than
+    `min_seconds`, or (with `skip_silent`) digitally silent input (peak ≤ 1/32768).
+    """
+    n_out = int(round(clip_seconds * sample_rate))
+    # Decode slightly more than needed so the resampler's filter sees real signal at the clip end.
+    x, sr = decode_audio(path, max_seconds=clip_seconds + 0.25)
+    duration = x.shape[0] / sr
+    if duration < min_seconds:
+        raise AudioDecodeError(path, f"too short ({duration:.2f} s < {min_seconds:g} s)")
+    mono = x.mean(axis=1, dtype=np.float32) if x.shape[1] > 1 else x[:, 0]
+    if skip_silent and float(np.max(np.abs(mono))) <= SILENCE_PEAK:
+        raise AudioDecodeError(path, "digital silence (peak ≤ 1/32768)")
+    y = resample(mono, sr, sample_rate)
+    n_src = int(round(min(duration, clip_seconds) * sample_rate))
+    y = y[: max(1, min(n_src, y.shape[0]))]
+    return np.clip(fit_length(y, n_out), -1.0, 1.0).astype(np.float32, copy=False)
+
+
+def to_pcm16(x: np.ndarray) -> np.ndarray:
+    """float32 in [-1, 1] → int16 PCM (round to nearest, saturating)."""
+    return np.clip(np.rint(x * 32768.0), -32768, 32767).astype(np.int16)
+
+
+def from_pcm16(x: np.ndarray) -> np.ndarray:
+    """int16 PCM → float32 in [-1, 1)."""
+    return np.asarray(x, np.int16).astype(np.float32) * np.float32(1.0 / 32768.0)

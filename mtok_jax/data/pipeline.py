@@ -1,0 +1,290 @@
+"""Training/eval input pipeline over a built `music_image` dataset (array_record via `as_data_source`).
+
+Contract (what the trainer codes against):
+- `num_examples(data_dir, split, config_name=None) -> int`
+- `batches(data_dir, split, *, global_batch_size, seed, epoch, start_batch=0, shuffle=True,
+  drop_remainder=True, bgr=False, process_index=None, process_count=None, config_name=None)`
+  yields host-local numpy batches {'audio': float32 [b, N] in [-1, 1), 'image': float32 [b, H, W, 3]
+  in [-1, 1], 'label': int32 [b]} (+ 'mask' float32 [b] when drop_remainder=False), b =
+  global_batch_size / process_count.
+- `to_global(batch, sharding) -> dict of jax.Array`.
+
+Determinism: host p reads the contiguous slice p of the split (as `tfds.split_for_jax_process` /
+`tfds.even_splits`), shuffled with (seed, epoch, p); training images are re-paired per epoch with
+(seed, epoch): `train_pairing`. So (seed, epoch, start_batch) fixes every batch, and a resumed run
+(same epoch, start_batch = batches already consumed) continues the same order.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import dataclasses
+import functools
+import json
+import queue
+import threading
+from pathlib import Path
+from typing import Iterator, Mapping, Optional
+
+import numpy as np
+
+from mtok_jax.audio.io import from_pcm16
+from mtok_jax.data.builder import NAME, VERSION
+from mtok_jax.data.images import decode_image
+
+_PAIRING_SALT = 0x9A1B
+_SHUFFLE_SALT = 0x5EED
+
+
+def resolve_config(data_dir, config_name: Optional[str] = None) -> str:
+    """`config_name`, or the only config built under data_dir when None."""
+    if config_name:
+        return config_name
+    found = sorted(p.parent.parent.name for p in Path(data_dir).glob(f"{NAME}/*/{VERSION}/dataset_info.json"))
+    if len(found) != 1:
+        raise FileNotFoundError(f"{data_dir}: pass config_name; built {NAME} configs: {found or 'none'}")
+    return found[0]
+
+
+@dataclasses.dataclass
+class Dataset:
+    """A built dataset opened for reading: its dir, metadata.json and the TFDS read-only builder."""
+    path: Path
+    meta: dict
+    builder: object
+    _sources: dict = dataclasses.field(default_factory=dict)
+    _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+
+    @property
+    def config(self) -> dict:
+        return self.meta["config"]
+
+    @property
+    def label_names(self) -> list[str]:
+        return self.meta["config"]["labels"]
+
+    def has_split(self, split: str) -> bool:
+        return split in self.meta["splits"]
+
+    def labels(self, split: str) -> np.ndarray:
+        """int32 [n] label of every record of the split (from metadata, no record reads)."""
+        if not self.has_split(split):
+            return np.zeros((0,), np.int32)
+        return np.asarray(self.meta["splits"][split]["labels"], np.int32)
+
+    def source(self, split: str):
+        """The split's random-access data source (`builder.as_data_source`)."""
+        with self._lock:
+            if split not in self._sources:
+                if not self.has_split(split):
+                    raise KeyError(f"{self.path}: no split '{split}' (have {sorted(self.meta['splits'])})")
+                self._sources[split] = self.builder.as_data_source(split=split)
+            return self._sources[split]
+
+
+@functools.lru_cache(maxsize=32)
+def _open(path: str, stamp: int) -> Dataset:
+    import tensorflow_datasets as tfds
+
+    meta = json.loads((Path(path) / "metadata.json").read_text(encoding="utf-8"))
+    return Dataset(Path(path), meta, tfds.builder_from_directory(path))
+
+
+def open_dataset(data_dir, config_name: Optional[str] = None) -> Dataset:
+    """Open DATA_DIR/music_image/<config>/<version> (cached per process, refreshed after a rebuild)."""
+    path = Path(data_dir) / NAME / resolve_config(data_dir, config_name) / VERSION
+    info = path / "dataset_info.json"
+    if not info.exists():
+        raise FileNotFoundError(f"{path}: no built dataset (run python -m mtok_jax.data.build)")
+    return _open(str(path), info.stat().st_mtime_ns)
+
+
+def num_examples(data_dir, split: str, config_name: Optional[str] = None) -> int:
+    """Number of records of a split (0 for a split that has none)."""
+    return int(open_dataset(data_dir, config_name).labels(split).shape[0])
+
+
+def train_pairing(audio_labels: np.ndarray, image_labels: np.ndarray, seed: int, epoch: int) -> np.ndarray:
+    """For each train audio, the index of a uniformly drawn train image of the same label.
+
+    Drawn with numpy's PCG64 seeded by (seed, epoch): one epoch is reproducible, epochs differ.
+    """
+    rng = np.random.default_rng([int(seed), int(epoch), _PAIRING_SALT])
+    out = np.full(audio_labels.shape, -1, np.int64)
+    for label in np.unique(audio_labels):
+        rows = np.flatnonzero(audio_labels == label)
+        pool = np.flatnonzero(image_labels == label)
+        if pool.size == 0:
+            raise ValueError(f"label {label} has train audio but no train image")
+        out[rows] = pool[rng.integers(0, pool.size, size=rows.size)]
+    return out
+
+
+def host_slice(n: int, process_index: int, process_count: int, drop_remainder: bool) -> tuple[int, int]:
+    """[start, stop) of host `process_index`'s contiguous share, as `tfds.even_splits` cuts it."""
+    per, rem = divmod(n, process_count)
+    if drop_remainder:
+        return process_index * per, (process_index + 1) * per
+    start = process_index * per + min(process_index, rem)
+    return start, start + per + (1 if process_index < rem else 0)
+
+
+def epoch_order(n: int, *, seed: int, epoch: int, process_index: int = 0, process_count: int = 1,
+                shuffle: bool = True, drop_remainder: bool = True) -> np.ndarray:
+    """Record indices this host visits in one epoch (its slice, shuffled by (seed, epoch, host))."""
+    start, stop = host_slice(n, process_index, process_count, drop_remainder)
+    idx = np.arange(start, stop, dtype=np.int64)
+    if shuffle:
+        idx = np.random.default_rng([int(seed), int(epoch), int(process_index), _SHUFFLE_SALT]).permutation(idx)
+    return idx
+
+
+def num_batches(n: int, global_batch_size: int, process_count: int = 1, drop_remainder: bool = True) -> int:
+    """Batches per epoch (the same on every host)."""
+    b = global_batch_size // process_count
+    if drop_remainder:
+        return (n // process_count) // b
+    per, rem = divmod(n, process_count)
+    return -(-(per + (rem > 0)) // b)
+
+
+def image_to_float(image: np.ndarray, bgr: bool = False) -> np.ndarray:
+    """uint8 [..., H, W, 3] → float32 in [-1, 1] (x/127.5 − 1); `bgr` swaps R and B (thesis quirk)."""
+    x = image.astype(np.float32) * np.float32(1 / 127.5) - np.float32(1.0)
+    return x[..., ::-1] if bgr else x
+
+
+def _prefetch(gen: Iterator, size: int) -> Iterator:
+    """Run `gen` in a daemon thread, `size` items ahead; errors re-raised in the consumer."""
+    q: queue.Queue = queue.Queue(maxsize=max(1, size))
+    stop = threading.Event()
+    done = object()
+
+    def work():
+        try:
+            for item in gen:
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(done)
+        except BaseException as e:  # noqa: BLE001 - forwarded to the consumer
+            q.put(e)
+
+    t = threading.Thread(target=work, daemon=True, name="mtok-data-prefetch")
+    t.start()
+    try:
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+
+
+def batches(data_dir, split: str, *, global_batch_size: int, seed: int, epoch: int, start_batch: int = 0,
+            shuffle: bool = True, drop_remainder: bool = True, bgr: bool = False,
+            process_index: Optional[int] = None, process_count: Optional[int] = None,
+            config_name: Optional[str] = None, prefetch: int = 2, threads: int = 4) -> Iterator[dict]:
+    """Host-local batches of one epoch, from batch `start_batch` on (see the module docstring).
+
+    'train' pairs each audio with a same-label train image drawn per (seed, epoch); 'validation' /
+    'test' use the pairing stored in the dataset. drop_remainder=False pads the last batch with
+    copies of its first example and adds 'mask' (1 real, 0 padding).
+    """
+    if process_count is None or process_index is None:
+        import jax
+
+        process_count = jax.process_count() if process_count is None else process_count
+        process_index = jax.process_index() if process_index is None else process_index
+    if global_batch_size % process_count:
+        raise ValueError(f"global_batch_size {global_batch_size} not divisible by {process_count} processes")
+    b = global_batch_size // process_count
+    ds = open_dataset(data_dir, config_name)
+    labels = ds.labels(split)
+    n = labels.shape[0]
+    order = epoch_order(n, seed=seed, epoch=epoch, process_index=process_index, process_count=process_count,
+                        shuffle=shuffle, drop_remainder=drop_remainder)
+    total = num_batches(n, global_batch_size, process_count, drop_remainder)
+    if n == 0 or total == 0:
+        return iter(())
+    src = ds.source(split)
+    pairing, image_src = None, None
+    if split == "train":
+        pairing = train_pairing(labels, ds.labels("train_images"), seed, epoch)
+        image_src = ds.source("train_images")
+
+    def one(rec, i):
+        image_bytes = image_src[int(pairing[i])]["image"] if pairing is not None else rec["image"]
+        if not image_bytes:
+            raise ValueError(f"{ds.path}: split '{split}' record {i} has no image")
+        return from_pcm16(rec["audio"]), decode_image(image_bytes)
+
+    def produce():
+        with cf.ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+            for k in range(start_batch, total):
+                ids = order[k * b:(k + 1) * b]
+                recs = src.__getitems__([int(i) for i in ids])
+                items = list(pool.map(one, recs, ids))
+                audio = np.stack([a for a, _ in items])
+                image = image_to_float(np.stack([im for _, im in items]), bgr)
+                label = labels[ids].astype(np.int32)
+                out = {"audio": audio, "image": image, "label": label}
+                if not drop_remainder:
+                    pad = b - len(ids)
+                    mask = np.concatenate([np.ones(len(ids), np.float32), np.zeros(pad, np.float32)])
+                    if pad:
+                        out = {k2: np.concatenate([v, np.repeat(v[:1], pad, axis=0)]) for k2, v in out.items()}
+                    out["mask"] = mask
+                yield out
+
+    return _prefetch(produce(), prefetch)
+
+
+def to_global(batch: Mapping[str, np.ndarray], sharding) -> dict:
+    """Host-local batch → global jax.Arrays (`jax.make_array_from_process_local_data`).
+
+    `sharding`: one Sharding for every key (a NamedSharding's spec is cut to each array's rank, so
+    P(('data', 'fsdp')) or P('data', None, None, None) both work) or a dict key → Sharding.
+    """
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    out = {}
+    for key, value in batch.items():
+        s = sharding[key] if isinstance(sharding, Mapping) else sharding
+        if isinstance(s, NamedSharding) and len(s.spec) > np.ndim(value):
+            s = NamedSharding(s.mesh, PartitionSpec(*s.spec[:np.ndim(value)]))
+        out[key] = jax.make_array_from_process_local_data(s, np.asarray(value))
+    return out
+
+
+def iter_examples(data_dir, split: str, config_name: Optional[str] = None, *, seed: int = 0, epoch: int = 0
+                  ) -> Iterator[dict]:
+    """Every record of a split, in stored order, as dicts (see `mtok_jax.data.load_examples`)."""
+    ds = open_dataset(data_dir, config_name)
+    src = ds.source(split)
+    is_images = split.endswith("_images")
+    pairing = None
+    if split == "train":
+        pairing = train_pairing(ds.labels("train"), ds.labels("train_images"), seed, epoch)
+        image_src = ds.source("train_images")
+    for i in range(len(src)):
+        rec = src[i]
+        ex = {"label": int(rec["label"]), "image_id": rec["image_id"].decode("utf-8")}
+        image_bytes = rec["image"]
+        if pairing is not None:
+            img_rec = image_src[int(pairing[i])]
+            image_bytes, ex["image_id"] = img_rec["image"], img_rec["image_id"].decode("utf-8")
+        ex["image"] = decode_image(image_bytes)
+        if not is_images:
+            ex["audio"] = from_pcm16(rec["audio"])
+            ex["audio_id"] = rec["audio_id"].decode("utf-8")
+        yield ex
