@@ -479,12 +479,26 @@ def param_shapes(cfg: Mapping[str, Any]) -> dict[str, Any]:
     return jax.eval_shape(model.init, jax.random.PRNGKey(0), _dummy_waveform(cfg))["params"]
 
 
-def init_params(cfg: Mapping[str, Any], rng: jax.Array) -> dict[str, Any]:
-    """Random float32 params for ``BEATs(cfg)`` (the modules' own initialisers; for tiny/random models)."""
-    model = BEATs(dict(cfg))
-    dummy = _dummy_waveform(cfg)
-    init = jax.jit(lambda k: model.init(k, jnp.zeros(dummy.shape, dummy.dtype))["params"])
-    return init(rng)
+def init_params(cfg: Mapping[str, Any], rng: jax.Array | int) -> dict[str, Any]:
+    """Random float32 params for ``BEATs(cfg)`` (tiny demo models, benchmarks), fast at full size.
+
+    Shapes come from ``jax.eval_shape`` (nothing compiled); values are drawn on the host with numpy:
+    LayerNorm scales and ``grep_a`` 1, biases 0, kernels N(0, 1/fan_in), the relative-bias table
+    N(0, 0.02²). (``BEATs(cfg).init`` uses the modules' own initialisers instead, slower for 90 M.)
+    """
+    seed = rng if isinstance(rng, int) else np.asarray(jax.random.key_data(rng)).ravel().tolist()
+    gen = np.random.default_rng(seed)
+
+    def fill(path, leaf):
+        name = path[-1].key
+        if name in ("scale", "grep_a"):
+            return np.ones(leaf.shape, np.float32)
+        if name == "bias":
+            return np.zeros(leaf.shape, np.float32)
+        std = 0.02 if name == "relative_attention_bias" else 1.0 / math.sqrt(np.prod(leaf.shape[:-1]))
+        return gen.standard_normal(leaf.shape, dtype=np.float32) * np.float32(std)
+
+    return jax.tree_util.tree_map_with_path(fill, param_shapes(cfg))
 
 
 def save_beats(directory: str | os.PathLike, cfg: Mapping[str, Any], params: Mapping[str, Any]) -> None:
