@@ -219,7 +219,9 @@ def test_pool3_parity_with_pytorch_fid_and_converter_round_trip(params, tmp_path
     torch.save(sd, pth)
 
     out = tmp_path / "inception"
-    inc.convert_checkpoint(pth, out)
+    from metrics.convert import main as convert_main
+
+    convert_main(["inception", str(pth), str(out)])  # the CLI → inc.convert_checkpoint
     model, loaded = inc.load_inception(out)
     for path, leaf in inc.traverse_util.flatten_dict(params).items():
         got = loaded
