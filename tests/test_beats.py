@@ -63,6 +63,15 @@ def test_relative_position_buckets_and_weight_norm(golden, params):
                                atol=1e-7, rtol=1e-6)
 
 
+def test_params_from_torch_rejects_mismatched_state_dicts(golden, cfg):
+    sd = {k[3:]: v for k, v in golden.items() if k.startswith("sd/")}
+    with pytest.raises(ValueError, match="no 'encoder.layers.11.fc1.weight'"):
+        B.params_from_torch({k: v for k, v in sd.items() if k != "encoder.layers.11.fc1.weight"}, cfg)
+    with pytest.raises(ValueError, match="unexpected BEATs state-dict keys"):
+        B.params_from_torch(sd, dict(cfg, encoder_layers=11))
+    B.params_from_torch(dict(sd, **{"predictor.weight": np.zeros((527, 64), np.float32)}), cfg)
+
+
 def test_every_stage_from_fbank(case_b, golden):
     out, state = case_b
     it = state["intermediates"]

@@ -59,8 +59,9 @@ def kaldi_mel_banks(num_bins: int, n_fft: int, sample_rate: float,
     mel = (f32(1127.0) * np.log(f32(1.0) + freqs / f32(700.0)))[None, :]
     up = (mel - left) / (center - left)
     down = (right - mel) / (right - center)
-    banks = np.maximum(f32(0.0), np.minimum(up, down)).astype(f32)
-    return np.pad(banks, ((0, 0), (0, 1)))
+    banks = np.pad(np.maximum(f32(0.0), np.minimum(up, down)).astype(f32), ((0, 0), (0, 1)))
+    banks.setflags(write=False)                         # cached: shared by every caller
+    return banks
 
 
 def num_frames(num_samples: int, sample_rate: int = 16000,
