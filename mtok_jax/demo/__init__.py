@@ -1,0 +1,1 @@
+"""Demo assets: tiny models, tokenizer and data written in the real on-disk formats."""
