@@ -1,6 +1,7 @@
 """Flax BEATs against the PyTorch reference tensors in golden/beats_small.npz (README §1)."""
 
 import json
+import math
 
 import jax
 import jax.numpy as jnp
@@ -133,6 +134,31 @@ def test_split_and_grouped_conv_pos_agree(cfg, params, golden, case_b):
     np.testing.assert_allclose(np.asarray(grouped_pos), np.asarray(split_pos), atol=1e-6, rtol=0)
     np.testing.assert_allclose(np.asarray(grouped_pos), golden["b_3p3s/pos_conv"], **STAGE_TOL)
     np.testing.assert_allclose(np.asarray(grouped.features), golden["b_3p3s/final"], **STAGE_TOL)
+
+
+def test_conv_pos_split_grouped_and_numpy_agree_with_gradients():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 20, 32)).astype(np.float32)
+    kernel = rng.standard_normal((8, 8, 32)).astype(np.float32) * 0.2          # K=8, 4 groups of 8
+    bias = rng.standard_normal(32).astype(np.float32) * 0.1
+    p = {"params": {"kernel": kernel, "bias": bias}}
+    xp = np.pad(x.astype(np.float64), ((0, 0), (4, 4), (0, 0)))
+    ref = np.zeros((2, 21, 32))
+    for o in range(32):
+        g = o // 8
+        for k in range(8):
+            ref[:, :, o] += xp[:, k:k + 21, g * 8:(g + 1) * 8] @ kernel[k, :, o]
+    ref = ref[:, :20] + bias                                                  # SamePad drops the last step
+    ref = 0.5 * ref * (1 + np.vectorize(math.erf)(ref / math.sqrt(2)))
+    outs, grads = [], []
+    for split in (True, False):
+        mod = B.ConvPositionalEmbedding(8, 4, split)
+        outs.append(np.asarray(jax.jit(mod.apply)(p, x)))
+        grads.append(jax.jit(jax.grad(lambda q, v: jnp.sum(mod.apply(q, v) ** 2), argnums=(0, 1)))(p, x))
+        np.testing.assert_allclose(outs[-1], ref, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(outs[0], outs[1], atol=1e-6, rtol=0)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5),
+                 grads[0], grads[1])
 
 
 def test_dropout_only_when_not_deterministic(cfg, params, golden):
