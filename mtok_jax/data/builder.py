@@ -36,8 +36,7 @@ from typing import Iterable, Iterator, Optional, Sequence
 import numpy as np
 import tensorflow_datasets as tfds
 
-from mtok_jax.audio.io import AudioDecodeError, load_audio, to_pcm16
-from mtok_jax.data.images import ImageDecodeError, encode_image, load_image
+from mtok_jax.data import jobs
 from mtok_jax.data.sources import DEFAULT_LABELS, SPLITS, SourceFile, scan, skip_record
 
 NAME = "music_image"
@@ -122,53 +121,29 @@ def make_config(layout: str = "folders", clip_seconds: float = 30.0, image_size:
 DEMO_CONFIG = make_config("folders", clip_seconds=4.0, image_size=32, name="demo")
 
 
-# ---- per-file work (module level so a process pool can run it) ----------------------------------
+# ---- build helpers -----------------------------------------------------------------------------
 
-def _image_job(job: tuple) -> Optional[str]:
-    """Decode/resize/encode one image into its cache file; returns None or the skip reason."""
-    src, cache, h, w, crop, fmt = job
-    try:
-        data = encode_image(load_image(src, h, w, crop=crop), fmt)
-    except ImageDecodeError as e:
-        reason = e.reason
-        tmp = f"{cache}.err.tmp{os.getpid()}"
-        Path(tmp).write_text(reason, encoding="utf-8")
-        os.replace(tmp, f"{cache}.err")
-        return reason
-    tmp = f"{cache}.tmp{os.getpid()}"
-    Path(tmp).write_bytes(data)
-    os.replace(tmp, cache)  # atomic: an interrupted build never leaves a partial cache entry
-    return None
-
-
-def _audio_job(job: tuple):
-    """Decode one audio file → (int16 PCM, None) or (None, skip reason)."""
-    src, sample_rate, clip_seconds = job
-    try:
-        return to_pcm16(load_audio(src, sample_rate=sample_rate, clip_seconds=clip_seconds)), None
-    except AudioDecodeError as e:
-        return None, e.reason
-
-
-def _ordered_map(fn, jobs: Sequence, workers: int) -> Iterator:
-    """fn over jobs in order; with workers > 1 in a spawn process pool with a bounded window."""
-    if workers <= 1:
-        for job in jobs:
-            yield fn(job)
+def _ordered_map(fn, items: Sequence, pool: Optional[cf.Executor], window: int = 16) -> Iterator:
+    """fn over items in order: inline when pool is None, else with at most `window` jobs in flight."""
+    if pool is None:
+        for item in items:
+            yield fn(item)
         return
-    ctx = multiprocessing.get_context("spawn")
-    with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-        window: deque = deque()
-        it = iter(jobs)
-        for job in it:
-            window.append(pool.submit(fn, job))
-            if len(window) >= 4 * workers:
-                break
-        while window:
-            yield window.popleft().result()
+    pending: deque = deque()
+    it = iter(items)
+    for item in it:
+        pending.append(pool.submit(fn, item))
+        if len(pending) >= window:
+            break
+    try:
+        while pending:
+            yield pending.popleft().result()
             nxt = next(it, None)
             if nxt is not None:
-                window.append(pool.submit(fn, nxt))
+                pending.append(pool.submit(fn, nxt))
+    finally:
+        for f in pending:
+            f.cancel()
 
 
 def pair_draw(seed: int, audio_id: str, n: int) -> int:
@@ -204,7 +179,21 @@ class MusicImage(tfds.core.GeneratorBasedBuilder):
     def __init__(self, *, workers: int = 0, progress: bool = True, **kwargs):
         self._workers = workers
         self._progress = progress
+        self._pool: Optional[cf.ProcessPoolExecutor] = None
         super().__init__(**kwargs)
+
+    def _map(self, fn, items: Sequence) -> Iterator:
+        """fn over items in order, in this build's spawn process pool when workers > 1."""
+        if self._workers > 1 and self._pool is None and items:
+            self._pool = cf.ProcessPoolExecutor(max_workers=self._workers,
+                                                mp_context=multiprocessing.get_context("spawn"))
+        return _ordered_map(fn, items, self._pool, window=4 * max(1, self._workers))
+
+    def close(self) -> None:
+        """Stop the worker processes (if any)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
 
     def _info(self) -> tfds.core.DatasetInfo:
         cfg = self.builder_config
@@ -244,7 +233,7 @@ class MusicImage(tfds.core.GeneratorBasedBuilder):
                 todo.append((str(src), str(cache / key), cfg.image_height, cfg.image_width,
                              cfg.center_crop, cfg.image_format))
         bar = tqdm(total=len(todo), desc="Decoding images", unit="img", disable=not self._progress)
-        for _ in _ordered_map(_image_job, todo, self._workers):
+        for _ in self._map(jobs.image_job, todo):
             bar.update(1)
         bar.close()
         self._image_cache_paths = paths
@@ -266,7 +255,7 @@ class MusicImage(tfds.core.GeneratorBasedBuilder):
             entries[s].sort(key=lambda e: (e[0].label, e[0].rel))
             for i, (f, _) in enumerate(entries[s]):
                 pools.setdefault((s, f.label), []).append(i)
-        jobs: dict[str, list[tuple[SourceFile, int]]] = {s: [] for s in SPLITS}
+        audio_by_split: dict[str, list[tuple[SourceFile, int]]] = {s: [] for s in SPLITS}
         for a in audio:
             pool = pools.get((a.split, a.label))
             if not pool:
@@ -274,7 +263,7 @@ class MusicImage(tfds.core.GeneratorBasedBuilder):
                                                            f"'{cfg.labels[a.label]}' in split '{a.split}'"))
                 continue
             pick = -1 if a.split == "train" else pool[pair_draw(cfg.pairing_seed, a.rel, len(pool))]
-            jobs[a.split].append((a, pick))
+            audio_by_split[a.split].append((a, pick))
         meta = self.info.metadata
         meta.clear()
         meta.update(format_version=1, config=cfg.params(), splits={}, skipped=skipped,
@@ -287,8 +276,8 @@ class MusicImage(tfds.core.GeneratorBasedBuilder):
                 gens[f"{s}_images"] = self._generate_examples(kind="images", split=f"{s}_images",
                                                               items=entries[s], manual=manual)
         for s in SPLITS:
-            if jobs[s]:
-                gens[s] = self._generate_examples(kind="audio", split=s, items=jobs[s], manual=manual,
+            if audio_by_split[s]:
+                gens[s] = self._generate_examples(kind="audio", split=s, items=audio_by_split[s], manual=manual,
                                                   image_entries=entries[s])
         return gens
 
@@ -305,9 +294,9 @@ class MusicImage(tfds.core.GeneratorBasedBuilder):
         info = meta["splits"].setdefault(split, {"labels": [], "image_index": []})
         info["labels"].clear()
         info["image_index"].clear()
-        jobs = [(str(manual / a.rel), cfg.sample_rate, cfg.clip_seconds) for a, _ in items]
+        audio_jobs = [(str(manual / a.rel), cfg.sample_rate, cfg.clip_seconds) for a, _ in items]
         key = 0
-        for (a, pick), (pcm, reason) in zip(items, _ordered_map(_audio_job, jobs, self._workers)):
+        for (a, pick), (pcm, reason) in zip(items, self._map(jobs.audio_job, audio_jobs)):
             if pcm is None:
                 meta["skipped"].append(skip_record(a.rel, "audio", reason))
                 continue
@@ -349,6 +338,8 @@ def build(manual_dir, data_dir, config: "MusicImageConfig | str" = "folders", *,
             raise RuntimeError("a split lost every audio file while decoding (all unreadable/silent/too "
                                "short); fix the sources or move them to another split") from e
         raise
+    finally:
+        builder.close()
     out = Path(builder.data_dir)
     meta = json.loads((out / "metadata.json").read_text(encoding="utf-8"))
     tmp = out / f"skipped.jsonl.tmp{os.getpid()}"

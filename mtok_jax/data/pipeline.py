@@ -150,7 +150,7 @@ def num_batches(n: int, global_batch_size: int, process_count: int = 1, drop_rem
 
 def image_to_float(image: np.ndarray, bgr: bool = False) -> np.ndarray:
     """uint8 [..., H, W, 3] → float32 in [-1, 1] (x/127.5 − 1); `bgr` swaps R and B (thesis quirk)."""
-    x = image.astype(np.float32) * np.float32(1 / 127.5) - np.float32(1.0)
+    x = image.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
     return x[..., ::-1] if bgr else x
 
 
