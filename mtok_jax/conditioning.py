@@ -69,6 +69,13 @@ def clip_samples(config) -> int:
     return int(round(config.data.clip_seconds * rate))
 
 
+def image_hw(config) -> tuple[int, int]:
+    """(height, width) of the training images."""
+    if config.data.get("reference_512x320", False):
+        return 320, 512
+    return int(config.data.image_size), int(config.data.image_size)
+
+
 # ---------------------------------------------------------------------------------------------------
 # The path
 # ---------------------------------------------------------------------------------------------------
@@ -148,13 +155,11 @@ def _sd_folder(sd_path: str, sub: str) -> str:
 
 def dataset_labels(config) -> tuple[str, ...]:
     """Label names of the configured dataset (its metadata), else the 18 thesis labels."""
-    from mtok_jax.data import sources
+    from mtok_jax.data import pipeline, sources
 
     try:
-        from mtok_jax.data import pipeline
-
-        return tuple(pipeline.label_names(config))
-    except (ImportError, AttributeError, FileNotFoundError):
+        return tuple(pipeline.open_dataset(config.data.data_dir, config.data.builder_config or None).label_names)
+    except FileNotFoundError:
         return tuple(sources.DEFAULT_LABELS)
 
 
@@ -288,9 +293,8 @@ def eval_shapes(config, *, full_size: bool = True, batch_size: int | None = None
     """
     system, shapes = abstract_system(config, full_size=full_size)
     b = int(batch_size or config.train.batch_size)
-    size = int(config.data.image_size)
     waves = jax.ShapeDtypeStruct((b, clip_samples(config)), jnp.float32)
-    images = jax.ShapeDtypeStruct((b, size, size, 3), jnp.float32)
+    images = jax.ShapeDtypeStruct((b, *image_hw(config), 3), jnp.float32)
     key = jax.random.key(0)
 
     def forward(params, w, img):

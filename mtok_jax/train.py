@@ -1,0 +1,439 @@
+"""Training loop: `train_and_evaluate(config, workdir)` (DESIGN §1, §2.6, §3).
+
+Reads top to bottom: logging → mesh → input → models & optimizer → shard → step → checkpoint → eval
+→ loop. One path from 1 CPU to a pod: `jax.jit` with NamedSharding over a ('data', 'fsdp') mesh, the
+batch split over both axes, frozen params passed as arguments (never closed over), gradients only for
+the trainable tree (a regex in the config), AdamW, gradient accumulation inside the step (a scan over
+micro-batches; the update equals the big batch's), `fold_in(rng, step)` randomness drawn per example
+(so a batch split into micro-batches or over devices draws the same numbers), orbax checkpoints that
+resume with the data order continuing where it stopped.
+
+Workdir contents: config.json, metrics.jsonl (one object per log step and per epoch: kind, epoch,
+step, train_loss, val_loss, lr), loss.png (train/val loss per epoch, like thesis Fig. 5.1),
+checkpoints/{latest,best}/<step>/.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding
+
+from mtok_jax import checkpoints, conditioning, config_utils, losses, sharding
+from mtok_jax.data import pipeline
+from mtok_jax.models import diffusion
+
+log = logging.getLogger("mtok_jax.train")
+
+EVAL_SEED = 0x5EED  # folded into the root key for validation noise (the same every epoch)
+
+
+# ===================================================================================================
+# Optimizer
+# ===================================================================================================
+def learning_rate(train_config, steps_per_epoch: int) -> optax.Schedule:
+    """lr schedule over all epochs: linear warmup, then cosine decay to 0 or constant.
+
+    With `scale_lr` the base lr is multiplied by the examples per update (global batch × accumulation),
+    which is the reference's lr × per-device batch × accumulation × devices.
+    """
+    t = train_config
+    peak = t.lr * (t.batch_size * t.grad_accum if t.scale_lr else 1)
+    total = max(t.epochs * steps_per_epoch, 1)
+    warmup = min(t.warmup_steps, total - 1)
+    if t.schedule == "cosine":
+        return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, total, end_value=0.0) if warmup else \
+            optax.cosine_decay_schedule(peak, total)
+    if t.schedule == "constant":
+        if warmup:
+            return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), optax.constant_schedule(peak)],
+                                        [warmup])
+        return optax.constant_schedule(peak)
+    raise ValueError(f"unknown schedule {t.schedule!r}")
+
+
+def make_optimizer(train_config, schedule: optax.Schedule) -> optax.GradientTransformation:
+    """AdamW with decoupled weight decay on every trainable leaf (torch.optim.AdamW semantics)."""
+    t = train_config
+    return optax.adamw(schedule, b1=t.b1, b2=t.b2, eps=t.eps, weight_decay=t.weight_decay)
+
+
+# ===================================================================================================
+# Per-example randomness
+# ===================================================================================================
+def example_keys(key: jax.Array, num: int, offset: int = 0) -> jax.Array:
+    """Keys [num] = fold_in(key, offset + i): example i's randomness never depends on how the batch is
+    split (micro-batches, devices)."""
+    idx = jnp.asarray(offset, jnp.uint32) + jnp.arange(num, dtype=jnp.uint32)
+    return jax.vmap(lambda i: jax.random.fold_in(key, i))(idx)
+
+
+# ===================================================================================================
+# The loss of one batch on the real system
+# ===================================================================================================
+def system_outputs(system: conditioning.System, trainable: Mapping, frozen: Mapping, batch: Mapping[str, jax.Array],
+                   keys: jax.Array, *, train: bool) -> dict[str, jax.Array]:
+    """One batch through the whole model (DESIGN §1). keys [B]: one key per example.
+
+    audio → audio token → text states; image → VAE latents; DDPM noise at t ~ U{0..T−1};
+    UNet(noisy, t, states). → {'pred', 'target' [B, C, h, w], 'token', 'tau' [B, D]}.
+    """
+    params = sharding.merge_params(trainable, frozen)
+    k = jax.vmap(lambda key: jax.random.split(key, 4))(keys)  # [B, 4]: token, vae, noise, timestep
+    token = conditioning.audio_token(system, params, batch["audio"], rng=k[:, 0], train=train)
+    states = conditioning.text_states(system, params, token, "train")
+    latents = jax.vmap(lambda img, key: diffusion.encode_latents(system.vae, params["vae"], img[None], key)[0])(
+        batch["image"], k[:, 1])
+    noise = jax.vmap(lambda key: jax.random.normal(key, latents.shape[1:], latents.dtype))(k[:, 2])
+    num_t = system.noise_scheduler.config.num_train_timesteps
+    t = jax.vmap(lambda key: jax.random.randint(key, (), 0, num_t))(k[:, 3])
+    noisy, target = diffusion.noisy_latents_and_target(system.noise_scheduler, system.noise_state, latents, noise, t)
+    pred = system.unet.apply({"params": params["unet"]}, noisy, t, states, train=False).sample
+    return {"pred": pred, "target": target, "token": token, "tau": system.label_targets[batch["label"]]}
+
+
+def loss_weights(config) -> losses.Weights:
+    return losses.Weights(config.train.lambda_l1, config.train.lambda_l2, config.train.lambda_cl)
+
+
+def system_loss(system: conditioning.System, trainable: Mapping, frozen: Mapping, batch: Mapping[str, jax.Array],
+                keys: jax.Array, batch_mean_cos: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Training loss of one (micro-)batch → (loss, terms) (mtok_jax.losses.total_loss)."""
+    out = system_outputs(system, trainable, frozen, batch, keys, train=True)
+    return losses.total_loss(out["pred"], out["target"], out["token"], out["tau"], loss_weights(system.config),
+                             batch.get("mask"), batch_mean_cos)
+
+
+def system_cosines(system: conditioning.System, trainable: Mapping, frozen: Mapping, batch: Mapping[str, jax.Array],
+                   keys: jax.Array) -> jax.Array:
+    """cos(audio token, label target) per example [B], with the randomness of system_loss."""
+    params = sharding.merge_params(trainable, frozen)
+    k = jax.vmap(lambda key: jax.random.split(key, 4))(keys)
+    token = conditioning.audio_token(system, params, batch["audio"], rng=k[:, 0], train=True)
+    return losses.cosine_similarity(token, system.label_targets[batch["label"]])
+
+
+def system_eval_loss(system: conditioning.System, trainable: Mapping, frozen: Mapping, batch: Mapping[str, jax.Array],
+                     keys: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Validation loss of a padded batch [B] in groups of `train.val_batch_size` consecutive examples
+    (the reference's validation batches) → (Σ_groups loss_g · n_g, Σ n_g), n_g = real examples."""
+    out = system_outputs(system, trainable, frozen, batch, keys, train=False)
+    vb = int(system.config.train.val_batch_size)
+    grouped = {k: v.reshape(-1, vb, *v.shape[1:]) for k, v in {**out, "mask": batch["mask"]}.items()}
+    weights = loss_weights(system.config)
+    group_loss = jax.vmap(lambda g: losses.total_loss(g["pred"], g["target"], g["token"], g["tau"], weights,
+                                                      g["mask"])[0])(grouped)
+    counts = jnp.sum(grouped["mask"].astype(jnp.float32), axis=1)
+    return jnp.sum(group_loss * counts), jnp.sum(counts)
+
+
+# ===================================================================================================
+# Steps
+# ===================================================================================================
+def make_train_step(loss_fn: Callable, cosine_fn: Callable | None, optimizer: optax.GradientTransformation,
+                    schedule: optax.Schedule):
+    """train_step(trainable, opt_state, frozen, batch, step, root_key) → (trainable, opt_state, metrics).
+
+    batch: arrays [accum, B, ...] (micro-batches on the leading axis). The gradient is the mean of the
+    micro-batch gradients, i.e. the big batch's: every loss term is a mean over examples except the
+    cosine term (1 − mean cos)², which is nonlinear in the batch mean; with more than one micro-batch
+    (and `cosine_fn` given) a forward pre-pass computes the big batch's mean cosine and each
+    micro-batch uses the exact linearisation around it (losses.label_cosine_term).
+    loss_fn(trainable, frozen, micro_batch, keys [B], batch_mean_cos) → (loss, terms);
+    cosine_fn(trainable, frozen, batch, keys [B]) → cos [B].
+    """
+
+    def train_step(trainable, opt_state, frozen, batch, step, root_key):
+        accum, micro = jax.tree.leaves(batch)[0].shape[:2]
+        keys = example_keys(jax.random.fold_in(root_key, step), accum * micro)
+        mean_cos = None
+        if cosine_fn is not None and accum > 1:
+            flat = jax.tree.map(lambda x: x.reshape(accum * micro, *x.shape[2:]), batch)
+            mean_cos = jnp.mean(cosine_fn(trainable, frozen, flat, keys))
+
+        def micro_step(grad_sum, xs):
+            mb, mb_keys = xs
+            (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable, frozen, mb, mb_keys, mean_cos)
+            return jax.tree.map(jnp.add, grad_sum, grads), (loss, terms)
+
+        zeros = jax.tree.map(jnp.zeros_like, trainable)
+        grad_sum, (loss, terms) = jax.lax.scan(micro_step, zeros, (batch, keys.reshape(accum, micro)))
+        grads = jax.tree.map(lambda g: g / accum, grad_sum)
+        updates, opt_state = optimizer.update(grads, opt_state, trainable)
+        trainable = optax.apply_updates(trainable, updates)
+        metrics = {"loss": jnp.mean(loss), "grad_norm": optax.global_norm(grads), "lr": schedule(step),
+                   **{k: jnp.mean(v) for k, v in terms.items()}}
+        if mean_cos is not None:  # the big batch's term, not the mean of linearised values
+            metrics["cosine"] = jnp.square(1.0 - mean_cos)
+        return trainable, opt_state, metrics
+
+    return train_step
+
+
+def make_eval_step(eval_loss_fn: Callable):
+    """eval_step(trainable, frozen, batch, first_index, key) → (Σ loss·n, Σ n).
+
+    Example i of the split gets key fold_in(key, i): its noise depends neither on padding nor on
+    the batch size, and is the same every epoch (so epochs are compared on the same noise)."""
+
+    def eval_step(trainable, frozen, batch, first_index, key):
+        keys = example_keys(key, batch["mask"].shape[0], first_index)
+        return eval_loss_fn(trainable, frozen, batch, keys)
+
+    return eval_step
+
+
+# ===================================================================================================
+# Logs
+# ===================================================================================================
+class MetricsLog:
+    """Appends JSON lines to WORKDIR/metrics.jsonl and redraws loss.png from its epoch lines."""
+
+    def __init__(self, workdir: str, enabled: bool = True):
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.plot_path = os.path.join(workdir, "loss.png")
+        self.enabled = enabled
+
+    def write(self, **record) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def truncate_after(self, step: int) -> None:
+        """Drop lines logged after `step` (a resumed run repeats them)."""
+        if not (self.enabled and os.path.exists(self.path)):
+            return
+        with open(self.path) as f:
+            lines = [json.loads(x) for x in f if x.strip()]
+        with open(self.path, "w") as f:
+            for r in lines:
+                if r["step"] <= step:
+                    f.write(json.dumps(r) + "\n")
+
+    def epochs(self) -> list[dict]:
+        if not os.path.exists(self.path):
+            return []
+        with open(self.path) as f:
+            return [r for r in map(json.loads, filter(str.strip, f)) if r.get("kind") == "epoch"]
+
+    def plot(self) -> None:
+        """Train and validation loss per epoch (thesis Figure 5.1)."""
+        rows = self.epochs()
+        if not (self.enabled and rows):
+            return
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        epochs = [r["epoch"] for r in rows]
+        fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
+        ax.plot(epochs, [r["train_loss"] for r in rows], "o-", label="train loss")
+        ax.plot(epochs, [r["val_loss"] for r in rows], "s-", label="validation loss")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("loss")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(self.plot_path)
+        plt.close(fig)
+
+
+def _progress(total: int, initial: int, unit_per_step: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total * unit_per_step, initial=initial * unit_per_step, unit="ex", unit_scale=False,
+                desc=desc, disable=not enabled, dynamic_ncols=True, smoothing=0.1)
+
+
+# ===================================================================================================
+# train_and_evaluate
+# ===================================================================================================
+def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
+    """Train per `config` into `workdir`, resuming from its latest checkpoint when there is one.
+
+    → {'step', 'epoch', 'best_val_loss', 'val_losses' (this call's epochs), 'trainable' (final params)}.
+    """
+    # ---------------------------------------------------------------------------------- logging
+    config_utils.validate(config)
+    workdir = os.path.abspath(workdir)
+    sharding.maybe_initialize_distributed(config)
+    is_main = jax.process_index() == 0
+    os.makedirs(workdir, exist_ok=True)
+    if is_main:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    metrics_log = MetricsLog(workdir, enabled=is_main)
+    t = config.train
+
+    # ---------------------------------------------------------------------------------- mesh
+    mesh = sharding.make_mesh(config.mesh)
+    shards = sharding.num_batch_shards(mesh)
+    if t.batch_size % shards:
+        raise ValueError(f"train.batch_size={t.batch_size} must be divisible by the {shards} devices of the mesh "
+                         f"(set --config.mesh.data / --config.mesh.fsdp)")
+    log.info("mesh %s over %d devices", dict(mesh.shape), shards)
+
+    # ---------------------------------------------------------------------------------- input
+    d = config.data
+    data_kw = dict(config_name=d.builder_config or None, bgr=d.bgr, prefetch=d.prefetch)
+    _check_dataset(config)
+    num_train = pipeline.num_examples(d.data_dir, "train", d.builder_config or None)
+    num_val = pipeline.num_examples(d.data_dir, "validation", d.builder_config or None)
+    examples_per_step = t.batch_size * t.grad_accum
+    steps_per_epoch = pipeline.num_batches(num_train, examples_per_step, jax.process_count())
+    if steps_per_epoch == 0:
+        raise ValueError(f"{num_train} training examples give no full batch of {examples_per_step}")
+    val_batch = math.lcm(t.val_batch_size, shards)  # padded + masked, loss in groups of val_batch_size
+    log.info("%d train / %d validation examples, %d steps per epoch", num_train, num_val, steps_per_epoch)
+
+    # ---------------------------------------------------------------------------------- models & optimizer
+    system, params = conditioning.load_system(config)
+    trainable, frozen = sharding.split_params(params, t.trainable)
+    del params
+    if system.config.model.dtype == "bfloat16":  # fp32 master copy of what trains; frozen weights in bf16
+        frozen = jax.tree.map(lambda x: x.astype(jnp.bfloat16) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+                              frozen)
+    schedule = learning_rate(t, steps_per_epoch)
+    optimizer = make_optimizer(t, schedule)
+    n_trainable = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainable))
+    log.info("trainable %r: %d parameters in %d leaves", t.trainable, n_trainable, len(jax.tree.leaves(trainable)))
+
+    # ---------------------------------------------------------------------------------- shard
+    shard_trainable = any(p in t.trainable for p in ("unet", "beats")) or t.trainable in (".*", ".+")
+    trainable_sh = sharding.param_shardings(mesh, trainable, shard=shard_trainable, min_size=t.fsdp_min_size)
+    frozen_sh = sharding.param_shardings(mesh, frozen, shard=True, min_size=t.fsdp_min_size)
+    trainable = jax.device_put(trainable, trainable_sh)
+    frozen = jax.device_put(frozen, frozen_sh)
+    opt_state_shapes = jax.eval_shape(optimizer.init, trainable)
+    opt_sh = _like_params(opt_state_shapes, trainable_sh, sharding.replicated(mesh))
+    opt_state = jax.jit(optimizer.init, out_shardings=opt_sh)(trainable)
+    repl = sharding.replicated(mesh)
+    train_batch_sh = sharding.batch_sharding(mesh, leading=1)  # [accum, B, ...]: B over the devices
+    eval_batch_sh = sharding.batch_sharding(mesh)
+    root_key = jax.device_put(jax.random.key(config.seed), repl)
+
+    # ---------------------------------------------------------------------------------- step
+    train_step = jax.jit(
+        make_train_step(lambda *a: system_loss(system, *a), lambda *a: system_cosines(system, *a), optimizer,
+                        schedule),
+        in_shardings=(trainable_sh, opt_sh, frozen_sh, train_batch_sh, repl, repl),
+        out_shardings=(trainable_sh, opt_sh, repl), donate_argnums=(0, 1))
+    eval_step = jax.jit(make_eval_step(lambda *a: system_eval_loss(system, *a)),
+                        in_shardings=(trainable_sh, frozen_sh, eval_batch_sh, repl, repl), out_shardings=(repl, repl))
+    eval_key = jax.device_put(jax.random.fold_in(jax.random.key(config.seed), EVAL_SEED), repl)
+
+    # ---------------------------------------------------------------------------------- checkpoint
+    ckpt = checkpoints.Checkpointer(workdir)
+    paths = sharding.trainable_paths(sharding.merge_params(trainable, {}), t.trainable)
+    step, epoch, start_batch = 0, 0, 0
+    best_val, epoch_loss_sum, epoch_loss_n = math.inf, 0.0, 0
+    restored = ckpt.restore_latest(trainable, opt_state)
+    if restored is not None:
+        trainable, opt_state, meta = restored
+        step, epoch, start_batch = int(meta["step"]), int(meta["epoch"]), int(meta["batch_in_epoch"])
+        best_val = float(meta["best_val_loss"])
+        epoch_loss_sum, epoch_loss_n = float(meta["epoch_loss_sum"]), int(meta["epoch_loss_n"])
+        metrics_log.truncate_after(step)
+        log.info("resumed from step %d (epoch %d, batch %d)", step, epoch, start_batch)
+
+    def meta() -> dict:
+        return {"step": step, "epoch": epoch, "batch_in_epoch": start_batch, "best_val_loss": best_val,
+                "epoch_loss_sum": epoch_loss_sum, "epoch_loss_n": epoch_loss_n, "trainable_paths": paths,
+                "examples_per_step": examples_per_step, "seed": config.seed}
+
+    # ---------------------------------------------------------------------------------- eval
+    def evaluate() -> float:
+        total, count = jnp.zeros(()), jnp.zeros(())
+        batches = pipeline.batches(d.data_dir, "validation", global_batch_size=val_batch, seed=d.seed, epoch=0,
+                                   shuffle=False, drop_remainder=False, **data_kw)
+        for i, host_batch in enumerate(batches):
+            batch = pipeline.to_global(host_batch, eval_batch_sh)
+            s, n = eval_step(trainable, frozen, batch, jnp.uint32(i * val_batch), eval_key)
+            total, count = total + s, count + n
+        return float(total / jnp.maximum(count, 1.0))
+
+    # ---------------------------------------------------------------------------------- loop
+    max_steps = t.max_steps if t.max_steps > 0 else t.epochs * steps_per_epoch
+    val_losses: list[float] = []
+    stopped = step >= max_steps
+    while epoch < t.epochs and not stopped:
+        bar = _progress(steps_per_epoch, start_batch, examples_per_step, f"epoch {epoch + 1}/{t.epochs}", is_main)
+        host_batches = pipeline.batches(d.data_dir, "train", global_batch_size=examples_per_step, seed=d.seed,
+                                        epoch=epoch, start_batch=start_batch, **data_kw)
+        for host_batch in host_batches:
+            host_batch = {k: v.reshape(t.grad_accum, -1, *v.shape[1:]) for k, v in host_batch.items()}
+            batch = pipeline.to_global(host_batch, train_batch_sh)
+            trainable, opt_state, metrics = train_step(trainable, opt_state, frozen, batch, jnp.int32(step), root_key)
+            loss = float(metrics["loss"])
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"non-finite training loss {loss} at step {step + 1} (epoch {epoch + 1}, "
+                                         f"batch {start_batch + 1}); last good checkpoint: "
+                                         f"{ckpt.latest.latest_step()}")
+            step, start_batch = step + 1, start_batch + 1
+            epoch_loss_sum, epoch_loss_n = epoch_loss_sum + loss, epoch_loss_n + 1
+            bar.update(examples_per_step)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{float(metrics['lr']):.2e}")
+            if step % t.log_every == 0:
+                metrics_log.write(kind="step", epoch=epoch + start_batch / steps_per_epoch, step=step,
+                                  train_loss=loss, val_loss=None, lr=float(metrics["lr"]),
+                                  **{k: float(metrics[k]) for k in ("mse", "l1", "l2", "cosine", "grad_norm")})
+            if step >= max_steps:
+                stopped = True
+                break
+            if step % t.checkpoint_every == 0 and start_batch < steps_per_epoch:
+                ckpt.save_latest(step, trainable, opt_state, meta())
+        bar.close()
+        if stopped and start_batch < steps_per_epoch:
+            ckpt.save_latest(step, trainable, opt_state, meta())
+            break
+        # End of epoch: validation, best and latest checkpoints.
+        val_loss = evaluate()
+        train_loss = epoch_loss_sum / max(epoch_loss_n, 1)
+        val_losses.append(val_loss)
+        epoch, start_batch, epoch_loss_sum, epoch_loss_n = epoch + 1, 0, 0.0, 0
+        metrics_log.write(kind="epoch", epoch=epoch, step=step, train_loss=train_loss, val_loss=val_loss,
+                          lr=float(schedule(step)))
+        metrics_log.plot()
+        log.info("epoch %d: train loss %.5f, validation loss %.5f", epoch, train_loss, val_loss)
+        if val_loss < best_val:
+            best_val = val_loss
+            ckpt.save_best(step, trainable, {**meta(), "val_loss": val_loss})
+        ckpt.save_latest(step, trainable, opt_state, meta())
+    ckpt.wait()
+    ckpt.close()
+    return {"step": step, "epoch": epoch, "best_val_loss": best_val, "val_losses": val_losses,
+            "trainable": trainable}
+
+
+def _like_params(opt_shapes: Any, param_sh: Any, default: NamedSharding) -> Any:
+    """Optimizer-state shardings: leaves shaped like a parameter subtree (Adam moments) follow the
+    parameters; scalars (counts) are replicated."""
+    param_struct = jax.tree.structure(param_sh)
+
+    def is_param_like(x):
+        return jax.tree.structure(x) == param_struct if isinstance(x, Mapping) else False
+
+    return jax.tree.map(lambda x: param_sh if is_param_like(x) else default, opt_shapes, is_leaf=is_param_like)
+
+
+def _check_dataset(config) -> None:
+    """The built dataset must hold what the config's shapes say (clip length, image size)."""
+    d = config.data
+    ds = pipeline.open_dataset(d.data_dir, d.builder_config or None)
+    built = ds.config
+    want_samples = conditioning.clip_samples(config)
+    want_hw = conditioning.image_hw(config)
+    got_hw = (int(built["image_height"]), int(built["image_width"]))
+    if int(built["clip_samples"]) != want_samples or got_hw != want_hw:
+        raise ValueError(f"dataset {ds.path} holds {built['clip_samples']} samples / {got_hw} images, the config "
+                         f"asks for {want_samples} / {want_hw} (data.clip_seconds, image_size, audio_44k_as_16k, "
+                         f"reference_512x320)")
