@@ -46,7 +46,30 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
 
 
-def fid(features_a, features_b) -> float:
+def fid(features_a, features_b, *, method: str = "auto") -> float:
     """FID between two feature sets [n_a, d] and [n_b, d] (e.g. Inception pool3, d = 2048): the Fréchet
-    distance of their Gaussian fits (:func:`feature_statistics`)."""
-    return frechet_distance(*feature_statistics(features_a), *feature_statistics(features_b))
+    distance of their Gaussian fits (:func:`feature_statistics`).
+
+    method ``"sqrtm"``: :func:`frechet_distance` on the statistics (pytorch-fid's route; a 2048² sqrtm takes
+    minutes on a small CPU). ``"svd"``: with Σ_i = A_iᵀA_i, A_i = centred features/√(n_i − 1), the
+    non-zero eigenvalues of Σ₁Σ₂ are the squared singular values of A₁A₂ᵀ [n_a, n_b], so
+    ``Tr (Σ₁Σ₂)^{1/2} = ‖A₁A₂ᵀ‖_*`` (nuclear norm): exact, and milliseconds for a few hundred images
+    (agrees with the sqrtm route to ~1e-7 relative, which is sqrtm's own error on these singular products).
+    ``"auto"``: "svd" when n_a·n_b ≤ d², else "sqrtm".
+    """
+    a = np.asarray(features_a, dtype=np.float64)
+    b = np.asarray(features_b, dtype=np.float64)
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or min(a.shape[0], b.shape[0]) < 2:
+        raise ValueError(f"fid: expected [n ≥ 2, d] feature sets of equal d, got {a.shape} and {b.shape}")
+    if method == "auto":
+        method = "svd" if a.shape[0] * b.shape[0] <= a.shape[1] ** 2 else "sqrtm"
+    if method == "sqrtm":
+        return frechet_distance(*feature_statistics(a), *feature_statistics(b))
+    if method != "svd":
+        raise ValueError(f"fid: method must be auto | svd | sqrtm, got {method!r}")
+    mu_a, mu_b = a.mean(axis=0), b.mean(axis=0)
+    ca = (a - mu_a) / np.sqrt(a.shape[0] - 1)
+    cb = (b - mu_b) / np.sqrt(b.shape[0] - 1)
+    tr_covmean = np.linalg.svd(ca @ cb.T, compute_uv=False).sum()
+    diff = mu_a - mu_b
+    return float(diff @ diff + np.sum(ca * ca) + np.sum(cb * cb) - 2.0 * tr_covmean)

@@ -221,7 +221,16 @@ def test_fid_formula_and_properties():
     b = (rng.standard_normal((150, 16)) @ rng.standard_normal((16, 16)) * 0.5 + 0.3).astype(np.float32)
     ma, sa = a.astype(np.float64).mean(0), np.cov(a.astype(np.float64), rowvar=False)
     mb, sb = b.astype(np.float64).mean(0), np.cov(b.astype(np.float64), rowvar=False)
-    np.testing.assert_allclose(fid(a, b), np_frechet(ma, sa, mb, sb), rtol=1e-9, atol=1e-9)
+    want = np_frechet(ma, sa, mb, sb)
+    for method in ("auto", "svd", "sqrtm"):
+        np.testing.assert_allclose(fid(a, b, method=method), want, rtol=1e-9, atol=1e-9)
+    # fewer samples than dimensions (335 images vs 2048-d features): singular covariances
+    c, e = rng.standard_normal((20, 64)), rng.standard_normal((25, 64)) * 0.7 + 0.1
+    want = np_frechet(*feature_statistics(c), *feature_statistics(e))
+    np.testing.assert_allclose(fid(c, e), want, rtol=1e-7)
+    np.testing.assert_allclose(fid(c, e, method="sqrtm"), want, rtol=1e-6)
+    with pytest.raises(ValueError):
+        fid(a, b, method="fast")
     mu, sig = feature_statistics(a)
     np.testing.assert_allclose(sig, sa, rtol=1e-12)
     assert abs(fid(a, a)) < 1e-6
