@@ -122,8 +122,8 @@ def test_param_count_full_size():
 def test_init_is_torch_uniform():
     c_in, d = 256, 64
     module = AudioTokenEmbedder(d)
-    p = module.init({"params": jax.random.PRNGKey(0), "dropout": jax.random.PRNGKey(1)},
-                    jnp.zeros((1, 4, c_in)))["params"]
+    p = jax.jit(module.init)({"params": jax.random.PRNGKey(0), "dropout": jax.random.PRNGKey(1)},
+                             jnp.zeros((1, 4, c_in)))["params"]
     fan_in = {"fc1": c_in, "fc2": c_in, "unary_embed": d, "unary_reduce": d,
               "pairwise_embed_x": d, "pairwise_embed_y": d, "potential_mix": 2}
     assert set(p) == set(fan_in)

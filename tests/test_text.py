@@ -44,6 +44,12 @@ PROMPTS = ["an art image of <*>, 4k, high resolution", "<*> heavy metal", "An ar
 HIDDEN = 32
 
 
+def _perturbed_init(module, key):
+    leaves, treedef = jax.tree_util.tree_flatten(init_text_params(module, key))
+    keys = jax.random.split(jax.random.fold_in(key, 1), len(leaves))
+    return jax.tree_util.tree_unflatten(treedef, [x + 0.2 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """Tiny tokenizer + tiny random CLIP text model saved as a Flax HF folder."""
@@ -53,35 +59,40 @@ def tiny(tmp_path_factory):
     config = CLIPTextConfig(vocab_size=vocab_size, hidden_size=HIDDEN, intermediate_size=37, num_hidden_layers=2,
                             num_attention_heads=4, max_position_embeddings=77, hidden_act="quick_gelu",
                             bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1)
-    model = FlaxCLIPTextModel(config, seed=0)
-    # Perturb every leaf so LayerNorm scales/biases and Dense biases are not at their trivial init.
-    leaves, treedef = jax.tree_util.tree_flatten(model.params)
-    keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
-    model.params = jax.tree_util.tree_unflatten(
-        treedef, [x + 0.2 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
-    model.save_pretrained(root / "text_encoder")
+    # transformers' init, then every leaf perturbed so LayerNorm scales/biases and Dense biases are not at
+    # their trivial init (one jitted function: eager init costs ~10 s on the shared CPU).
+    params = jax.jit(functools.partial(_perturbed_init, text_encoder_module(config)))(jax.random.PRNGKey(0))
+    params = jax.tree_util.tree_map(np.asarray, params)
+    model = FlaxCLIPTextModel(config, _do_init=False)
+    model.save_pretrained(root / "text_encoder", params=params)
     input_ids, placeholder_pos = tokenize_prompts(tokenizer, PROMPTS)
     audio_token = np.asarray(jax.random.normal(jax.random.PRNGKey(2), (len(PROMPTS), HIDDEN)) * 1.5)
-    return dict(root=root, tokenizer=tokenizer, config=config, model=model, vocab_size=vocab_size,
+    return dict(root=root, tokenizer=tokenizer, config=config, params=params, vocab_size=vocab_size,
                 input_ids=input_ids, placeholder_pos=placeholder_pos, audio_token=audio_token)
 
 
 @pytest.fixture(scope="module")
 def ours(tiny):
     module, params = load_text_encoder(tiny["root"] / "text_encoder")
-    states = text_states(module, params, tiny["input_ids"], tiny["placeholder_pos"], tiny["audio_token"])
-    return module, params, np.asarray(states)
+    fn = jax.jit(functools.partial(text_states, module))
+    states = fn(params, tiny["input_ids"], tiny["placeholder_pos"], tiny["audio_token"])
+    return module, params, np.asarray(states), fn
 
 
-def _extended_flax_reference(tiny, b):
-    """transformers FlaxCLIPTextModel with one extra vocabulary row = audio_token[b]."""
+def _extended_flax_reference(tiny):
+    """transformers FlaxCLIPTextModel with one extra vocabulary row = audio_token[b]; fn(b) → outputs."""
     cfg = CLIPTextConfig.from_dict({**tiny["config"].to_dict(), "vocab_size": tiny["vocab_size"] + 1})
-    params = jax.tree_util.tree_map(lambda x: x, tiny["model"].params)
-    table = params["text_model"]["embeddings"]["token_embedding"]["embedding"]
-    params["text_model"]["embeddings"]["token_embedding"]["embedding"] = jnp.concatenate(
-        [table, jnp.asarray(tiny["audio_token"][b])[None]], axis=0)
     model = FlaxCLIPTextModel(cfg, _do_init=False)
-    return model(tiny["input_ids"][b:b + 1], params=params)
+    table = tiny["params"]["text_model"]["embeddings"]["token_embedding"]["embedding"]
+
+    @jax.jit
+    def run(input_ids, audio_token):
+        params = jax.tree_util.tree_map(lambda x: x, tiny["params"])
+        params["text_model"]["embeddings"]["token_embedding"]["embedding"] = jnp.concatenate(
+            [table, audio_token[None]], axis=0)
+        return model(input_ids, params=params)
+
+    return lambda b: run(tiny["input_ids"][b:b + 1], tiny["audio_token"][b])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -122,9 +133,9 @@ def test_placeholder_count_errors(tiny, prompt, count):
 
 
 def test_label_targets(tiny, ours):
-    _, params, _ = ours
+    _, params, _, _ = ours
     tok = tiny["tokenizer"]
-    table = np.asarray(tiny["model"].params["text_model"]["embeddings"]["token_embedding"]["embedding"])
+    table = np.asarray(tiny["params"]["text_model"]["embeddings"]["token_embedding"]["embedding"])
     got = np.asarray(label_targets(tok, params, LABELS))
     assert got.shape == (18, HIDDEN) and got.dtype == np.float32
     for label, row in zip(LABELS, got):
@@ -137,17 +148,18 @@ def test_label_targets(tiny, ours):
 # ---------------------------------------------------------------------------------------------
 
 def test_text_states_match_flax_extended_vocab(tiny, ours):
-    module, params, states = ours
+    module, params, states, fn = ours
     assert states.shape == (3, 77, HIDDEN)
     pooled = np.asarray(pooled_output(module, states, tiny["input_ids"], tiny["placeholder_pos"]))
+    reference = _extended_flax_reference(tiny)
     for b in range(len(PROMPTS)):
-        ref = _extended_flax_reference(tiny, b)
+        ref = reference(b)
         np.testing.assert_allclose(states[b], ref.last_hidden_state[0], atol=1e-5, rtol=1e-5)
         np.testing.assert_allclose(pooled[b], ref.pooler_output[0], atol=1e-5, rtol=1e-5)
     # The audio token matters, and only from its position on (causal attention). (A constant shift of
     # the token would be invisible: every read of the residual stream goes through a LayerNorm.)
     shifted = tiny["audio_token"] + np.linspace(-1.0, 1.0, HIDDEN, dtype=np.float32)
-    other = text_states(module, params, tiny["input_ids"], tiny["placeholder_pos"], shifted)
+    other = fn(params, tiny["input_ids"], tiny["placeholder_pos"], shifted)
     p = tiny["placeholder_pos"]
     for b in range(len(PROMPTS)):
         np.testing.assert_array_equal(np.asarray(other)[b, :p[b]], states[b, :p[b]])
@@ -157,7 +169,7 @@ def test_text_states_match_flax_extended_vocab(tiny, ours):
 def test_eos_pooling_ignores_placeholder(tiny, ours):
     """With a legacy config (eos_token_id == 2, pool at argmax(ids)) the placeholder id is the largest id;
     pooling must still pick the EOS position."""
-    module, _, states = ours
+    module, _, states, _ = ours
     ids, pos = tiny["input_ids"], tiny["placeholder_pos"]
     first_eos = np.argmax(ids == tiny["vocab_size"] - 1, axis=1)
     np.testing.assert_array_equal(first_eos, [12, 4, 6])
@@ -168,11 +180,9 @@ def test_eos_pooling_ignores_placeholder(tiny, ours):
     np.testing.assert_array_equal(pooled_output(module, states, ids, pos), states[np.arange(3), first_eos])
 
 
-def test_jit_and_grad(tiny, ours):
-    module, params, states = ours
+def test_grad_reaches_audio_token(tiny, ours):
+    _, params, _, fn = ours
     ids, pos = tiny["input_ids"], tiny["placeholder_pos"]
-    fn = jax.jit(functools.partial(text_states, module))
-    np.testing.assert_allclose(fn(params, ids, pos, tiny["audio_token"]), states, atol=1e-5)
     grad = jax.grad(lambda a: jnp.sum(fn(params, ids, pos, a) ** 2))(jnp.asarray(tiny["audio_token"]))
     assert np.isfinite(np.asarray(grad)).all() and np.abs(np.asarray(grad)).min() > 0
 
@@ -192,16 +202,25 @@ def _pt_state_dict(flax_params):
     return out
 
 
+def _assert_params_equal(got, want):
+    got, want = traverse_util.flatten_dict(got), traverse_util.flatten_dict(want)
+    assert set(got) == set(want)
+    for k in want:
+        np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(want[k]), err_msg=str(k))
+
+
 def test_load_pytorch_safetensors_without_torch(tiny, ours, tmp_path, monkeypatch):
-    _, _, states = ours
+    _, _, states, fn = ours
     folder = tmp_path / "pt_text_encoder"
     folder.mkdir()
     tiny["config"].save_pretrained(folder)
-    save_file(_pt_state_dict(tiny["model"].params), str(folder / "model.safetensors"), metadata={"format": "pt"})
+    save_file(_pt_state_dict(tiny["params"]), str(folder / "model.safetensors"), metadata={"format": "pt"})
     monkeypatch.setitem(sys.modules, "torch", None)  # any `import torch` on this path would fail
     module, params = load_text_encoder(folder)
-    got = text_states(module, params, tiny["input_ids"], tiny["placeholder_pos"], tiny["audio_token"])
-    np.testing.assert_allclose(got, states, atol=1e-6)
+    assert module.config.vocab_size == tiny["vocab_size"]
+    _assert_params_equal(params, tiny["params"])
+    np.testing.assert_allclose(fn(params, tiny["input_ids"], tiny["placeholder_pos"], tiny["audio_token"]),
+                               states, atol=1e-6)
 
 
 def test_sd14_config_resolves_with_eval_shape():
@@ -220,10 +239,10 @@ def test_text_states_match_pytorch(tiny, ours, tmp_path):
     torch = torch_or_skip()
     from transformers import CLIPTextModel
 
-    module, params, states = ours
+    module, params, states, fn = ours
     # (transformers 4.57's from_flax=True leaves meta tensors, so load our PT-named state dict strictly.)
     pt = CLIPTextModel(tiny["config"]).eval()
-    pt.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in _pt_state_dict(tiny["model"].params).items()},
+    pt.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in _pt_state_dict(tiny["params"]).items()},
                        strict=True)
     pt.save_pretrained(tmp_path / "pt", safe_serialization=True)
     n = tiny["vocab_size"]
@@ -236,6 +255,5 @@ def test_text_states_match_pytorch(tiny, ours, tmp_path):
         pooled = pooled_output(module, states, tiny["input_ids"], tiny["placeholder_pos"])[b]
         np.testing.assert_allclose(pooled, ref.pooler_output[0].numpy(), atol=1e-5, rtol=1e-5)
     # transformers' own PyTorch safetensors export loads through our loader.
-    module2, params2 = load_text_encoder(tmp_path / "pt")
-    got = text_states(module2, params2, tiny["input_ids"], tiny["placeholder_pos"], tiny["audio_token"])
-    np.testing.assert_allclose(got, states, atol=1e-6)
+    _, params2 = load_text_encoder(tmp_path / "pt")
+    _assert_params_equal(params2, tiny["params"])

@@ -27,6 +27,7 @@ from typing import Any, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 from flax.core import unfreeze
 from transformers import CLIPTextConfig, CLIPTokenizer
 from transformers.models.clip.modeling_flax_clip import FlaxCLIPTextModel, FlaxCLIPTextModule
@@ -106,23 +107,49 @@ def init_text_params(module: FlaxCLIPTextModule, rng: jax.Array) -> dict[str, An
     return module.init(rng, ids, jnp.ones_like(ids), pos)["params"]
 
 
-def load_text_encoder(path: str | os.PathLike, dtype=jnp.float32) -> tuple[FlaxCLIPTextModule, dict[str, Any]]:
-    """HF CLIP text folder → (module, params).
+def params_from_pt_safetensors(file: str | os.PathLike, module: FlaxCLIPTextModule) -> dict[str, Any]:
+    """PyTorch ``CLIPTextModel`` safetensors (``text_model.…weight`` names) → Flax params, float32, no torch.
 
-    ``flax_model.msgpack`` is read natively; otherwise ``model.safetensors`` (PyTorch key names; no torch
-    needed) or ``pytorch_model.bin`` (needs torch) is converted by transformers.
+    Mapping (checked leaf by leaf against the module's shapes): Dense ``kernel`` = ``weight``ᵀ,
+    LayerNorm ``scale`` = ``weight``, Embed ``embedding`` = ``weight``, ``bias`` = ``bias``.
+    """
+    from safetensors import safe_open
+
+    shapes = jax.eval_shape(lambda k: init_text_params(module, k), jax.random.PRNGKey(0))
+    flat = {}
+    with safe_open(str(file), framework="flax") as f:
+        names = set(f.keys())
+        for path, shape in traverse_util.flatten_dict(shapes).items():
+            leaf = path[-1]
+            name = ".".join(path[:-1]) + ("." + leaf if leaf == "bias" else ".weight")
+            if name not in names:
+                raise KeyError(f"{file}: missing {name} (needed for Flax {'/'.join(path)})")
+            value = jnp.asarray(f.get_tensor(name), jnp.float32)
+            value = value.T if leaf == "kernel" else value
+            if value.shape != shape.shape:
+                raise ValueError(f"{file}: {name} has shape {value.shape}, expected {shape.shape}")
+            flat[path] = value
+    return traverse_util.unflatten_dict(flat)
+
+
+def load_text_encoder(path: str | os.PathLike, dtype=jnp.float32) -> tuple[FlaxCLIPTextModule, dict[str, Any]]:
+    """HF CLIP text folder → (module, params float32).
+
+    ``flax_model.msgpack`` is read by transformers; else ``model.safetensors`` (PyTorch names) is converted
+    here without torch; else ``pytorch_model.bin`` is converted by transformers (needs torch).
     """
     path = str(path)
-    from_pt = not os.path.exists(os.path.join(path, "flax_model.msgpack"))
-    if from_pt and not any(os.path.exists(os.path.join(path, f)) for f in ("model.safetensors", "pytorch_model.bin")):
-        raise FileNotFoundError(f"{path}: no flax_model.msgpack, model.safetensors or pytorch_model.bin")
-    if from_pt:  # transformers 4.57's PT→Flax conversion reads model.params, so it needs _do_init=True
-        model = FlaxCLIPTextModel.from_pretrained(path, from_pt=True, dtype=dtype)
-        params = model.params
+    module = text_encoder_module(path, dtype)
+    if os.path.exists(os.path.join(path, "flax_model.msgpack")):
+        _, params = FlaxCLIPTextModel.from_pretrained(path, _do_init=False, dtype=dtype)
+    elif os.path.exists(os.path.join(path, "model.safetensors")):
+        params = params_from_pt_safetensors(os.path.join(path, "model.safetensors"), module)
+    elif os.path.exists(os.path.join(path, "pytorch_model.bin")):
+        # transformers 4.57's PT→Flax conversion reads model.params, so it needs _do_init=True.
+        params = FlaxCLIPTextModel.from_pretrained(path, from_pt=True, dtype=dtype).params
     else:
-        model, params = FlaxCLIPTextModel.from_pretrained(path, _do_init=False, dtype=dtype)
-    params = jax.tree_util.tree_map(jnp.asarray, unfreeze(params))
-    return text_encoder_module(model.config, dtype), params
+        raise FileNotFoundError(f"{path}: no flax_model.msgpack, model.safetensors or pytorch_model.bin")
+    return module, jax.tree_util.tree_map(jnp.asarray, unfreeze(params))
 
 
 # ----------------------------------------------------------------------------------------------
