@@ -111,7 +111,10 @@ def normalize(pixels: jax.Array, pp: ClipPreprocess) -> jax.Array:
 def pixel_values(images: Sequence[np.ndarray] | np.ndarray, pp: ClipPreprocess) -> np.ndarray:
     """Full preprocessing, NHWC float32: what ``CLIPImageProcessor`` returns, transposed to NHWC."""
     cropped = np.stack([resize_and_crop(im, pp) for im in images])
-    return np.asarray(jax.jit(normalize, static_argnums=1)(cropped, pp))
+    return np.asarray(_normalize_jit(cropped, pp))
+
+
+_normalize_jit = jax.jit(normalize, static_argnums=1)
 
 
 class ClipImageFeatures(nn.Module):
