@@ -26,9 +26,11 @@ from mtok_jax.models.text import (
     label_targets,
     load_text_encoder,
     load_tokenizer,
+    plain_text_states,
     pooled_output,
     text_encoder_module,
     text_states,
+    tokenize_plain,
     tokenize_prompts,
 )
 
@@ -164,6 +166,20 @@ def test_text_states_match_flax_extended_vocab(tiny, ours):
     for b in range(len(PROMPTS)):
         np.testing.assert_array_equal(np.asarray(other)[b, :p[b]], states[b, :p[b]])
         assert np.abs(np.asarray(other)[b, p[b]:] - states[b, p[b]:]).max(axis=-1).min() > 1e-3
+
+
+def test_plain_text_states(tiny, ours):
+    """No placeholder: equals transformers' model; and injecting a token's own row changes nothing."""
+    module, params, states, fn = ours
+    ids = tokenize_plain(tiny["tokenizer"], ["", "an art image of heavy metal"])
+    np.testing.assert_array_equal(ids[0, :2], [tiny["vocab_size"] - 2, tiny["vocab_size"] - 1])
+    got = np.asarray(jax.jit(functools.partial(plain_text_states, module))(params, ids))
+    ref = FlaxCLIPTextModel(tiny["config"], _do_init=False)(ids, params=tiny["params"]).last_hidden_state
+    np.testing.assert_allclose(got, ref, atol=1e-5, rtol=1e-5)
+    table = np.asarray(tiny["params"]["text_model"]["embeddings"]["token_embedding"]["embedding"])
+    pos = np.array([1, 5], np.int32)  # the first EOS of "" / "heavy"
+    injected = fn(params, ids, pos, table[ids[np.arange(2), pos]])
+    np.testing.assert_allclose(injected, got, atol=1e-5)
 
 
 def test_eos_pooling_ignores_placeholder(tiny, ours):

@@ -61,6 +61,13 @@ def load_tokenizer(path: str | os.PathLike, placeholder: str = PLACEHOLDER) -> C
     return tokenizer
 
 
+def tokenize_plain(tokenizer: CLIPTokenizer, prompts: Sequence[str], max_length: int = MAX_LENGTH) -> np.ndarray:
+    """Prompts without a placeholder (e.g. the empty CFG negative prompt) → input_ids int32 [B, 77]."""
+    enc = tokenizer(list(prompts), padding="max_length", max_length=max_length, truncation=True,
+                    return_tensors="np")
+    return enc["input_ids"].astype(np.int32)
+
+
 def tokenize_prompts(tokenizer: CLIPTokenizer, prompts: Sequence[str], placeholder: str = PLACEHOLDER,
                      max_length: int = MAX_LENGTH) -> tuple[np.ndarray, np.ndarray]:
     """Prompts with exactly one ``placeholder`` → (input_ids int32 [B, 77], placeholder_pos int32 [B]).
@@ -68,11 +75,10 @@ def tokenize_prompts(tokenizer: CLIPTokenizer, prompts: Sequence[str], placehold
     Padded to ``max_length`` with the tokenizer's pad token (EOS for SD-1.x), truncated beyond it.
     """
     prompts = list(prompts)
-    pid = tokenizer.convert_tokens_to_ids(placeholder)
     if placeholder not in tokenizer.get_vocab():
         raise ValueError(f"tokenizer has no {placeholder!r} token: load it with load_tokenizer()")
-    enc = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="np")
-    input_ids = enc["input_ids"].astype(np.int32)
+    pid = tokenizer.convert_tokens_to_ids(placeholder)
+    input_ids = tokenize_plain(tokenizer, prompts, max_length)
     counts = (input_ids == pid).sum(axis=1)
     for prompt, count in zip(prompts, counts):
         if count != 1:
@@ -179,6 +185,13 @@ def text_states(module: FlaxCLIPTextModule, params: Mapping[str, Any], input_ids
     ``placeholder_pos`` [B] replaced by ``audio_token`` [B, D] before position embeddings are added."""
     return module.apply({"params": params}, jnp.asarray(input_ids), jnp.asarray(placeholder_pos),
                         jnp.asarray(audio_token), deterministic, method=_injected_forward)
+
+
+def plain_text_states(module: FlaxCLIPTextModule, params: Mapping[str, Any], input_ids: jax.Array) -> jax.Array:
+    """CLIP last_hidden_state [B, L, D] of ordinary prompts (no audio token), e.g. the CFG negative prompt."""
+    input_ids = jnp.asarray(input_ids, jnp.int32)
+    positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1], dtype=jnp.int32), input_ids.shape)
+    return module.apply({"params": params}, input_ids, jnp.ones_like(input_ids), positions)[0]
 
 
 def eos_positions(config: CLIPTextConfig, input_ids: jax.Array, placeholder_pos: jax.Array) -> jax.Array:
