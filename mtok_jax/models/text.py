@@ -10,6 +10,11 @@ unchanged and there is no second implementation to keep in sync. Nothing here re
 49k-row token table: the audio token enters by a ``where`` on the looked-up rows, so gradients flow
 only into the audio token.
 
+Loading: ``flax_model.msgpack`` through transformers; a PyTorch ``model.safetensors`` is converted here
+(:func:`params_from_pt_safetensors`, no torch, no random init — transformers 4.57's ``from_pt`` path needs
+an eager random init of the whole model first, and its ``from_flax`` path leaves meta tensors).
+Prompts without a placeholder (the CFG negative prompt): :func:`tokenize_plain` + :func:`plain_text_states`.
+
 Params for this module are ``{'text_model': ...}`` (exactly ``FlaxCLIPTextModel.params``).
 ``text_states`` / ``pooled_output`` are pure functions of (module, params, arrays); jit them with
 ``functools.partial(text_states, module)`` (the module holds a non-hashable transformers config).
