@@ -1,0 +1,406 @@
+"""Evaluation command: AIS / IIS / FID and per-label GIILS on generated test images (thesis Tables 5.1–5.4).
+
+  python -m metrics.evaluate --config configs/exp1.py --workdir runs/exp1 [--checkpoint best]
+      [--num_images 335] [--per_label 10] [--out DIR] [--config.metrics.clip_path=...]
+  python -m metrics.evaluate --images DIR [--config CONFIG] [--out DIR] [--per_label 10]
+      [--clip_path P --inception_path P --wav2clip_path P] [--clip_seconds 30]
+
+Generation mode samples one image per selected test-split audio (labels interleaved, so every label
+gets ≥ per_label images when num_images ≥ 18·per_label), writes them with their audio clip, ground-truth
+image and seed into ``OUT/images/`` (the ``--images`` layout below) and scores that folder.
+
+``--images DIR`` layout: ``DIR/manifest.jsonl``, one JSON object per generated image:
+  {"image": "generated/0000.png", "audio": "audio/0000.flac", "ground_truth": "ground_truth/0000.png",
+   "label": 3, "label_name": "Heavy metal", "seed": 17, ...}
+Paths are relative to DIR (or absolute); ``audio`` is decoded mono, resampled to 16 kHz and cut/padded to
+``clip_seconds``; ``ground_truth`` is optional (without it IIS and FID are skipped). Extra keys are kept.
+
+Outputs in OUT (default ``<workdir>/eval`` or ``DIR/eval``): ``report.json`` (all numbers, default and
+thesis-script "faithful" variants, the thesis's figures, timings), ``report.md`` (Tables 5.1/5.3 and
+5.2/5.4 in the thesis's form, ours beside the thesis's), ``grids/<label>.png`` (4 generated images per
+label, as Figures 5.2–5.33) and ``embeddings.npz`` (every embedding, to recompute without the models).
+
+Metrics (DESIGN §2.8): AIS = Wav2CLIP(audio) vs CLIP(generated); IIS = CLIP(ground truth) vs
+CLIP(generated); GIILS per label over the first ``per_label`` images of each label within the pool of all
+generated images; FID = Inception pool3 of generated vs ground-truth images. Wav2CLIP normalises each clip
+on its own (``normalization="item"``), as the thesis embedded one file at a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import re
+import sys
+import time
+from typing import Any, Mapping, Sequence
+
+import mtok_jax  # noqa: F401  (USE_TF=0 before transformers loads)
+
+import numpy as np
+
+MANIFEST = "manifest.jsonl"
+AUDIO_BATCH, CLIP_BATCH, INCEPTION_BATCH = 8, 64, 50  # embedding batch sizes (one compile each)
+
+# Published figures (thesis Tables 5.1–5.4; 335 generated test images, 10 per label for GIILS).
+THESIS = {
+    "exp1": {"name": "Music-image conditional model 1", "ais": 50.15, "iis": 49.62, "fid": 179.16, "giils": {
+        "Renaissance symbolism": 58.70, "Baroque Classical symbolism": 57.91, "Electronic music": 56.12,
+        "Renaissance secular subject": 54.77, "20th century abstractionism": 54.38, "Romanticism open view": 54.29,
+        "Heavy metal": 53.90, "African traditional folklore": 53.75, "20th century experimental open view": 53.49,
+        "20th century traditional open view": 53.41, "20th century experimental figure": 53.31,
+        "Asian traditional folklore": 52.92, "Romanticism figure": 52.44, "American traditional folklore": 52.35,
+        "European traditional folklore": 52.21, "Modern instrumental music": 51.87,
+        "Baroque Classical secular subject": 51.56, "20th century traditional figure": 51.31}},
+    "exp2": {"name": "Music-image conditional model 2", "ais": 49.91, "iis": 50.03, "fid": 191.73, "giils": {
+        "Renaissance symbolism": 58.28, "Baroque Classical symbolism": 57.16, "Renaissance secular subject": 54.85,
+        "Electronic music": 53.83, "Heavy metal": 53.80, "Romanticism figure": 53.72,
+        "20th century abstractionism": 53.48, "20th century experimental open view": 53.32,
+        "20th century experimental figure": 53.12, "American traditional folklore": 52.86,
+        "African traditional folklore": 52.75, "European traditional folklore": 52.00,
+        "Romanticism open view": 51.97, "20th century traditional figure": 51.76,
+        "Asian traditional folklore": 51.44, "Modern instrumental music": 51.35,
+        "Baroque Classical secular subject": 51.29, "20th century traditional open view": 50.96}},
+}
+
+
+# ------------------------------------------------------------------------------------------ models
+@dataclasses.dataclass
+class MetricModels:
+    """The three embedding models, loaded from their on-disk folders."""
+
+    clip: Any  # metrics.clip_image.ClipImageModel
+    inception: tuple[Any, Any]  # (module, params)
+    wav2clip: tuple[Any, Any, dict]  # (module, variables, config)
+    paths: dict[str, str]
+
+    @classmethod
+    def load(cls, clip_path, inception_path, wav2clip_path) -> "MetricModels":
+        from metrics.clip_image import load_clip_image
+        from metrics.inception import load_inception
+        from metrics.wav2clip import load_wav2clip
+
+        clip = load_clip_image(clip_path)
+        w2c = load_wav2clip(wav2clip_path)
+        audio_dim = int(w2c[2]["mlp_units"][-1])
+        if audio_dim != clip.dim:
+            raise ValueError(f"Wav2CLIP embeds into {audio_dim} dimensions but the CLIP image features at {clip_path} "
+                             f"have {clip.dim}: AIS compares the two, they must match")
+        return cls(clip, load_inception(inception_path), w2c,
+                   {"clip": os.fspath(clip_path), "inception": os.fspath(inception_path),
+                    "wav2clip": os.fspath(wav2clip_path)})
+
+
+def embed_audio_batched(models: MetricModels, waveforms: np.ndarray, batch_size: int = 8) -> np.ndarray:
+    """float32 [M, N] 16 kHz clips → Wav2CLIP [M, d], per-clip normalisation, fixed-size jitted batches."""
+    from metrics.wav2clip import embed_audio
+
+    model, variables, config = models.wav2clip
+    m = waveforms.shape[0]
+    bs = max(1, min(batch_size, m))
+    out = []
+    for start in range(0, m, bs):
+        chunk = waveforms[start:start + bs]
+        if chunk.shape[0] < bs:  # zero clips normalise to zeros (no NaN) and are dropped
+            chunk = np.concatenate([chunk, np.zeros((bs - chunk.shape[0], chunk.shape[1]), chunk.dtype)])
+        e = embed_audio(model, variables, chunk, normalization="item", config=config)
+        out.append(np.asarray(e)[: m - start])
+    return np.concatenate(out)
+
+
+def embed_all(models: MetricModels, generated: np.ndarray, ground_truth: np.ndarray | None,
+              waveforms: np.ndarray) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """All embeddings + throughput. generated / ground_truth uint8 [M, H, W, 3]; waveforms float32 [M, N]."""
+    from metrics.clip_image import embed_images
+    from metrics.inception import pool3_features
+
+    emb, timing = {}, {}
+
+    def timed(name, batch, fn, x):
+        """Embed x with fn; when x spans several batches, one batch runs first so the timing excludes
+        compilation (a single batch is timed with its compile, flagged in ``compile_included``)."""
+        if len(x) > batch:
+            fn(x[:batch])
+        else:
+            timing.setdefault("compile_included", []).append(name)
+        t = time.perf_counter()
+        emb[name] = np.asarray(fn(x), np.float32)
+        dt = time.perf_counter() - t
+        timing[f"{name}_seconds"] = dt
+        timing[f"{name}_per_second"] = len(x) / dt if dt > 0 else math.inf
+
+    inc_model, inc_params = models.inception
+    timed("audio_wav2clip", AUDIO_BATCH, lambda w: embed_audio_batched(models, w, AUDIO_BATCH), waveforms)
+    sets = [("generated", generated)] + ([("ground_truth", ground_truth)] if ground_truth is not None else [])
+    for name, images in sets:
+        timed(f"{name}_clip", CLIP_BATCH, lambda x: embed_images(models.clip, x, CLIP_BATCH), images)
+        timed(f"{name}_inception", INCEPTION_BATCH,
+              lambda x: pool3_features(inc_model, inc_params, x, INCEPTION_BATCH), images)
+    return emb, timing
+
+
+# ------------------------------------------------------------------------------------------ metrics
+def giils_groups(labels: Sequence[int], per_label: int) -> np.ndarray:
+    """The first ``per_label`` images of each label (manifest order) form its GIILS group; others → −1."""
+    labels = np.asarray(labels, np.int64)
+    groups = np.full_like(labels, -1)
+    for lab in np.unique(labels):
+        idx = np.flatnonzero(labels == lab)[:per_label]
+        groups[idx] = lab
+    return groups
+
+
+def compute_metrics(emb: Mapping[str, np.ndarray], labels: Sequence[int], label_names: Mapping[int, str],
+                    per_label: int) -> dict[str, Any]:
+    """AIS / IIS / FID / GIILS (default and faithful) from the embeddings of :func:`embed_all`."""
+    from metrics import ais, fid, giils, iis
+
+    out: dict[str, Any] = {}
+
+    def sim(s):
+        return {"score": float(s.score), "mean": float(s.mean)}
+
+    gen = emb["generated_clip"]
+    out["ais"] = sim(ais(emb["audio_wav2clip"], gen))
+    out["ais_faithful"] = sim(ais(emb["audio_wav2clip"], gen, faithful=True))
+    if "ground_truth_clip" in emb:
+        out["iis"] = sim(iis(gen, emb["ground_truth_clip"]))
+        out["iis_faithful"] = sim(iis(gen, emb["ground_truth_clip"], faithful=True))
+        out["fid"] = fid(emb["generated_inception"], emb["ground_truth_inception"])
+    groups = giils_groups(labels, per_label)
+    counts = {int(k): int(np.sum(groups == k)) for k in np.unique(groups) if k >= 0}
+    for key, faithful in (("giils", False), ("giils_faithful", True)):
+        out[key] = [{"label": label_names.get(k, str(k)), "label_id": k, "n": counts[k], **sim(v)}
+                    for k, v in giils(gen, groups, faithful=faithful).items()]
+    return out
+
+
+# ------------------------------------------------------------------------------------------ report
+def _norm(name: str) -> str:
+    return re.sub(r"\s+", " ", name).strip().lower()
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_") or "label"
+
+
+def _fmt(x) -> str:
+    return "–" if x is None else (f"{x:.2f}" if isinstance(x, (int, float)) and math.isfinite(x) else str(x))
+
+
+def write_grids(out_dir: str, generated: np.ndarray, labels: Sequence[int], label_names: Mapping[int, str],
+                n: int = 4) -> dict[str, str]:
+    """One 2×2 grid of the first ``n`` generated images per label → {label name: relative path}."""
+    from PIL import Image
+
+    os.makedirs(os.path.join(out_dir, "grids"), exist_ok=True)
+    labels = np.asarray(labels)
+    paths = {}
+    for lab in sorted(set(labels.tolist())):
+        imgs = generated[np.flatnonzero(labels == lab)[:n]]
+        h, w = imgs.shape[1:3]
+        cols = min(2, len(imgs))
+        rows = math.ceil(len(imgs) / cols)
+        canvas = np.full((rows * h, cols * w, 3), 255, np.uint8)
+        for i, im in enumerate(imgs):
+            r, c = divmod(i, cols)
+            canvas[r * h:(r + 1) * h, c * w:(c + 1) * w] = im
+        name = label_names.get(int(lab), str(lab))
+        rel = os.path.join("grids", f"{_slug(name)}.png")
+        Image.fromarray(canvas).save(os.path.join(out_dir, rel))
+        paths[name] = rel
+    return paths
+
+
+def render_markdown(report: Mapping[str, Any]) -> str:
+    m = report["metrics"]
+    method = report.get("method", "This run")
+    lines = [f"# Evaluation: {method}", "",
+             f"{report['num_images']} generated images; AIS/IIS against the paired test audios / ground-truth "
+             f"images, FID against the ground-truth images, GIILS over {report['per_label']} images per label "
+             f"within the pool of all {report['num_images']}. Checkpoint: `{report.get('checkpoint', '–')}`.", "",
+             "## AIS, IIS and FID (Tables 5.1 / 5.3)", "",
+             "| METHOD | AIS ↑ | IIS ↑ | FID ↓ |", "|---|---|---|---|",
+             f"| {method} | {_fmt(m['ais']['score'])} | {_fmt(m.get('iis', {}).get('score'))} | {_fmt(m.get('fid'))} |",
+             f"| {method}, thesis-script variants | {_fmt(m['ais_faithful']['score'])} | "
+             f"{_fmt(m.get('iis_faithful', {}).get('score'))} | {_fmt(m.get('fid'))} |"]
+    for t in THESIS.values():
+        lines.append(f"| {t['name']} (thesis) | {_fmt(t['ais'])} | {_fmt(t['iis'])} | {_fmt(t['fid'])} |")
+    lines += ["", "## GIILS per label (Tables 5.2 / 5.4), ordered", "",
+              "| MUSIC INPUTS LABEL | GIILS ↑ | thesis-script variant | n | thesis model 1 | thesis model 2 | grid |",
+              "|---|---|---|---|---|---|---|"]
+    faithful = {g["label_id"]: g for g in m["giils_faithful"]}
+    t1 = {_norm(k): v for k, v in THESIS["exp1"]["giils"].items()}
+    t2 = {_norm(k): v for k, v in THESIS["exp2"]["giils"].items()}
+    grids = report.get("grids", {})
+    for g in m["giils"]:
+        grid = f"![]({grids[g['label']]})" if g["label"] in grids else ""
+        lines.append(f"| {g['label']} | {_fmt(g['score'])} | {_fmt(faithful[g['label_id']]['score'])} | {g['n']} | "
+                     f"{_fmt(t1.get(_norm(g['label'])))} | {_fmt(t2.get(_norm(g['label'])))} | {grid} |")
+    lines += ["", "Scores are 100·(1 − arccos(m)/π) of the baseline-subtracted mean cosine m (50 = chance). "
+              "Default: DESIGN §2.8 exact means; thesis-script variants: IIS baseline over all M ground truths "
+              "divided by M − 1, exclusions by embedding equality (notes/audiotoken.md §2.6).", ""]
+    if report.get("timings"):
+        lines += ["## Embedding throughput", "", "| embedding | items/s |", "|---|---|"]
+        lines += [f"| {k[:-len('_per_second')]} | {v:.2f} |" for k, v in report["timings"].items()
+                  if k.endswith("_per_second")]
+        if report["timings"].get("compile_included"):
+            lines.append(f"\n(single batch, compile time included: {', '.join(report['timings']['compile_included'])})")
+        lines.append("")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------ --images mode
+def read_manifest(images_dir: str) -> list[dict[str, Any]]:
+    """``DIR/manifest.jsonl`` → list of rows with absolute ``image`` / ``audio`` / ``ground_truth`` paths."""
+    path = os.path.join(images_dir, MANIFEST)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found (see `python -m metrics.evaluate --help` for the layout)")
+    rows = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            for key in ("image", "audio", "label"):
+                if key not in row:
+                    raise ValueError(f"{path}:{n}: missing {key!r}")
+            for key in ("image", "audio", "ground_truth"):
+                if row.get(key):
+                    row[key] = os.path.join(images_dir, row[key])
+            rows.append(row)
+    if len(rows) < 3:
+        raise ValueError(f"{path}: needs at least 3 images, found {len(rows)}")
+    return rows
+
+
+def _load_rgb(path: str) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"), np.uint8)
+
+
+def _stack(images: list[np.ndarray], what: str) -> np.ndarray:
+    shapes = {im.shape for im in images}
+    if len(shapes) != 1:
+        raise ValueError(f"{what} images must all have the same size, found {sorted(shapes)}")
+    return np.stack(images)
+
+
+def _label_table(rows: Sequence[Mapping[str, Any]]) -> tuple[list[int], dict[int, str]]:
+    """Manifest labels (ints or names) → int ids + {id: name}."""
+    names: dict[int, str] = {}
+    ids: list[int] = []
+    by_name: dict[str, int] = {}
+    for r in rows:
+        lab = r["label"]
+        if isinstance(lab, str) and not lab.lstrip("-").isdigit():
+            lab_id = by_name.setdefault(lab, len(by_name))
+            names[lab_id] = lab
+        else:
+            lab_id = int(lab)
+            names.setdefault(lab_id, str(r.get("label_name", lab_id)))
+        ids.append(lab_id)
+    return ids, names
+
+
+def score_images(images_dir: str, models: MetricModels, out_dir: str, *, per_label: int = 10,
+                 clip_seconds: float = 30.0, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Score a manifest folder; writes report.json / report.md / grids / embeddings.npz into out_dir."""
+    from mtok_jax.audio.io import load_audio
+
+    rows = read_manifest(images_dir)
+    generated = _stack([_load_rgb(r["image"]) for r in rows], "generated")
+    has_gt = all(r.get("ground_truth") for r in rows)
+    ground_truth = _stack([_load_rgb(r["ground_truth"]) for r in rows], "ground-truth") if has_gt else None
+    waveforms = np.stack([load_audio(r["audio"], 16000, clip_seconds, min_seconds=0.0, skip_silent=False)
+                          for r in rows])
+    labels, names = _label_table(rows)
+    t = time.perf_counter()
+    emb, timings = embed_all(models, generated, ground_truth, waveforms)
+    timings["embed_total_seconds"] = time.perf_counter() - t
+    t = time.perf_counter()
+    metrics = compute_metrics(emb, labels, names, per_label)
+    timings["metrics_seconds"] = time.perf_counter() - t
+    os.makedirs(out_dir, exist_ok=True)
+    np.savez(os.path.join(out_dir, "embeddings.npz"), labels=np.asarray(labels), **emb)
+    report = {"method": "This run", **(extra or {}), "images_dir": os.fspath(images_dir),
+              "num_images": len(rows), "per_label": per_label, "clip_seconds": clip_seconds,
+              "metrics": metrics, "models": models.paths, "timings": timings, "thesis": THESIS,
+              "seeds": [r.get("seed") for r in rows],
+              "grids": write_grids(out_dir, generated, labels, names)}
+    with open(os.path.join(out_dir, "report.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    with open(os.path.join(out_dir, "report.md"), "w") as f:
+        f.write(render_markdown(report))
+    return report
+
+
+# ------------------------------------------------------------------------------------------ CLI
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m metrics.evaluate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="experiment config file (configs/*.py); --config.a.b=value overrides")
+    p.add_argument("--workdir", help="training workdir holding the checkpoints (generation mode)")
+    p.add_argument("--checkpoint", default="best", help="best | latest | a step (generation mode)")
+    p.add_argument("--images", help="score an existing manifest folder instead of generating")
+    p.add_argument("--num_images", type=int, help="generated test images (default config.metrics.num_images)")
+    p.add_argument("--per_label", type=int, help="GIILS images per label (default config.metrics.per_label)")
+    p.add_argument("--out", help="output folder (default <workdir>/eval or <images>/eval)")
+    p.add_argument("--clip_path", help="CLIP folder (default config.metrics.clip_path)")
+    p.add_argument("--inception_path", help="Inception folder (default config.metrics.inception_path)")
+    p.add_argument("--wav2clip_path", help="Wav2CLIP folder (default config.metrics.wav2clip_path)")
+    p.add_argument("--clip_seconds", type=float, help="audio clip length (default config.data.clip_seconds or 30)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    mtok_jax._compat.quiet_third_party_loggers()
+    args, rest = _parser().parse_known_args(argv)
+    bad = [a for a in rest if not a.startswith("--config.")]
+    if bad:
+        _parser().error(f"unrecognized arguments: {' '.join(bad)}")
+    config = None
+    if args.config:
+        from mtok_jax.config_utils import load_config
+
+        config = load_config(args.config, rest)
+    elif rest:
+        _parser().error("--config.* overrides need --config")
+    cm = config.metrics if config is not None else None
+
+    def pick(flag, key, default=None):
+        if flag is not None:
+            return flag
+        if cm is not None and key in cm:
+            return cm[key]
+        if default is None:
+            _parser().error(f"--{key} is needed (or --config with metrics.{key})")
+        return default
+
+    per_label = int(pick(args.per_label, "per_label", 10))
+    clip_seconds = args.clip_seconds or (float(config.data.clip_seconds) if config is not None else 30.0)
+    paths = [pick(args.clip_path, "clip_path"), pick(args.inception_path, "inception_path"),
+             pick(args.wav2clip_path, "wav2clip_path")]
+    if args.images:
+        out = args.out or os.path.join(args.images, "eval")
+        models = MetricModels.load(*paths)
+        report = score_images(args.images, models, out, per_label=per_label, clip_seconds=clip_seconds)
+    else:
+        if config is None or not args.workdir:
+            _parser().error("generation mode needs --config and --workdir (or use --images DIR)")
+        num_images = int(pick(args.num_images, "num_images", 335))
+        out = args.out or os.path.join(args.workdir, "eval")
+        report = evaluate_checkpoint(config, args.workdir, checkpoint=args.checkpoint, num_images=num_images,
+                                     per_label=per_label, out_dir=out, metric_paths=paths)
+    print(render_markdown(report))
+    print(f"\nwrote {os.path.join(out, 'report.md')}", file=sys.stderr)
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,145 @@
+"""metrics.evaluate end to end in --images mode on tiny random metric models in their real formats.
+
+Every number in report.json is recomputed independently: the embeddings from single-item model calls,
+the metrics with the numpy transcriptions of tests/test_metrics_scores.py.
+"""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from test_metrics_scores import np_giils, np_iis_script, np_paired, np_score
+
+LABELS = ["Heavy metal", "Electronic music", "Renaissance symbolism"]
+
+
+@pytest.fixture(scope="module")
+def metric_models(tmp_path_factory):
+    from metrics.inception import save_random_inception
+    from mtok_jax.demo.metric_models import write_tiny_clip
+    from mtok_jax.demo.wav2clip import write_tiny_wav2clip
+
+    root = tmp_path_factory.mktemp("metric_models")
+    paths = {"clip": str(root / "clip"), "inception": str(root / "inception"), "wav2clip": str(root / "wav2clip")}
+    write_tiny_clip(paths["clip"], seed=0)
+    save_random_inception(paths["inception"], seed=0)
+    write_tiny_wav2clip(paths["wav2clip"], seed=0)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def images_dir(tmp_path_factory):
+    import soundfile as sf
+    from PIL import Image
+
+    d = tmp_path_factory.mktemp("gen")
+    for sub in ("generated", "ground_truth", "audio"):
+        (d / sub).mkdir()
+    rng = np.random.default_rng(0)
+    rows = []
+    labels = [0, 1, 2, 0, 1, 2, 0, 1, 0]  # label 0: 4 images, 1: 3, 2: 2
+    for i, lab in enumerate(labels):
+        base = np.array([[200, 40, 40], [40, 200, 40], [40, 40, 200]][lab], np.float32)
+        gen = np.clip(base + rng.normal(0, 40, (24, 24, 3)), 0, 255).astype(np.uint8)
+        gt = np.clip(base + rng.normal(0, 40, (24, 24, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(gen).save(d / "generated" / f"{i:04d}.png")
+        Image.fromarray(gt).save(d / "ground_truth" / f"{i:04d}.png")
+        t = np.arange(8000) / 16000
+        wav = 0.3 * np.sin(2 * np.pi * (220 * (lab + 1)) * t) + 0.05 * rng.standard_normal(8000)
+        sf.write(d / "audio" / f"{i:04d}.flac", wav.astype(np.float32), 16000, subtype="PCM_16")
+        rows.append({"image": f"generated/{i:04d}.png", "ground_truth": f"ground_truth/{i:04d}.png",
+                     "audio": f"audio/{i:04d}.flac", "label": lab, "label_name": LABELS[lab], "seed": 100 + i})
+    with open(d / "manifest.jsonl", "w") as f:
+        f.write("\n".join(json.dumps(r) for r in rows) + "\n")
+    return d
+
+
+@pytest.fixture(scope="module")
+def report(images_dir, metric_models):
+    from metrics.evaluate import main
+
+    out = images_dir / "eval"
+    r = main(["--images", str(images_dir), "--out", str(out), "--per_label", "3", "--clip_seconds", "0.5",
+              "--clip_path", metric_models["clip"], "--inception_path", metric_models["inception"],
+              "--wav2clip_path", metric_models["wav2clip"]])
+    return r, out
+
+
+def test_files_written(report):
+    r, out = report
+    on_disk = json.loads((out / "report.json").read_text())
+    assert on_disk["metrics"] == r["metrics"] and on_disk["num_images"] == 9
+    assert on_disk["seeds"] == list(range(100, 109))
+    md = (out / "report.md").read_text()
+    for needle in ("| METHOD | AIS ↑ | IIS ↑ | FID ↓ |", "50.15", "179.16", "Renaissance symbolism", "58.70"):
+        assert needle in md
+    from PIL import Image
+
+    for name in LABELS:
+        grid = np.asarray(Image.open(out / r["grids"][name]))
+        assert grid.shape == ((48, 48, 3) if name != "Renaissance symbolism" else (24, 48, 3))
+
+
+def test_embeddings_independent(report, images_dir, metric_models):
+    """Batched/jitted embeddings == one-item calls (Wav2CLIP: each clip alone) and transformers' CLIP."""
+    import soundfile as sf
+    from PIL import Image
+    from transformers import CLIPImageProcessor, FlaxCLIPModel
+
+    from metrics.wav2clip import embed_audio, load_wav2clip
+
+    _, out = report
+    emb = np.load(out / "embeddings.npz")
+    model, variables, config = load_wav2clip(metric_models["wav2clip"])
+    for i in (0, 8):
+        wav, sr = sf.read(images_dir / "audio" / f"{i:04d}.flac", dtype="float32")
+        one = np.asarray(embed_audio(model, variables, wav[None], config=config))[0]
+        np.testing.assert_allclose(emb["audio_wav2clip"][i], one, atol=1e-5, rtol=1e-4)
+    clip = FlaxCLIPModel.from_pretrained(metric_models["clip"])
+    proc = CLIPImageProcessor.from_pretrained(metric_models["clip"])
+    imgs = [Image.open(images_dir / "generated" / f"{i:04d}.png") for i in range(9)]
+    ref = np.asarray(clip.get_image_features(proc(images=imgs, return_tensors="np")["pixel_values"]))
+    np.testing.assert_allclose(emb["generated_clip"], ref, atol=1e-4, rtol=1e-4)
+    assert emb["generated_inception"].shape == (9, 2048)
+
+
+def test_metrics_match_numpy(report):
+    r, out = report
+    m = r["metrics"]
+    emb = np.load(out / "embeddings.npz")
+    a, g, x = emb["audio_wav2clip"], emb["generated_clip"], emb["ground_truth_clip"]
+    np.testing.assert_allclose(m["ais"]["mean"], np_paired(a, g), atol=2e-6)
+    np.testing.assert_allclose(m["ais"]["score"], np_score(np_paired(a, g)), atol=2e-4)
+    np.testing.assert_allclose(m["iis"]["mean"], np_paired(x, g), atol=2e-6)
+    np.testing.assert_allclose(m["iis_faithful"]["mean"], np_iis_script(g, x), atol=2e-6)
+    # FID wiring (the Fréchet math itself is checked against numpy/pytorch-fid in test_metrics_scores)
+    from metrics import fid
+
+    assert m["fid"] == pytest.approx(fid(emb["generated_inception"], emb["ground_truth_inception"]), rel=1e-12)
+    assert m["fid"] > 0
+    # GIILS: first 3 images of each label form its group (label 0 has 4: the 4th is pool-only)
+    labels = np.array([0, 1, 2, 0, 1, 2, 0, 1, 0])
+    groups = labels.copy()
+    groups[8] = -1
+    ref = np_giils(g, groups, script=False)
+    got = {row["label_id"]: row for row in m["giils"]}
+    assert {k: v["n"] for k, v in got.items()} == {0: 3, 1: 3, 2: 2}
+    for k, v in ref.items():
+        np.testing.assert_allclose(got[k]["mean"], v, atol=2e-6)
+        assert got[k]["label"] == LABELS[k]
+    scores = [row["score"] for row in m["giils"]]
+    assert scores == sorted(scores, reverse=True)
+
+
+def test_manifest_errors(tmp_path, metric_models):
+    from metrics.evaluate import main, read_manifest
+
+    with pytest.raises(FileNotFoundError):
+        read_manifest(str(tmp_path))
+    (tmp_path / "manifest.jsonl").write_text(json.dumps({"image": "a.png", "label": 0}) + "\n")
+    with pytest.raises(ValueError, match="audio"):
+        read_manifest(str(tmp_path))
+    with pytest.raises(SystemExit):
+        main(["--workdir", str(tmp_path)])  # generation mode without --config
