@@ -17,6 +17,9 @@ $(VENV)/.core: pyproject.toml $(LOCK)
 
 $(VENV)/.test: $(VENV)/.core
 	$(PIP) install -c $(LOCK) -e ".[test,torch]"
+	# pytorch-fid (parity reference for Inception/FID) without its torchvision dependency: PyPI torchvision
+	# needs CUDA torch libraries and breaks transformers' image processors beside the CPU torch wheel.
+	$(PIP) install --no-deps pytorch-fid==0.3.0
 	touch $@
 
 venv: $(VENV)/.core
