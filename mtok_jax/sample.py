@@ -1,0 +1,269 @@
+"""Images from music: trained audio token → CLIP text states → guided denoising → VAE decode.
+
+  pipe = load_pipeline(config, workdir, checkpoint='best')
+  images = pipe.generate(waveforms [B, N], seeds [B], num_images=4, steps=50, guidance=7.5,
+                         scheduler='pndm')                     # uint8 [B, num_images, H, W, 3]
+
+One jit per (scheduler, steps, batch): audio token (embedder dropout per the config), text states of
+the inference prompt, the unconditional states of "" (classifier-free guidance), initial noise, the
+whole denoising loop (`lax.fori_loop`, mtok_jax.models.diffusion.denoise_latents) and the VAE decode.
+The example axis is sharded over the mesh (`config.mesh`). Image j of an audio with seed s uses the key
+fold_in(key(s), j) for both its audio-token dropout and its noise, so an image depends only on
+(audio, seed, j, settings), never on the batch it was generated in or the device count.
+
+`sample_files` adds file handling: audio decode (any format `mtok_jax.audio.io` reads), labels from
+the folder names, PNG per image, a captioned grid and `samples.jsonl` (one line per image with the
+audio path, label, seed, index and every setting needed to regenerate it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import math
+import os
+import time
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mtok_jax import checkpoints, conditioning, sharding
+from mtok_jax.models import diffusion
+
+log = logging.getLogger("mtok_jax.sample")
+UNCONDITIONAL_PROMPT = ""
+
+
+def unconditional_states(system: conditioning.System, text_params: Mapping[str, Any]) -> jax.Array:
+    """CLIP last_hidden_state [1, 77, D] of the empty prompt (plain CLIP, no audio token)."""
+    ids = np.asarray(system.tokenizer([UNCONDITIONAL_PROMPT], padding="max_length",
+                                      max_length=system.inference_ids.shape[-1], truncation=True,
+                                      return_tensors="np")["input_ids"], np.int32)
+    ids = jnp.asarray(ids)
+    positions = jnp.arange(ids.shape[-1], dtype=jnp.int32)[None]
+    out = system.text.apply({"params": text_params}, ids, jnp.ones_like(ids), positions, deterministic=True)
+    return out[0].astype(jnp.float32)
+
+
+def latent_shape(system: conditioning.System) -> tuple[int, int, int]:
+    """(C, h, w) of the UNet latents for the configured image size."""
+    h, w = conditioning.image_hw(system.config)
+    factor = 2 ** (len(system.vae.block_out_channels) - 1)
+    return int(system.unet.in_channels), h // factor, w // factor
+
+
+def generate_images(system: conditioning.System, params: Mapping[str, Any], uncond: jax.Array,
+                    waveforms: jax.Array, key_data: jax.Array, guidance: jax.Array, *, scheduler, state,
+                    steps: int) -> jax.Array:
+    """The jittable core: waveforms [N, S], raw keys uint32 [N, 2] → uint8 images [N, H, W, 3].
+
+    uncond: [1, 77, D] unconditional states; guidance: scalar. Pure function of its arguments.
+    """
+    keys = jax.random.wrap_key_data(key_data)
+    token_keys, noise_keys = jnp.moveaxis(jax.vmap(jax.random.split)(keys), 1, 0)
+    token = conditioning.audio_token(system, params, waveforms, rng=token_keys, train=False)
+    cond = conditioning.text_states(system, params, token, "inference").astype(jnp.float32)
+    uncond = jnp.broadcast_to(uncond, cond.shape)
+    shape = latent_shape(system)
+    latents = jax.vmap(lambda k: jax.random.normal(k, shape, jnp.float32))(noise_keys)
+    latents = diffusion.denoise_latents(system.unet, params["unet"], scheduler, state, cond, uncond, latents,
+                                        num_steps=steps, guidance=guidance)
+    images = diffusion.decode_images(system.vae, params["vae"], latents)
+    return jnp.clip(jnp.round((images + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
+
+
+def image_keys(seeds: Sequence[int], num_images: int) -> np.ndarray:
+    """uint32 [B·num_images, 2]: key of image j of audio b = fold_in(key(seeds[b]), j)."""
+    def one(seed, j):
+        return jax.random.key_data(jax.random.fold_in(jax.random.key(int(seed)), j))
+
+    return np.stack([np.asarray(one(s, j)) for s in seeds for j in range(num_images)]).astype(np.uint32)
+
+
+@dataclasses.dataclass
+class Pipeline:
+    """A loaded system with trained params placed on the mesh; `generate` runs the jitted sampler."""
+
+    system: conditioning.System
+    params: dict[str, Any]
+    mesh: jax.sharding.Mesh
+    config: Any
+    checkpoint: str | int | None = None
+    max_batch: int = 8  # images per jit call (rounded up to the mesh size)
+    _uncond: Any = None
+    _compiled: dict = dataclasses.field(default_factory=dict)
+
+    def _sampler(self, kind: str, steps: int, batch: int):
+        key = (kind, steps, batch)
+        if key not in self._compiled:
+            sched, state = diffusion.sampler_from_config(
+                diffusion.read_scheduler_config(self.config.model.sd_path), kind)
+            data = sharding.batch_sharding(self.mesh)
+            fn = functools.partial(generate_images, self.system, scheduler=sched, steps=steps)
+            self._compiled[key] = (jax.jit(fn, out_shardings=data), state)
+        return self._compiled[key]
+
+    def generate(self, waveforms, seeds: Sequence[int], *, num_images: int, steps: int, guidance: float,
+                 scheduler: str = "pndm") -> np.ndarray:
+        """waveforms float32 [B, N] (16 kHz, [-1, 1]), one seed per waveform → uint8 [B, num_images, H, W, 3]."""
+        waveforms = np.asarray(waveforms, np.float32)
+        if waveforms.ndim != 2 or len(seeds) != waveforms.shape[0]:
+            raise ValueError(f"waveforms {waveforms.shape} need shape [B, N] and one seed each (got {len(seeds)})")
+        if self._uncond is None:
+            self._uncond = jax.jit(functools.partial(unconditional_states, self.system))(self.params["text"])
+        waves = np.repeat(waveforms, num_images, axis=0)
+        keys = image_keys(seeds, num_images)
+        total = waves.shape[0]
+        shards = sharding.num_batch_shards(self.mesh)
+        batch = min(self.max_batch, total)
+        batch = int(math.ceil(batch / shards) * shards)
+        fn, state = self._sampler(scheduler, int(steps), batch)
+        data = sharding.batch_sharding(self.mesh)
+        out = []
+        for start in range(0, total, batch):
+            idx = np.minimum(np.arange(start, start + batch), total - 1)  # pad the last chunk by repetition
+            w = jax.device_put(waves[idx], data)
+            k = jax.device_put(keys[idx], data)
+            imgs = fn(self.params, self._uncond, w, k, jnp.float32(guidance), state=state)
+            out.append(np.asarray(jax.device_get(imgs))[: min(batch, total - start)])
+        images = np.concatenate(out)
+        return images.reshape(waveforms.shape[0], num_images, *images.shape[1:])
+
+
+def load_pipeline(config, workdir: str | os.PathLike | None, checkpoint: str | int | None = "best",
+                  max_batch: int = 8) -> Pipeline:
+    """Load the system of `config`, replace its trained leaves by `workdir`'s checkpoint
+    ('best' | 'latest' | step; None = no checkpoint, the untrained init) and place params on the mesh."""
+    system, params = conditioning.load_system(config)
+    mesh = sharding.make_mesh(config.mesh)
+    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+    placement = sharding.param_shardings(mesh, shapes, shard=mesh.shape["fsdp"] > 1,
+                                         min_size=config.train.fsdp_min_size)
+    params = jax.device_put(params, placement)
+    if checkpoint is not None:
+        params = checkpoints.restore_trained(workdir, params, checkpoint)
+    return Pipeline(system=system, params=params, mesh=mesh, config=config, checkpoint=checkpoint,
+                    max_batch=max_batch)
+
+
+# ------------------------------------------------------------------------------------------ files
+def find_audio(path: str | os.PathLike) -> list[str]:
+    """A file, or every audio file below a folder (sorted; extensions of `mtok_jax.data.sources`)."""
+    from mtok_jax.data.sources import AUDIO_EXTS
+
+    path = os.fspath(path)
+    if os.path.isfile(path):
+        return [path]
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"--audio {path}: no such file or folder")
+    found = sorted(os.path.join(d, f) for d, _, files in os.walk(path) for f in files
+                   if os.path.splitext(f)[1].lower() in AUDIO_EXTS and not f.startswith("."))
+    if not found:
+        raise FileNotFoundError(f"--audio {path}: no audio files ({' '.join(sorted(AUDIO_EXTS))})")
+    return found
+
+
+def label_of(path: str, labels: Sequence[str]) -> str | None:
+    """The label named by one of the file's parent folders (`audio/<label>/…` layout), else None."""
+    from mtok_jax.data.sources import normalize_label
+
+    known = {normalize_label(l): l for l in labels}
+    for part in reversed(os.path.normpath(os.path.dirname(path)).split(os.sep)):
+        if normalize_label(part) in known:
+            return known[normalize_label(part)]
+    return None
+
+
+def held_out_audio(manual_dir: str | os.PathLike, labels: Sequence[str], per_label: int = 0) -> list[str]:
+    """Held-out test audio of a `folders`-layout manual dir (the split rule of the dataset builder);
+    per_label > 0 keeps the first `per_label` files of each label."""
+    from mtok_jax.data.sources import scan
+
+    audio, _, _ = scan(manual_dir, "folders", labels)
+    chosen, count = [], {}
+    for f in sorted(audio, key=lambda f: (f.label, f.rel)):
+        if f.split != "test" or (per_label and count.get(f.label, 0) >= per_label):
+            continue
+        count[f.label] = count.get(f.label, 0) + 1
+        chosen.append(os.path.join(os.fspath(manual_dir), f.rel))
+    return chosen
+
+
+def sample_rate(config) -> int:
+    """Samples per second stored per clip (16 kHz; the 44.1 kHz quirk stores 44.1k)."""
+    return int(round(conditioning.clip_samples(config) / config.data.clip_seconds))
+
+
+def _caption_cell(image: np.ndarray, caption: str, side: int):
+    from PIL import Image, ImageDraw
+
+    cell = Image.fromarray(image).resize((side, side), Image.NEAREST)
+    canvas = Image.new("RGB", (side, side + 14), "white")
+    canvas.paste(cell, (0, 0))
+    ImageDraw.Draw(canvas).text((2, side + 1), caption[: max(4, side // 6)], fill="black")
+    return canvas
+
+
+def write_grid(path: str, images: np.ndarray, captions: Sequence[str], columns: int | None = None) -> None:
+    """uint8 [K, H, W, 3] → one PNG grid, each cell upscaled to ≥128 px with its caption below."""
+    from PIL import Image
+
+    k, h = images.shape[0], images.shape[1]
+    columns = columns or int(math.ceil(math.sqrt(k)))
+    side = max(h, 128)
+    cells = [_caption_cell(img, cap, side) for img, cap in zip(images, captions)]
+    rows = int(math.ceil(k / columns))
+    grid = Image.new("RGB", (columns * side, rows * cells[0].height), "white")
+    for i, cell in enumerate(cells):
+        grid.paste(cell, ((i % columns) * side, (i // columns) * cell.height))
+    grid.save(path)
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in text).strip("_")[:60] or "x"
+
+
+def sample_files(pipe: Pipeline, audio_paths: Sequence[str], out_dir: str | os.PathLike, *, num_images: int,
+                 steps: int, guidance: float, scheduler: str, seed: int) -> list[dict]:
+    """Generate for each audio file (seed + i for the i-th file) → PNGs, grid.png and samples.jsonl in
+    `out_dir`; returns the records written to samples.jsonl."""
+    from PIL import Image
+
+    from mtok_jax.audio.io import load_audio
+
+    config = pipe.config
+    os.makedirs(out_dir, exist_ok=True)
+    rate = sample_rate(config)
+    waves = np.stack([load_audio(p, rate, config.data.clip_seconds) for p in audio_paths])
+    seeds = [int(seed) + i for i in range(len(audio_paths))]
+    t0 = time.time()
+    images = pipe.generate(waves, seeds, num_images=num_images, steps=steps, guidance=guidance, scheduler=scheduler)
+    seconds = time.time() - t0
+    settings = dict(scheduler=scheduler, steps=int(steps), guidance=float(guidance), num_images=int(num_images),
+                    prompt=config.prompt.inference, unconditional_prompt=UNCONDITIONAL_PROMPT,
+                    image_size=list(conditioning.image_hw(config)), checkpoint=pipe.checkpoint,
+                    sd_path=config.model.sd_path, beats_path=config.model.beats_path,
+                    unary_dropout_at_inference=bool(config.model.unary_dropout_at_inference),
+                    dtype=config.model.dtype, config=config.workdir_name)
+    records, captions = [], []
+    for b, path in enumerate(audio_paths):
+        label = label_of(path, pipe.system.labels)
+        stem = _slug(os.path.splitext(os.path.basename(path))[0])
+        for j in range(num_images):
+            name = f"{b:04d}_{_slug(label or 'unlabeled')}_{stem}_s{seeds[b]}_{j}.png"
+            Image.fromarray(images[b, j]).save(os.path.join(out_dir, name))
+            records.append(dict(image=name, audio=os.path.abspath(path), label=label, seed=seeds[b], index=j,
+                                **settings))
+            captions.append(label or stem)
+    write_grid(os.path.join(out_dir, "grid.png"), images.reshape(-1, *images.shape[2:]), captions,
+               columns=num_images if num_images > 1 else None)
+    with open(os.path.join(out_dir, "samples.jsonl"), "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    log.info("%d images from %d audio files in %.1f s (incl. compile) → %s", images.shape[0] * num_images,
+             len(audio_paths), seconds, out_dir)
+    return records

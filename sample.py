@@ -1,0 +1,76 @@
+"""Generate images from music with a trained run.
+
+  python sample.py --config configs/X.py --workdir DIR --audio FILE_OR_DIR \
+      [--num_images 4 --steps 50 --guidance 7.5 --scheduler pndm|ddim|dpm|euler --seed S --out DIR \
+       --checkpoint best|latest|STEP|none --per_label K] [--config.a.b=value ...]
+
+Defaults work after `make demo`: configs/demo.py, runs/demo, the held-out (test split) demo audio of
+demo_assets/manual, settings from `config.sample`, output WORKDIR/samples/ (one PNG per image,
+grid.png, samples.jsonl with audio path, label, seed and every setting).
+"""
+
+import mtok_jax  # noqa: F401  (first: sets USE_TF=0 before transformers loads)
+
+import logging
+import os
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from mtok_jax import _compat
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "Config file (configs/*.py).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: runs/<config.workdir_name>).")
+_AUDIO = flags.DEFINE_string("audio", None, "Audio file or folder (default: the dataset's held-out test audio "
+                                            "in <data_dir>/../manual).")
+_NUM_IMAGES = flags.DEFINE_integer("num_images", None, "Images per audio (default: config.sample.num_images).")
+_STEPS = flags.DEFINE_integer("steps", None, "Denoising steps (default: config.sample.steps).")
+_GUIDANCE = flags.DEFINE_float("guidance", None, "Classifier-free guidance scale (default: config.sample.guidance).")
+_SCHEDULER = flags.DEFINE_enum("scheduler", None, ["pndm", "ddim", "dpm", "euler"],
+                               "Sampler (default: config.sample.scheduler).")
+_SEED = flags.DEFINE_integer("seed", None, "Seed of the first audio file; file i uses seed + i "
+                                           "(default: config.sample.seed).")
+_OUT = flags.DEFINE_string("out", None, "Output folder (default: WORKDIR/samples).")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", "best", "best | latest | a step number | none (untrained).")
+_PER_LABEL = flags.DEFINE_integer("per_label", 0, "With the default audio: files per label (0 = all).")
+_BATCH = flags.DEFINE_integer("batch", 8, "Images per jitted call (rounded up to the device count).")
+
+
+def _checkpoint(value: str):
+    if value.lower() == "none":
+        return None
+    return int(value) if value.isdigit() else value
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    _compat.quiet_third_party_loggers()
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    logging.getLogger("mtok_jax").setLevel(logging.INFO)
+    from mtok_jax import config_utils, sample
+
+    config = config_utils.validate(_CONFIG.value)
+    s = config.sample
+    workdir = _WORKDIR.value or os.path.join("runs", config.workdir_name)
+    pipe = sample.load_pipeline(config, workdir, _checkpoint(_CHECKPOINT.value), max_batch=_BATCH.value)
+    if _AUDIO.value:
+        audio = sample.find_audio(_AUDIO.value)
+    else:
+        manual = os.path.join(os.path.dirname(os.path.normpath(config.data.data_dir)), "manual")
+        if not os.path.isdir(manual):
+            raise app.UsageError(f"no --audio given and no demo manual dir at {manual} (run `make demo`)")
+        audio = sample.held_out_audio(manual, pipe.system.labels, _PER_LABEL.value)
+    out = _OUT.value or os.path.join(workdir, "samples")
+    sample.sample_files(pipe, audio, out,
+                        num_images=_NUM_IMAGES.value if _NUM_IMAGES.value is not None else s.num_images,
+                        steps=_STEPS.value if _STEPS.value is not None else s.steps,
+                        guidance=_GUIDANCE.value if _GUIDANCE.value is not None else s.guidance,
+                        scheduler=_SCHEDULER.value or s.scheduler,
+                        seed=_SEED.value if _SEED.value is not None else s.seed)
+    print(f"wrote {out}/ (grid.png, samples.jsonl)")
+
+
+if __name__ == "__main__":
+    app.run(main)
