@@ -326,6 +326,12 @@ def build(manual_dir, data_dir, config: "MusicImageConfig | str" = "folders", *,
     """
     if not progress:
         tfds.disable_progress_bar()
+    registered = {c.name: c for c in MusicImage.BUILDER_CONFIGS}
+    if isinstance(config, MusicImageConfig) and config.name in registered:
+        if config.params() != registered[config.name].params():
+            raise ValueError(f"config name '{config.name}' is reserved for {registered[config.name].params()}; "
+                             "choose another name (default: config_name_for(...))")
+        config = config.name  # TFDS wants the registered object, not an equal copy
     builder = MusicImage(data_dir=os.fspath(data_dir), config=config, file_format="array_record",
                          workers=default_workers() if workers is None else workers, progress=progress)
     mode = (tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS if overwrite

@@ -221,20 +221,20 @@ def batches(data_dir, split: str, *, global_batch_size: int, seed: int, epoch: i
         pairing = train_pairing(labels, ds.labels("train_images"), seed, epoch)
         image_src = ds.source("train_images")
 
-    def one(rec, i):
+    def one(i):
+        rec = src[int(i)]
         image_bytes = image_src[int(pairing[i])]["image"] if pairing is not None else rec["image"]
         if not image_bytes:
             raise ValueError(f"{ds.path}: split '{split}' record {i} has no image")
-        return from_pcm16(rec["audio"]), decode_image(image_bytes)
+        return from_pcm16(rec["audio"]), image_to_float(decode_image(image_bytes), bgr)
 
     def produce():
         with cf.ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
             for k in range(start_batch, total):
                 ids = order[k * b:(k + 1) * b]
-                recs = src.__getitems__([int(i) for i in ids])
-                items = list(pool.map(one, recs, ids))
+                items = list(pool.map(one, ids))
                 audio = np.stack([a for a, _ in items])
-                image = image_to_float(np.stack([im for _, im in items]), bgr)
+                image = np.stack([im for _, im in items])
                 label = labels[ids].astype(np.int32)
                 out = {"audio": audio, "image": image, "label": label}
                 if not drop_remainder:
