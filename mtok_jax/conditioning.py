@@ -171,7 +171,12 @@ def _embedder_input_dim(config, beats_cfg: Mapping[str, Any]) -> int:
     return len(config.model.beats_layers) * int(beats_lib.beats_config(beats_cfg)["encoder_embed_dim"])
 
 
-def _check(config, beats_cfg: Mapping[str, Any], text_hidden: int, cross_dim: int) -> None:
+def _check(config, beats_cfg: Mapping[str, Any], text_hidden: int, cross_dim: int,
+           unet_cfg: Mapping[str, Any], vae_cfg: Mapping[str, Any]) -> None:
+    factor = 2 ** (len(vae_cfg["block_out_channels"]) - 1) * 2 ** (len(unet_cfg["block_out_channels"]) - 1)
+    if any(s % factor for s in image_hw(config)):
+        raise ValueError(f"image size {image_hw(config)} must be a multiple of {factor} for this VAE + UNet "
+                         f"(data.image_size)")
     n_layers = int(beats_lib.beats_config(beats_cfg)["encoder_layers"])
     if max(config.model.beats_layers) >= n_layers:
         raise ValueError(f"model.beats_layers={tuple(config.model.beats_layers)} but BEATs has {n_layers} layers")
@@ -194,7 +199,7 @@ def load_system(config, *, labels: Sequence[str] | None = None) -> tuple[System,
     text, text_params = text_lib.load_text_encoder(diffusion._resolve(m.sd_path, "text_encoder"), dtype=dtype)
     tokenizer = text_lib.load_tokenizer(_sd_folder(m.sd_path, "tokenizer"), config.prompt.placeholder)
     hidden = int(text.config.hidden_size)
-    _check(config, beats.cfg, hidden, int(unet.cross_attention_dim))
+    _check(config, beats.cfg, hidden, int(unet.cross_attention_dim), unet.config, vae.config)
     if m.embedder_path:
         embedder, embedder_params = embedder_lib.load_embedder(m.embedder_path, m.unary_dropout_at_inference, dtype)
         if embedder.output_dim != hidden:
@@ -264,7 +269,7 @@ def abstract_system(config, *, full_size: bool = True, num_labels: int = 18) -> 
     text = text_lib.text_encoder_module(text_cfg, dtype)
     noise_scheduler, noise_state = diffusion.noise_scheduler_from_config(sched_cfg)
     hidden = int(text.config.hidden_size)
-    _check(config, beats_cfg, hidden, int(unet.cross_attention_dim))
+    _check(config, beats_cfg, hidden, int(unet.cross_attention_dim), unet_cfg, vae_cfg)
     embedder = _embedder_module(config, hidden)
     key = jax.random.key(0)
     emb_in = jax.ShapeDtypeStruct((1, 2, _embedder_input_dim(config, beats_cfg)), jnp.float32)
