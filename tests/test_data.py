@@ -165,6 +165,8 @@ def test_cli_summary_and_every_file_accounted_for(tree, built, records):
     assert last == (f"built: train={counts['train']} validation={counts['validation']} test={counts['test']} "
                     f"skipped={len(skipped)}")
     assert sum("built:" in line for line in stdout.splitlines()) == 1
+    n_audio, n_image = (sum(rel.startswith(k + "/") for rel in exp) for k in ("audio", "image"))
+    assert f"source files: audio={n_audio} image={n_image}" in stdout
     for name in LABELS:
         assert name in stdout
     stored_audio = [r["audio_id"] for s in SPLITS for r in records.get(s, [])]

@@ -243,6 +243,9 @@ class MusicImage(tfds.core.GeneratorBasedBuilder):
         cfg = self.builder_config
         manual = Path(dl_manager.manual_dir)
         audio, images, skipped = scan(manual, cfg.layout, cfg.labels)
+        num_files = {kind: sum(r["kind"] == kind for r in skipped) for kind in ("audio", "image")}
+        num_files["audio"] += len(audio)
+        num_files["image"] += len(images)
         reasons = self._process_images(manual, images)
         entries: dict[str, list[tuple[SourceFile, Path]]] = {s: [] for s in SPLITS}
         for f, path, reason in zip(images, self._image_cache_paths, reasons):
@@ -267,8 +270,7 @@ class MusicImage(tfds.core.GeneratorBasedBuilder):
         meta = self.info.metadata
         meta.clear()
         meta.update(format_version=1, config=cfg.params(), splits={}, skipped=skipped,
-                    num_audio_files=len(audio) + sum(r["kind"] == "audio" for r in skipped),
-                    num_image_files=len(images) + sum(r["kind"] == "image" for r in skipped))
+                    num_audio_files=num_files["audio"], num_image_files=num_files["image"])
         gens = {}
         for s in SPLITS:
             if entries[s]:

@@ -20,6 +20,7 @@ import dataclasses
 import hashlib
 import math
 import os
+import unicodedata
 from collections import defaultdict
 from pathlib import Path
 from typing import Optional, Sequence
@@ -90,8 +91,9 @@ def split_counts(n: int) -> dict[str, int]:
 
 
 def file_id(rel_in_label: str) -> str:
-    """The id a split is derived from: path below the label folder, without extension."""
-    return os.path.splitext(rel_in_label)[0]
+    """The id a split is derived from: path below the label folder, without extension, Unicode NFC
+    (so a tree copied from macOS (NFD names) splits the same way)."""
+    return unicodedata.normalize("NFC", os.path.splitext(rel_in_label)[0])
 
 
 def assign_splits(ids: Sequence[str]) -> list[str]:
