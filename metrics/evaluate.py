@@ -193,24 +193,18 @@ def _fmt(x) -> str:
 
 def write_grids(out_dir: str, generated: np.ndarray, labels: Sequence[int], label_names: Mapping[int, str],
                 n: int = 4) -> dict[str, str]:
-    """One 2×2 grid of the first ``n`` generated images per label → {label name: relative path}."""
-    from PIL import Image
+    """One grid of the first ``n`` generated images per label (2 columns, cells upscaled to ≥128 px and
+    captioned, ``mtok_jax.sample.write_grid``) → {label name: path relative to out_dir}."""
+    from mtok_jax.sample import write_grid
 
     os.makedirs(os.path.join(out_dir, "grids"), exist_ok=True)
     labels = np.asarray(labels)
     paths = {}
     for lab in sorted(set(labels.tolist())):
-        imgs = generated[np.flatnonzero(labels == lab)[:n]]
-        h, w = imgs.shape[1:3]
-        cols = min(2, len(imgs))
-        rows = math.ceil(len(imgs) / cols)
-        canvas = np.full((rows * h, cols * w, 3), 255, np.uint8)
-        for i, im in enumerate(imgs):
-            r, c = divmod(i, cols)
-            canvas[r * h:(r + 1) * h, c * w:(c + 1) * w] = im
+        idx = np.flatnonzero(labels == lab)[:n]
         name = label_names.get(int(lab), str(lab))
         rel = os.path.join("grids", f"{_slug(name)}.png")
-        Image.fromarray(canvas).save(os.path.join(out_dir, rel))
+        write_grid(os.path.join(out_dir, rel), generated[idx], [name] * len(idx), columns=min(2, len(idx)))
         paths[name] = rel
     return paths
 
@@ -340,13 +334,96 @@ def score_images(images_dir: str, models: MetricModels, out_dir: str, *, per_lab
     return report
 
 
+# ------------------------------------------------------------------------------------------ generation mode
+def select_test_items(labels: Sequence[int], num_images: int) -> np.ndarray:
+    """Indices of ``num_images`` test records, labels interleaved round-robin (record order within a label),
+    so every label is represented as evenly as the split allows."""
+    labels = np.asarray(labels)
+    by_label = [list(np.flatnonzero(labels == lab)) for lab in np.unique(labels)]
+    order = [idx[r] for r in range(max(map(len, by_label), default=0)) for idx in by_label if r < len(idx)]
+    return np.asarray(order[:num_images], np.int64)
+
+
+def generate_test_images(config, workdir, images_dir: str, *, checkpoint="best", num_images: int = 335,
+                         batch: int = 8) -> dict[str, Any]:
+    """Generate one image per selected test-split audio with ``mtok_jax.sample`` and write the --images
+    layout (generated PNG, ground-truth PNG, the stored audio clip as FLAC, manifest.jsonl with seeds and
+    every sampling setting) into ``images_dir``. Image i uses seed ``config.sample.seed + i``.
+    Returns the generation settings and timing."""
+    import soundfile as sf
+    from PIL import Image
+
+    from mtok_jax import sample
+    from mtok_jax.audio.io import to_pcm16
+    from mtok_jax.data import pipeline
+    from mtok_jax.data.images import decode_image
+
+    d, s = config.data, config.sample
+    ds = pipeline.open_dataset(d.data_dir, d.builder_config or None)
+    test_labels = ds.labels("test")
+    if test_labels.shape[0] == 0:
+        raise ValueError(f"{ds.path}: the test split is empty")
+    items = select_test_items(test_labels, num_images)
+    if len(items) < num_images:
+        print(f"note: the test split has {len(items)} clips, fewer than --num_images {num_images}", file=sys.stderr)
+    src = ds.source("test")
+    names = ds.label_names
+    pipe = sample.load_pipeline(config, workdir, checkpoint)
+    rate = sample.sample_rate(config)
+    settings = dict(scheduler=s.scheduler, steps=int(s.steps), guidance=float(s.guidance),
+                    prompt=config.prompt.inference, checkpoint=None if checkpoint is None else str(checkpoint),
+                    config=config.workdir_name, workdir=os.fspath(workdir) if workdir else None)
+    for sub in ("generated", "ground_truth", "audio"):
+        os.makedirs(os.path.join(images_dir, sub), exist_ok=True)
+    rows, seconds = [], 0.0
+    for start in range(0, len(items), batch):
+        chunk = items[start:start + batch]
+        recs = [src[int(i)] for i in chunk]
+        waves = np.stack([np.asarray(r["audio"], np.int16) for r in recs]).astype(np.float32) / 32768.0
+        seeds = [int(s.seed) + start + k for k in range(len(chunk))]
+        t = time.perf_counter()
+        images = pipe.generate(waves, seeds, num_images=1, steps=int(s.steps), guidance=float(s.guidance),
+                               scheduler=s.scheduler)
+        seconds += time.perf_counter() - t
+        for k, (i, rec) in enumerate(zip(chunk, recs)):
+            n = start + k
+            row = {"image": f"generated/{n:04d}.png", "ground_truth": f"ground_truth/{n:04d}.png",
+                   "audio": f"audio/{n:04d}.flac", "label": int(rec["label"]), "label_name": names[int(rec["label"])],
+                   "seed": seeds[k], "test_index": int(i), "audio_id": rec["audio_id"].decode("utf-8"),
+                   "image_id": rec["image_id"].decode("utf-8"), **settings}
+            Image.fromarray(images[k, 0]).save(os.path.join(images_dir, row["image"]))
+            Image.fromarray(decode_image(rec["image"])).save(os.path.join(images_dir, row["ground_truth"]))
+            sf.write(os.path.join(images_dir, row["audio"]), to_pcm16(waves[k]), rate, subtype="PCM_16")
+            rows.append(row)
+        print(f"generated {len(rows)}/{len(items)} images", file=sys.stderr)
+    with open(os.path.join(images_dir, MANIFEST), "w") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in rows))
+    return {"generation": {**settings, "num_images": len(rows), "seconds": seconds,
+                           "images_per_second": len(rows) / seconds if seconds > 0 else None}}
+
+
+def evaluate_checkpoint(config, workdir, *, checkpoint="best", num_images: int = 335, per_label: int = 10,
+                        out_dir: str, metric_paths: Sequence[str] | None = None) -> dict[str, Any]:
+    """Generate from the test split (:func:`generate_test_images` into ``out_dir/images``) and score it
+    (:func:`score_images`); metric models from ``metric_paths`` or ``config.metrics``."""
+    m = config.metrics
+    paths = metric_paths or (m.clip_path, m.inception_path, m.wav2clip_path)
+    models = MetricModels.load(*paths)  # fail on a bad metric model before spending time generating
+    images_dir = os.path.join(out_dir, "images")
+    gen = generate_test_images(config, workdir, images_dir, checkpoint=checkpoint, num_images=num_images)
+    extra = {"method": f"{config.workdir_name} (this port)", "checkpoint": gen["generation"]["checkpoint"], **gen}
+    return score_images(images_dir, models, out_dir, per_label=per_label,
+                        clip_seconds=float(config.data.clip_seconds), extra=extra)
+
+
 # ------------------------------------------------------------------------------------------ CLI
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m metrics.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="experiment config file (configs/*.py); --config.a.b=value overrides")
     p.add_argument("--workdir", help="training workdir holding the checkpoints (generation mode)")
-    p.add_argument("--checkpoint", default="best", help="best | latest | a step (generation mode)")
+    p.add_argument("--checkpoint", default="best",
+                   help="best | latest | a step | none (untrained init; smoke tests) (generation mode)")
     p.add_argument("--images", help="score an existing manifest folder instead of generating")
     p.add_argument("--num_images", type=int, help="generated test images (default config.metrics.num_images)")
     p.add_argument("--per_label", type=int, help="GIILS images per label (default config.metrics.per_label)")
@@ -395,7 +472,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             _parser().error("generation mode needs --config and --workdir (or use --images DIR)")
         num_images = int(pick(args.num_images, "num_images", 335))
         out = args.out or os.path.join(args.workdir, "eval")
-        report = evaluate_checkpoint(config, args.workdir, checkpoint=args.checkpoint, num_images=num_images,
+        checkpoint = None if args.checkpoint.lower() == "none" else args.checkpoint
+        checkpoint = int(checkpoint) if checkpoint is not None and checkpoint.isdigit() else checkpoint
+        report = evaluate_checkpoint(config, args.workdir, checkpoint=checkpoint, num_images=num_images,
                                      per_label=per_label, out_dir=out, metric_paths=paths)
     print(render_markdown(report))
     print(f"\nwrote {os.path.join(out, 'report.md')}", file=sys.stderr)

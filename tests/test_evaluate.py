@@ -77,9 +77,9 @@ def test_files_written(report):
         assert needle in md
     from PIL import Image
 
-    for name in LABELS:
+    for name in LABELS:  # 2 columns of ≥128-px captioned cells; label 2 has 2 images → one row
         grid = np.asarray(Image.open(out / r["grids"][name]))
-        assert grid.shape == ((48, 48, 3) if name != "Renaissance symbolism" else (24, 48, 3))
+        assert grid.shape[1] == 256 and grid.shape[0] in ((142,) if name == "Renaissance symbolism" else (284,))
 
 
 def test_embeddings_independent(report, images_dir, metric_models):
@@ -143,3 +143,38 @@ def test_manifest_errors(tmp_path, metric_models):
         read_manifest(str(tmp_path))
     with pytest.raises(SystemExit):
         main(["--workdir", str(tmp_path)])  # generation mode without --config
+
+
+@pytest.mark.slow
+def test_generation_mode_demo(tmp_path, metric_models):
+    """Generation mode on the demo dataset and tiny SD (untrained: --checkpoint none), 4 images, 2 steps;
+    the recorded seed regenerates the same image through the sampling library."""
+    from metrics.evaluate import main
+    from mtok_jax import sample
+    from mtok_jax.config_utils import load_config
+    from mtok_jax.demo.data import build_demo_dataset
+    from mtok_jax.demo.models import write_demo_models
+
+    root = tmp_path / "demo"
+    data_dir = build_demo_dataset(root)
+    models = write_demo_models(root)
+    overrides = [f"--config.model.sd_path={models['sd']}", f"--config.model.beats_path={models['beats']}",
+                 f"--config.data.data_dir={data_dir}", "--config.sample.steps=2"]
+    out = tmp_path / "eval"
+    r = main(["--config", "configs/demo.py", "--workdir", str(tmp_path / "run"), "--checkpoint", "none",
+              "--num_images", "4", "--per_label", "2", "--out", str(out), "--clip_path", metric_models["clip"],
+              "--inception_path", metric_models["inception"], "--wav2clip_path", metric_models["wav2clip"],
+              *overrides])
+    assert r["num_images"] == 4 and (out / "report.md").exists()
+    rows = [json.loads(line) for line in (out / "images" / "manifest.jsonl").read_text().splitlines()]
+    assert [row["label"] for row in rows] == [0, 1, 2, 3]  # labels interleaved
+    assert [row["seed"] for row in rows] == [0, 1, 2, 3] and rows[0]["steps"] == 2
+    import soundfile as sf
+    from PIL import Image
+
+    config = load_config("configs/demo.py", overrides)
+    pipe = sample.load_pipeline(config, None, None)
+    wav, _ = sf.read(out / "images" / rows[2]["audio"], dtype="float32")
+    again = pipe.generate(wav[None], [rows[2]["seed"]], num_images=1, steps=2, guidance=config.sample.guidance,
+                          scheduler=config.sample.scheduler)[0, 0]
+    np.testing.assert_array_equal(np.asarray(Image.open(out / "images" / rows[2]["image"])), again)
