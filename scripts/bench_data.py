@@ -78,19 +78,22 @@ def main(argv=None) -> int:
         print(f"stored: {total_bytes / 1e6:.1f} MB; audio {cfg.clip_samples * 2} bytes/example (int16 PCM); "
               f"{total_bytes / max(1, n_audio) / 1e3:.0f} kB per audio example incl. images")
         n_train = sizes["train"]
-        seen, t_start = 0, None
+        seen, rates, cpu = 0, [], 0.0
         for epoch in range(a.epochs):
-            for b in batches(data_dir, "train", global_batch_size=a.batch, seed=0, epoch=epoch,
-                             process_index=0, process_count=1, config_name=cfg.name, threads=a.threads):
-                if t_start is None:  # first batch = warm-up (opening files, thread start)
-                    t_start, cpu_start = time.perf_counter(), time.process_time()
-                    continue
-                seen += b["audio"].shape[0]
-        dt, cpu = time.perf_counter() - t_start, time.process_time() - cpu_start
-        print(f"iterator CPU: {1e3 * cpu / seen:.1f} ms per example (all threads; load-independent)")
-        print(f"iterator: {seen} train examples in {dt:.2f} s = {seen / dt:.1f} examples/s "
-              f"(batch {a.batch}, audio {b['audio'].shape[1]} samples, image {b['image'].shape[1:]}, "
-              f"{n_train} train examples x {a.epochs} epochs, first batch excluded)")
+            it = batches(data_dir, "train", global_batch_size=a.batch, seed=0, epoch=epoch, process_index=0,
+                         process_count=1, config_name=cfg.name, threads=a.threads)
+            b = next(it)  # first batch of each epoch excluded (opening sources, starting threads)
+            t_epoch, cpu_epoch, n_epoch = time.perf_counter(), time.process_time(), 0
+            for b in it:
+                n_epoch += b["audio"].shape[0]
+            rates.append(n_epoch / (time.perf_counter() - t_epoch))
+            cpu += time.process_time() - cpu_epoch
+            seen += n_epoch
+        print(f"iterator CPU: {1e3 * cpu / seen:.1f} ms per example (all threads; = {1e3 / (1e3 * cpu / seen):.0f} "
+              "examples/s per free core)")
+        print(f"iterator: {np.mean(rates):.1f} examples/s mean over {a.epochs} epochs (per epoch: "
+              f"{', '.join(f'{r:.0f}' for r in rates)}; batch {a.batch}, audio {b['audio'].shape[1]} samples, "
+              f"image {b['image'].shape[1:]}, {n_train} train examples per epoch, first batch excluded)")
     finally:
         if a.workdir is None:
             shutil.rmtree(work, ignore_errors=True)

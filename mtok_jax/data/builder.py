@@ -53,7 +53,7 @@ class MusicImageConfig(tfds.core.BuilderConfig):
     image_width: int = 512
     center_crop: bool = True  # False: stretch the whole image (the reference's 512×320 loader)
     audio_44k_as_16k: bool = False  # thesis quirk: store 44.1 kHz samples (fed as if 16 kHz)
-    image_format: str = "jpeg"  # jpeg (q95, 4:4:4) | png
+    image_format: str = "jpeg"  # jpeg (q95, 4:2:0) | png
     labels: tuple = DEFAULT_LABELS
     pairing_seed: int = 0  # fixed validation/test pairing
 
