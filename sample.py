@@ -34,6 +34,7 @@ _SEED = flags.DEFINE_integer("seed", None, "Seed of the first audio file; file i
 _OUT = flags.DEFINE_string("out", None, "Output folder (default: WORKDIR/samples).")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", "best", "best | latest | a step number | none (untrained).")
 _PER_LABEL = flags.DEFINE_integer("per_label", 0, "With the default audio: files per label (0 = all).")
+_SAME_SEED = flags.DEFINE_bool("same_seed", False, "Use --seed for every audio file (images differ by audio only).")
 _BATCH = flags.DEFINE_integer("batch", 8, "Images per jitted call (rounded up to the device count).")
 
 
@@ -68,7 +69,7 @@ def main(argv):
                         steps=_STEPS.value if _STEPS.value is not None else s.steps,
                         guidance=_GUIDANCE.value if _GUIDANCE.value is not None else s.guidance,
                         scheduler=_SCHEDULER.value or s.scheduler,
-                        seed=_SEED.value if _SEED.value is not None else s.seed)
+                        seed=_SEED.value if _SEED.value is not None else s.seed, same_seed=_SAME_SEED.value)
     print(f"wrote {out}/ (grid.png, samples.jsonl)")
 
 

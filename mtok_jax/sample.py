@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import os
+import textwrap
 import time
 from typing import Any, Mapping, Sequence
 
@@ -202,9 +203,10 @@ def _caption_cell(image: np.ndarray, caption: str, side: int):
     from PIL import Image, ImageDraw
 
     cell = Image.fromarray(image).resize((side, side), Image.NEAREST)
-    canvas = Image.new("RGB", (side, side + 14), "white")
+    lines = textwrap.wrap(caption, max(4, side // 6))[:2]
+    canvas = Image.new("RGB", (side, side + 26), "white")
     canvas.paste(cell, (0, 0))
-    ImageDraw.Draw(canvas).text((2, side + 1), caption[: max(4, side // 6)], fill="black")
+    ImageDraw.Draw(canvas).multiline_text((2, side + 1), "\n".join(lines), fill="black", spacing=1)
     return canvas
 
 
@@ -228,9 +230,10 @@ def _slug(text: str) -> str:
 
 
 def sample_files(pipe: Pipeline, audio_paths: Sequence[str], out_dir: str | os.PathLike, *, num_images: int,
-                 steps: int, guidance: float, scheduler: str, seed: int) -> list[dict]:
-    """Generate for each audio file (seed + i for the i-th file) → PNGs, grid.png and samples.jsonl in
-    `out_dir`; returns the records written to samples.jsonl."""
+                 steps: int, guidance: float, scheduler: str, seed: int, same_seed: bool = False) -> list[dict]:
+    """Generate for each audio file (seed + i for the i-th file; `same_seed`: `seed` for all, so images
+    differ only through the audio) → PNGs, grid.png and samples.jsonl in `out_dir`; returns the
+    records written to samples.jsonl."""
     from PIL import Image
 
     from mtok_jax.audio.io import load_audio
@@ -239,7 +242,7 @@ def sample_files(pipe: Pipeline, audio_paths: Sequence[str], out_dir: str | os.P
     os.makedirs(out_dir, exist_ok=True)
     rate = sample_rate(config)
     waves = np.stack([load_audio(p, rate, config.data.clip_seconds) for p in audio_paths])
-    seeds = [int(seed) + i for i in range(len(audio_paths))]
+    seeds = [int(seed) + (0 if same_seed else i) for i in range(len(audio_paths))]
     t0 = time.time()
     images = pipe.generate(waves, seeds, num_images=num_images, steps=steps, guidance=guidance, scheduler=scheduler)
     seconds = time.time() - t0

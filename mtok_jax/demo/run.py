@@ -1,0 +1,116 @@
+"""The built-in demo end to end (what `make demo` runs): python -m mtok_jax.demo.run
+
+Stages (each idempotent; timings printed per stage):
+  1. tiny random SD / BEATs folders in the real formats        → demo_assets/sd, demo_assets/beats
+  2. tiny metric models (CLIP ViT, Inception, Wav2CLIP)         → demo_assets/metrics/
+  3. the synthetic `demo` dataset through the TFDS builder      → demo_assets/manual, demo_assets/data
+  4. training of configs/demo.py (resumes if already trained)   → runs/demo/{metrics.jsonl,loss.png,checkpoints/}
+  5. one image per label from the held-out test audio           → runs/demo/samples/{*.png,grid.png,samples.jsonl}
+  6. evaluation (AIS / IIS / FID / GIILS) of the best checkpoint → runs/demo/eval/
+"""
+
+from __future__ import annotations
+
+import mtok_jax  # noqa: F401  (first: USE_TF=0)
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+
+from mtok_jax import _compat
+
+
+class _Stages:
+    def __init__(self):
+        self.times: list[tuple[str, float]] = []
+        self.start = time.perf_counter()
+
+    def run(self, name: str, fn, *args, **kwargs):
+        print(f"\n=== {name} ===", flush=True)
+        t = time.perf_counter()
+        out = fn(*args, **kwargs)
+        self.times.append((name, time.perf_counter() - t))
+        print(f"--- {name}: {self.times[-1][1]:.1f} s", flush=True)
+        return out
+
+    def summary(self) -> str:
+        lines = [f"  {name:<34s} {sec:7.1f} s" for name, sec in self.times]
+        lines.append(f"  {'total':<34s} {time.perf_counter() - self.start:7.1f} s")
+        return "\n".join(lines)
+
+
+def _val_losses(workdir: str) -> list[tuple[int, float]]:
+    path = os.path.join(workdir, "metrics.jsonl")
+    out = []
+    if os.path.exists(path):
+        for line in open(path):
+            rec = json.loads(line)
+            if rec.get("val_loss") is not None:
+                out.append((rec.get("epoch"), rec["val_loss"]))
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="configs/demo.py")
+    p.add_argument("--workdir", default=None, help="default runs/<config.workdir_name>")
+    p.add_argument("--skip_eval", action="store_true", help="stop after sampling")
+    args = p.parse_args(argv)
+    _compat.quiet_third_party_loggers()
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("mtok_jax").setLevel(logging.INFO)
+
+    from mtok_jax import config_utils
+
+    config = config_utils.load_config(args.config)
+    workdir = args.workdir or os.path.join("runs", config.workdir_name)
+    root = os.path.dirname(os.path.normpath(config.data.data_dir))  # demo_assets
+    stages = _Stages()
+
+    from mtok_jax.demo.data import build_demo_dataset
+    from mtok_jax.demo.metric_models import write_demo_metric_models
+    from mtok_jax.demo.models import write_demo_models
+
+    stages.run("1 demo models (SD, BEATs)", write_demo_models, root)
+    stages.run("2 metric models", write_demo_metric_models, os.path.join(root, "metrics"))
+    stages.run("3 demo dataset (TFDS)", build_demo_dataset, root)
+
+    from mtok_jax import sample, train
+
+    stages.run("4 train " + args.config, train.train_and_evaluate, config, workdir)
+
+    def sample_per_label():
+        pipe = sample.load_pipeline(config, workdir, "best")
+        audio = sample.held_out_audio(os.path.join(root, "manual"), pipe.system.labels, per_label=1)
+        s = config.sample
+        return sample.sample_files(pipe, audio, os.path.join(workdir, "samples"), num_images=s.num_images,
+                                   steps=s.steps, guidance=s.guidance, scheduler=s.scheduler, seed=s.seed,
+                                   same_seed=True)  # one seed for all labels: images differ by audio only
+
+    records = stages.run("5 sample one image per label", sample_per_label)
+
+    report = None
+    if not args.skip_eval:
+        from metrics import evaluate
+
+        m = config.metrics
+        report = stages.run("6 evaluate (AIS/IIS/FID/GIILS)", evaluate.evaluate_checkpoint, config, workdir,
+                            checkpoint="best", num_images=m.num_images, per_label=m.per_label,
+                            out_dir=os.path.join(workdir, "eval"))
+
+    val = _val_losses(workdir)
+    print("\n=== demo done ===")
+    print(stages.summary())
+    if val:
+        print(f"validation loss by epoch: " + ", ".join(f"{e}: {v:.4f}" for e, v in val))
+    print(f"{len(records)} images → {os.path.join(workdir, 'samples')}/grid.png")
+    if report is not None:
+        print(f"evaluation → {os.path.join(workdir, 'eval')}/report.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
