@@ -49,6 +49,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     _compat.quiet_third_party_loggers()
     logging.getLogger("absl").setLevel(logging.WARNING)
+    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # "Unable to initialize backend 'tpu'"
     logging.getLogger("mtok_jax").setLevel(logging.INFO)
     from mtok_jax import config_utils, sample
 
