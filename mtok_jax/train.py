@@ -169,7 +169,7 @@ def make_train_step(loss_fn: Callable, cosine_fn: Callable | None, optimizer: op
         grads = jax.tree.map(lambda g: g / accum, grad_sum)
         updates, opt_state = optimizer.update(grads, opt_state, trainable)
         trainable = optax.apply_updates(trainable, updates)
-        metrics = {"loss": jnp.mean(loss), "grad_norm": optax.global_norm(grads), "lr": schedule(step),
+        metrics = {"loss": jnp.mean(loss), "grad_norm": optax.tree.norm(grads), "lr": schedule(step),
                    **{k: jnp.mean(v) for k, v in terms.items()}}
         if mean_cos is not None:  # the big batch's term, not the mean of linearised values
             metrics["cosine"] = jnp.square(1.0 - mean_cos)

@@ -1,0 +1,211 @@
+"""The training spine on the real code path with the tiny demo models (written once per session).
+
+Step-level checks use synthetic in-memory batches: a sharded step on a 4×2 mesh equals the 1-device
+step; exp2 changes UNet and BEATs; exp1 leaves every frozen leaf bit-identical; accumulation of 4
+micro-batches of 1 equals one batch of 4. Loop-level checks run `train_and_evaluate` on a tiny
+dataset built by the real TFDS builder: stop + resume is bit-identical to an uninterrupted run, and
+the NaN guard names the step.
+"""
+
+import functools
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import ml_collections
+import pytest
+from flax import traverse_util
+
+from mtok_jax import checkpoints, conditioning, config_utils, sharding, train
+from mtok_jax.data import pipeline, sources
+
+CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
+LABELS = sources.DEFAULT_LABELS[:3]
+CLIP_SECONDS = 1.0
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """Tiny demo models (H6's writer, real formats) + a 3-label, 1 s dataset built by the real builder."""
+    from mtok_jax.data.builder import build, make_config
+    from mtok_jax.demo.data import write_demo_sources
+    from mtok_jax.demo.models import write_demo_models
+
+    root = tmp_path_factory.mktemp("demo")
+    paths = write_demo_models(root)
+    manual = write_demo_sources(root / "manual", per_label={"train": 2, "validation": 1, "test": 1},
+                                clip_seconds=CLIP_SECONDS, labels=LABELS)
+    data_dir = root / "data"
+    build(manual, data_dir, make_config("folders", clip_seconds=CLIP_SECONDS, image_size=32, labels=LABELS,
+                                        name="tiny"), workers=0, progress=False)
+    return {"sd": paths["sd"], "beats": paths["beats"], "data": str(data_dir)}
+
+
+def demo_config(assets, *overrides):
+    return config_utils.load_config(CONFIGS / "demo.py", [
+        f"model.sd_path={assets['sd']}", f"model.beats_path={assets['beats']}", f"data.data_dir={assets['data']}",
+        "data.builder_config=tiny", f"data.clip_seconds={CLIP_SECONDS}", *overrides])
+
+
+@pytest.fixture(scope="module")
+def loaded(assets):
+    config = demo_config(assets, "train.lr=1e-3")
+    system, params = conditioning.load_system(config)
+    assert system.labels == LABELS
+    return system, params
+
+
+def synthetic_batch(accum: int, micro: int, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    n = accum * micro
+    batch = {"audio": (0.3 * rng.standard_normal((n, int(CLIP_SECONDS * 16000)))).astype(np.float32),
+             "image": rng.uniform(-1, 1, (n, 32, 32, 3)).astype(np.float32),
+             "label": rng.integers(0, len(LABELS), n).astype(np.int32)}
+    return {k: v.reshape(accum, micro, *v.shape[1:]) for k, v in batch.items()}
+
+
+def run_step(system, params, pattern: str, mesh, batch, fsdp_min_size: int = 2 ** 30, eps: float = 1e-8):
+    """One jitted train step as train_and_evaluate builds it → (new full params, metrics)."""
+    t = ml_collections.ConfigDict(system.config.train.to_dict())
+    t.eps = eps
+    trainable, frozen = sharding.split_params(params, pattern)
+    schedule = train.learning_rate(t, 10)
+    optimizer = train.make_optimizer(t, schedule)
+    shard = pattern != "embedder"
+    tr_sh = sharding.param_shardings(mesh, trainable, shard=shard, min_size=fsdp_min_size)
+    fr_sh = sharding.param_shardings(mesh, frozen, shard=True, min_size=fsdp_min_size)
+    trainable, frozen = jax.device_put(trainable, tr_sh), jax.device_put(frozen, fr_sh)
+    opt_state = optimizer.init(trainable)
+    repl = sharding.replicated(mesh)
+    step = jax.jit(train.make_train_step(functools.partial(train.system_loss, system),
+                                         functools.partial(train.system_cosines, system), optimizer, schedule),
+                   in_shardings=(tr_sh, None, fr_sh, sharding.batch_sharding(mesh, leading=1), repl, repl),
+                   out_shardings=(tr_sh, None, repl))
+    batch = jax.device_put(batch, sharding.batch_sharding(mesh, leading=1))
+    new, _, metrics = step(trainable, opt_state, frozen, batch, jnp.int32(0), jax.random.key(7))
+    if shard:  # the big leaves really were split over fsdp
+        specs = [s.spec for s in jax.tree.leaves(tr_sh)]
+        assert mesh.shape["fsdp"] == 1 or any("fsdp" in tuple(s) for s in specs)
+    return sharding.merge_params(jax.device_get(new), jax.device_get(frozen)), jax.device_get(metrics)
+
+
+def flat(tree):
+    return traverse_util.flatten_dict(sharding._plain(tree), sep="/")
+
+
+EXP2 = "embedder|beats|unet"
+
+
+# Adam's first update is lr·g/(|g| + eps): for leaves whose gradient is exactly zero in exact arithmetic
+# (e.g. a conv bias followed by a one-channel-per-group GroupNorm) it amplifies float round-off
+# (~1e-12) by lr/eps. The parameter comparison therefore uses eps = 1e-6 (lr = 1e-3 so real updates are
+# ~1e-3), which keeps that amplification below 1e-8 while every real update is compared at 1e-5.
+SHARD_TEST = dict(eps=1e-6)
+
+
+@pytest.fixture(scope="module")
+def exp2_single(loaded):
+    system, params = loaded
+    return run_step(system, params, EXP2, sharding.make_mesh({"data": 1, "fsdp": 1}), synthetic_batch(1, 8),
+                    **SHARD_TEST)
+
+
+def test_sharded_step_equals_single_device(loaded, exp2_single):
+    system, params = loaded
+    mesh = sharding.make_mesh({"data": 4, "fsdp": 2})
+    sharded, metrics = run_step(system, params, EXP2, mesh, synthetic_batch(1, 8), fsdp_min_size=1024,
+                                **SHARD_TEST)
+    single, single_metrics = exp2_single
+    np.testing.assert_allclose(metrics["loss"], single_metrics["loss"], rtol=1e-6)
+    a, b = flat(sharded), flat(single)
+    for k in a:
+        np.testing.assert_allclose(np.asarray(a[k]), np.asarray(b[k]), atol=1e-5, rtol=0, err_msg=k)
+
+
+def test_exp2_changes_unet_beats_embedder_only(loaded, exp2_single):
+    _, params = loaded
+    new, _ = exp2_single
+    before, after = flat(params), flat(new)
+    changed = {k for k in before if not np.array_equal(np.asarray(before[k]), np.asarray(after[k]))}
+    for part in ("unet", "beats", "embedder"):
+        assert any(k.startswith(part + "/") for k in changed), part
+    assert not any(k.startswith(("text/", "vae/")) for k in changed)
+
+
+def test_accumulation_equals_big_batch_and_exp1_freezes(loaded):
+    """4 micro-batches of 1 give the update of one batch of 4 (cosine term included); exp1 changes
+    the embedder and leaves every other leaf bit-identical."""
+    system, params = loaded
+    mesh = sharding.make_mesh({"data": 1, "fsdp": 1})
+    big = synthetic_batch(1, 4, seed=3)
+    micro = {k: v.reshape(4, 1, *v.shape[2:]) for k, v in big.items()}
+    new_big, m_big = run_step(system, params, "embedder", mesh, big, **SHARD_TEST)
+    new_acc, m_acc = run_step(system, params, "embedder", mesh, micro, **SHARD_TEST)
+    np.testing.assert_allclose(m_acc["loss"], m_big["loss"], rtol=1e-5)
+    np.testing.assert_allclose(m_acc["cosine"], m_big["cosine"], rtol=1e-5)
+    a, b = flat(new_acc), flat(new_big)
+    for k in a:
+        np.testing.assert_allclose(np.asarray(a[k]), np.asarray(b[k]), atol=1e-6, rtol=0, err_msg=k)
+    before = flat(params)
+    for k, v in before.items():
+        same = np.array_equal(np.asarray(v), np.asarray(b[k]))
+        assert same != k.startswith("embedder/"), k
+
+
+# ---------------------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------------------
+# 6 train clips (3 steps of 2 per epoch), 3 validation clips (batches of 2, the second padded + masked).
+LOOP = ("train.epochs=2", "train.batch_size=2", "train.val_batch_size=1", "train.log_every=1",
+        "train.checkpoint_every=100", "mesh.data=2", "mesh.fsdp=1")
+
+
+def test_resume_is_bit_identical(assets, tmp_path):
+    full = train.train_and_evaluate(demo_config(assets, *LOOP), str(tmp_path / "full"))
+    steps_per_epoch = pipeline.num_batches(pipeline.num_examples(assets["data"], "train", "tiny"), 2)
+    assert steps_per_epoch == 3 and pipeline.num_examples(assets["data"], "validation", "tiny") == 3
+    assert full["step"] == 2 * steps_per_epoch and len(full["val_losses"]) == 2
+    k = steps_per_epoch + 1  # stop in the middle of the second epoch, after a validation
+    part = train.train_and_evaluate(demo_config(assets, *LOOP, f"train.max_steps={k}"), str(tmp_path / "resumed"))
+    assert part["step"] == k and part["epoch"] == 1
+    resumed = train.train_and_evaluate(demo_config(assets, *LOOP), str(tmp_path / "resumed"))
+    assert resumed["step"] == full["step"] and resumed["val_losses"] == full["val_losses"][1:]
+    a, b = flat(resumed["trainable"]), flat(full["trainable"])
+    assert a.keys() == b.keys()
+    for key in a:
+        assert np.array_equal(np.asarray(a[key]), np.asarray(b[key])), key
+
+    def lines(run):
+        return [json.loads(x) for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+
+    assert lines("resumed") == lines("full")
+    epochs = [r for r in lines("full") if r["kind"] == "epoch"]
+    assert [r["epoch"] for r in epochs] == [1, 2] and all(r["val_loss"] is not None for r in epochs)
+    assert {"epoch", "step", "train_loss", "val_loss", "lr"} <= set(epochs[0])
+    assert (tmp_path / "full" / "loss.png").stat().st_size > 1000
+
+    # The best checkpoint restores into the full params (the contract sample.py uses).
+    _, params = conditioning.load_system(demo_config(assets, *LOOP))
+    best_step = 2 * steps_per_epoch if full["val_losses"][1] < full["val_losses"][0] else steps_per_epoch
+    restored = checkpoints.restore_trained(str(tmp_path / "full"), params, "best")
+    latest = checkpoints.restore_trained(str(tmp_path / "full"), params, "latest")
+    assert np.array_equal(np.asarray(latest["embedder"]["fc1"]["kernel"]),
+                          np.asarray(full["trainable"]["embedder"]["fc1"]["kernel"]))
+    assert np.array_equal(np.asarray(restored["unet"]["conv_in"]["kernel"]), np.asarray(params["unet"]["conv_in"]["kernel"]))
+    assert checkpoints.restore_trained(str(tmp_path / "full"), params, best_step) is not None
+
+
+def test_nan_guard_names_the_step(assets, tmp_path, monkeypatch):
+    real_batches = pipeline.batches
+
+    def poisoned(*args, **kwargs):
+        for i, batch in enumerate(real_batches(*args, **kwargs)):
+            if args[1] == "train" and i == 1:  # the second training batch: step 2
+                batch = {**batch, "audio": np.full_like(batch["audio"], np.nan)}
+            yield batch
+
+    monkeypatch.setattr(pipeline, "batches", poisoned)
+    with pytest.raises(FloatingPointError, match="at step 2 "):
+        train.train_and_evaluate(demo_config(assets, *LOOP, "train.max_steps=3"), str(tmp_path / "nan"))
