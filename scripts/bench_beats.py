@@ -2,7 +2,7 @@
 
   .venv/bin/python scripts/bench_beats.py [--seconds 30] [--runs 5] [--dtypes float32,bfloat16] [--grouped]
 
-Prints, per compute dtype: tokens, AOT lower+compile time, steady-state ms per clip (median of --runs
+Prints a matmul machine check (the box is shared: compare against it), then per compute dtype: tokens, AOT lower+compile time, steady-state ms per clip (median of --runs
 after one warm-up) for waveform → fbank → BEATs features, and the fbank alone.
 """
 
@@ -42,6 +42,11 @@ def main() -> None:
 
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind} ×{jax.device_count()}, "
           f"matmul precision {jax.config.jax_default_matmul_precision or 'default'}")
+    a = jnp.ones((2048, 2048), jnp.float32)
+    mm = jax.jit(jnp.matmul).lower(a, a).compile()
+    ms, _ = _median_ms(lambda: mm(a, a), 3)
+    print(f"machine check: 2048³ f32 matmul {2 * 2048 ** 3 / ms / 1e6:.0f} GFLOP/s "
+          f"(quiet 2-core anchor ≈ 400, notes/cpu-anchors.md)")
     wav = np.random.default_rng(0).uniform(-0.5, 0.5, (1, int(args.seconds * 16000))).astype(np.float32)
     t = time.perf_counter()
     params = jax.block_until_ready(init_params(BEATS_ITER3_PLUS_AS2M_CFG, jax.random.PRNGKey(0)))
@@ -60,8 +65,12 @@ def main() -> None:
         compile_s = time.perf_counter() - t
         tokens = jax.eval_shape(fwd, params, wav).shape[1]
         ms, all_ms = _median_ms(lambda: compiled(params, wav), args.runs)
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        gflop = float(cost.get("flops", float("nan"))) / 1e9
         print(f"BEATs {name:8s} {'grouped' if args.grouped else 'split'} conv-pos: {args.seconds:g} s clip → "
-              f"{tokens} tokens; compile {compile_s:.1f} s; {ms:.0f} ms/clip (median of {args.runs}: {all_ms})")
+              f"{tokens} tokens; compile {compile_s:.1f} s; {ms:.0f} ms/clip (median of {args.runs}: {all_ms}); "
+              f"{gflop:.0f} GFLOP (XLA) → {gflop / ms * 1e3:.0f} GFLOP/s")
 
 
 if __name__ == "__main__":
