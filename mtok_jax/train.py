@@ -308,8 +308,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     log.info("trainable %r: %d parameters in %d leaves", t.trainable, n_trainable, len(jax.tree.leaves(trainable)))
 
     # ---------------------------------------------------------------------------------- shard
-    shard_trainable = any(p in t.trainable for p in ("unet", "beats")) or t.trainable in (".*", ".+")
-    trainable_sh = sharding.param_shardings(mesh, trainable, shard=shard_trainable, min_size=t.fsdp_min_size)
+    # Leaves above fsdp_min_size elements are split over the `fsdp` axis (mesh.fsdp = 1: all replicated).
+    trainable_sh = sharding.param_shardings(mesh, trainable, shard=True, min_size=t.fsdp_min_size)
     frozen_sh = sharding.param_shardings(mesh, frozen, shard=True, min_size=t.fsdp_min_size)
     trainable = jax.device_put(trainable, trainable_sh)
     frozen = jax.device_put(frozen, frozen_sh)

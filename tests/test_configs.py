@@ -74,3 +74,34 @@ def test_image_size_must_fit_the_unet():
     config = config_utils.load_config(CONFIG_DIR / "exp1.py", ["data.image_size=32"])
     with pytest.raises(ValueError, match="image"):
         conditioning.eval_shapes(config, full_size=True)
+
+
+def test_bf16_shapes_resolve():
+    config = config_utils.load_config(CONFIG_DIR / "exp2.py", ["model.dtype=bfloat16", "train.batch_size=1"])
+    out = conditioning.eval_shapes(config, full_size=True)
+    assert out["audio_token"].dtype == "float32" and out["text_states"].shape == (1, 77, 768)
+    leaves = __import__("jax").tree.leaves(out["params"])
+    assert all(x.dtype == "float32" for x in leaves)  # master params stay float32
+
+
+def test_sharding_rules():
+    from jax.sharding import PartitionSpec as P
+
+    from mtok_jax import sharding
+
+    assert sharding.fsdp_spec((2304, 768), 2, 100) == P("fsdp", None)  # largest divisible axis
+    assert sharding.fsdp_spec((3, 3, 320, 640), 4, 100) == P(None, None, None, "fsdp")
+    assert sharding.fsdp_spec((7, 5), 2, 1) == P()  # nothing divisible → replicated
+    assert sharding.fsdp_spec((4096,), 2, 2 ** 22) == P()  # small → replicated
+    params = {"unet": {"k": 1}, "unet_extra": {"k": 2}, "embedder": {"fc1": {"kernel": 3}}, "text": {"t": 4}}
+    trainable, frozen = sharding.split_params(params, "embedder|unet")
+    assert trainable == {"unet": {"k": 1}, "embedder": {"fc1": {"kernel": 3}}}
+    assert frozen == {"unet_extra": {"k": 2}, "text": {"t": 4}}
+    assert sharding.merge_params(trainable, frozen) == params
+    assert sharding.trainable_paths(params, "unet/.*") == ["unet/k"]
+    with pytest.raises(ValueError, match="selects no parameter"):
+        sharding.split_params(params, "vae")
+    mesh = sharding.make_mesh({"data": -1, "fsdp": 2})
+    assert dict(mesh.shape) == {"data": 4, "fsdp": 2}
+    with pytest.raises(ValueError):
+        sharding.make_mesh({"data": 3, "fsdp": 3})
