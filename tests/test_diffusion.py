@@ -32,6 +32,7 @@ def torch_sd(tmp_path_factory):
     torch = torch_or_skip()
     import diffusers
 
+    torch.set_num_threads(1)  # 2 OpenMP threads on a loaded 2-core machine: 0.5-3 s per tiny forward, 1: 15 ms
     torch.manual_seed(0)
     root = tmp_path_factory.mktemp("sd_pt")
     unet = diffusers.UNet2DConditionModel(**TINY_UNET).eval()
