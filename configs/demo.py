@@ -3,10 +3,12 @@
   make demo        # writes demo_assets/, trains this config into runs/demo/, samples one image per label
   python train.py --config configs/demo.py          # training only (needs demo_assets/)
 
-Same code path as the thesis experiments (exp1-style: the embedder trains) at toy sizes: CLIP text
-width 32, UNet (32, 64) channels, 32×32 images, 4 s clips, BEATs with 4 layers of width 32.
-144 training / 36 validation clips, batch 8 → 18 steps per epoch. Expected runtime on a 2-core CPU:
-about 2-3 minutes for 6 epochs (most of it compilation), validation loss falling from epoch 1 to 6.
+Same code path as the thesis experiments at toy sizes: CLIP text width 32, UNet (32, 64) channels,
+32×32 images, 4 s clips, BEATs with 4 layers of width 32. The embedder and the UNet train (a random
+tiny UNet must learn to denoise before the audio token can steer it; BEATs, CLIP and the VAE stay
+frozen). 144 training / 36 validation clips, batch 8 → 18 steps per epoch, 6 epochs.
+Measured on the shared 2-core CPU: ~5 min (≈30 s compile, ~1 s/step), validation loss
+0.383 → 0.253 → 0.214 → 0.199 → 0.193 → 0.191 over the 6 epochs.
 """
 
 from configs import default
@@ -25,7 +27,7 @@ def get_config():
     c.data.builder_config = "demo"
     c.data.clip_seconds = 4.0
     c.data.image_size = DEMO_IMAGE_SIZE
-    c.train.trainable = "embedder"
+    c.train.trainable = "embedder|unet"
     c.train.epochs = 6
     c.train.batch_size = 8
     c.train.val_batch_size = 8
