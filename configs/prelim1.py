@@ -3,7 +3,7 @@
   python train.py --config configs/prelim1.py \
       --config.model.sd_path=/path/to/stable-diffusion-v1-4 --config.model.beats_path=/path/to/beats
 
-Each optimizer step sees 4 clips (same update as one batch of 4). Expected runtime on one H100:
+Each optimizer step sees 4 clips (same update as one batch of 4). Expected runtime on one H100 (estimate):
 4,842 steps/epoch at ~0.3 s → ~25 min/epoch, ~3.5 h in total.
 """
 

@@ -3,7 +3,7 @@
   python train.py --config configs/prelim2.py \
       --config.model.sd_path=/path/to/stable-diffusion-v1-4 --config.model.beats_path=/path/to/beats
 
-Expected runtime on one H100: ~25 min/epoch, ~5.5 h in total.
+Expected runtime on one H100 (estimate): ~25 min/epoch, ~5.5 h in total.
 """
 
 from configs import prelim1
