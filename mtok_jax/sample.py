@@ -94,6 +94,7 @@ class Pipeline:
     mesh: jax.sharding.Mesh
     config: Any
     checkpoint: str | int | None = None
+    workdir: str | None = None
     max_batch: int = 8  # images per jit call (rounded up to the mesh size)
     _uncond: Any = None
     _compiled: dict = dataclasses.field(default_factory=dict)
@@ -148,7 +149,7 @@ def load_pipeline(config, workdir: str | os.PathLike | None, checkpoint: str | i
     if checkpoint is not None:
         params = checkpoints.restore_trained(workdir, params, checkpoint)
     return Pipeline(system=system, params=params, mesh=mesh, config=config, checkpoint=checkpoint,
-                    max_batch=max_batch)
+                    workdir=None if workdir is None else os.path.abspath(workdir), max_batch=max_batch)
 
 
 # ------------------------------------------------------------------------------------------ files
@@ -251,7 +252,7 @@ def sample_files(pipe: Pipeline, audio_paths: Sequence[str], out_dir: str | os.P
                     image_size=list(conditioning.image_hw(config)), checkpoint=pipe.checkpoint,
                     sd_path=config.model.sd_path, beats_path=config.model.beats_path,
                     unary_dropout_at_inference=bool(config.model.unary_dropout_at_inference),
-                    dtype=config.model.dtype, config=config.workdir_name)
+                    dtype=config.model.dtype, config=config.workdir_name, workdir=pipe.workdir)
     records, captions = [], []
     for b, path in enumerate(audio_paths):
         label = label_of(path, pipe.system.labels)
