@@ -113,18 +113,25 @@ def test_vae_from_pytorch_safetensors_matches_torch(torch_sd):
 
 
 @pytest.mark.torch
-@pytest.mark.parametrize("kind", diffusion.SAMPLERS)
-def test_sampler_matches_pytorch_scheduler(torch_sd, flax_unet, kind):
+@pytest.mark.parametrize("kind, prediction_type", [(k, "epsilon") for k in diffusion.SAMPLERS]
+                         + [("dpm", "v_prediction"), ("euler", "v_prediction")])
+def test_sampler_matches_pytorch_scheduler(torch_sd, flax_unet, kind, prediction_type):
     """Same tiny UNet in both, same initial latents, 10 steps, guidance 7.5 (DESIGN §2.5).
 
     Measured max |Δ| / max |ref|: ~1e-5 for all four (pndm 2.7e-4 on 29, ddim 2.9e-4 on 28,
-    dpm 4.7e-4 on 49, euler 5.8e-4 on 49). The unmodified Flax DPM-Solver++ last step gives ~4e-4.
+    dpm 4.7e-4 on 49, euler 5.8e-4 on 49; v-prediction dpm / euler ~1.2e-4 on ~4). Without our last-step fix
+    the Flax DPM-Solver++ is off by 3.8e-2 (ε) / 3.4e-2 (v) here (DESIGN §2.5 saw 2.5e-2 on 57).
     """
     torch, tunet, _, root = torch_sd
     import diffusers
 
     unet, params = flax_unet
-    scheduler, state = diffusion.make_sampler_scheduler(root, kind)
+    config = {**diffusion.read_scheduler_config(root), "prediction_type": prediction_type}  # SD-2: v_prediction
+    if prediction_type == "epsilon":
+        scheduler, state = diffusion.make_sampler_scheduler(root, kind)
+    else:
+        scheduler, state = diffusion.sampler_from_config(config, kind)
+    assert scheduler.config.prediction_type == prediction_type
     rs = np.random.RandomState(4)
     lat0 = rs.normal(size=(2, 4, 8, 8)).astype(np.float32)
     cond = rs.normal(size=(2, 77, 32)).astype(np.float32)
@@ -135,7 +142,7 @@ def test_sampler_matches_pytorch_scheduler(torch_sd, flax_unet, kind):
 
     twin = {"pndm": diffusers.PNDMScheduler, "ddim": diffusers.DDIMScheduler,
             "dpm": diffusers.DPMSolverMultistepScheduler, "euler": diffusers.EulerDiscreteScheduler}[kind]
-    ts = twin.from_config(diffusion.read_scheduler_config(root))
+    ts = twin.from_config(config)
     ts.set_timesteps(10)
     x = torch.from_numpy(lat0) * ts.init_noise_sigma
     context = torch.from_numpy(np.concatenate([uncond, cond]))
@@ -145,8 +152,9 @@ def test_sampler_matches_pytorch_scheduler(torch_sd, flax_unet, kind):
             u, c = out.chunk(2)
             x = ts.step(u + 7.5 * (c - u), t, x).prev_sample
     ref = x.numpy()
-    assert np.isfinite(ours).all() and np.abs(ref).max() > 1.0
-    np.testing.assert_allclose(ours, ref, rtol=0, atol=3e-5 * np.abs(ref).max())
+    assert np.isfinite(ours).all() and np.abs(ref).max() > 1.0, np.abs(ref).max()
+    # float32 UNet error (~4e-5 per call) × guidance 7.5 sets a floor; the rest scales with the latents
+    np.testing.assert_allclose(ours, ref, rtol=0, atol=3e-5 * np.abs(ref).max() + 3e-4)
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
