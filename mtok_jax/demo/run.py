@@ -1,5 +1,7 @@
 """The built-in demo end to end (what `make demo` runs): python -m mtok_jax.demo.run
 
+  python -m mtok_jax.demo.run [--config configs/demo.py] [--workdir DIR] [--skip_eval] [--config.a.b=value ...]
+
 Stages (each idempotent; timings printed per stage):
   1. tiny random SD / BEATs folders in the real formats        → demo_assets/sd, demo_assets/beats
   2. tiny metric models (CLIP ViT, Inception, Wav2CLIP)         → demo_assets/metrics/
@@ -58,14 +60,17 @@ def main(argv=None) -> int:
     p.add_argument("--config", default="configs/demo.py")
     p.add_argument("--workdir", default=None, help="default runs/<config.workdir_name>")
     p.add_argument("--skip_eval", action="store_true", help="stop after sampling")
-    args = p.parse_args(argv)
+    args, overrides = p.parse_known_args(argv)
+    bad = [a for a in overrides if not a.startswith("--config.")]
+    if bad:
+        p.error(f"unrecognized arguments: {' '.join(bad)} (config overrides look like --config.a.b=value)")
     _compat.quiet_third_party_loggers()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("mtok_jax").setLevel(logging.INFO)
 
     from mtok_jax import config_utils
 
-    config = config_utils.load_config(args.config)
+    config = config_utils.load_config(args.config, overrides)
     workdir = args.workdir or os.path.join("runs", config.workdir_name)
     root = os.path.dirname(os.path.normpath(config.data.data_dir))  # demo_assets
     stages = _Stages()
