@@ -158,7 +158,7 @@ def test_accumulation_equals_big_batch_and_exp1_freezes(loaded):
 # The loop
 # ---------------------------------------------------------------------------------------------------
 # 6 train clips (3 steps of 2 per epoch), 3 validation clips (batches of 2, the second padded + masked).
-LOOP = ("train.epochs=2", "train.batch_size=2", "train.val_batch_size=1", "train.log_every=1",
+LOOP = ("train.trainable=embedder", "train.epochs=2", "train.batch_size=2", "train.val_batch_size=1", "train.log_every=1",
         "train.checkpoint_every=100", "mesh.data=2", "mesh.fsdp=1")
 
 
