@@ -59,6 +59,11 @@ class Checkpointer:
         step = self.latest.latest_step()
         if step is None:
             return None
+        meta = self.latest.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        have = sorted(traverse_util.flatten_dict(sharding._plain(params_like), sep="/"))
+        if list(meta["trainable_paths"]) != have:
+            raise ValueError(f"{self.latest.directory}/{step} trained {len(meta['trainable_paths'])} leaves, the "
+                             f"config trains {len(have)} other ones (train.trainable changed?): use a new workdir")
         out = self.latest.restore(step, args=ocp.args.Composite(
             params=ocp.args.StandardRestore(_abstract(params_like)),
             opt_state=ocp.args.StandardRestore(_abstract(opt_state_like)),

@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import os
+import time
 from typing import Any, Callable, Mapping
 
 import jax
@@ -330,6 +331,17 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     eval_step = jax.jit(make_eval_step(lambda *a: system_eval_loss(system, *a)),
                         in_shardings=(trainable_sh, frozen_sh, eval_batch_sh, repl, repl), out_shardings=(repl, repl))
     eval_key = jax.device_put(jax.random.fold_in(jax.random.key(config.seed), EVAL_SEED), repl)
+    # Ahead-of-time compile, so that compile time is reported apart from step time.
+    micro = t.batch_size
+    h, w = conditioning.image_hw(config)
+    abstract_batch = {
+        "audio": jax.ShapeDtypeStruct((t.grad_accum, micro, conditioning.clip_samples(config)), jnp.float32,
+                                      sharding=train_batch_sh),
+        "image": jax.ShapeDtypeStruct((t.grad_accum, micro, h, w, 3), jnp.float32, sharding=train_batch_sh),
+        "label": jax.ShapeDtypeStruct((t.grad_accum, micro), jnp.int32, sharding=train_batch_sh)}
+    started = time.perf_counter()
+    train_step = train_step.lower(trainable, opt_state, frozen, abstract_batch, jnp.int32(0), root_key).compile()
+    log.info("train step compiled in %.1f s", time.perf_counter() - started)
 
     # ---------------------------------------------------------------------------------- checkpoint
     ckpt = checkpoints.Checkpointer(workdir)
