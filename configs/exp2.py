@@ -5,7 +5,8 @@
 
 50 epochs, lr 1e-5 cosine, batch 8 / 8, AdamW; best epoch by validation loss (thesis: 36). The UNet is
 sharded over the `fsdp` mesh axis when `--config.mesh.fsdp` > 1 (fp32 params + Adam ≈ 14 GB).
-Expected runtime (estimate, not measured here): ≈19 TFLOP/step at 512 px; on one H100 roughly 0.8 s/step, ~35 min/epoch, ~30 h total.
+Expected runtime (an estimate, not measured here): ≈19 TFLOP/step at 512 px; on one H100 roughly
+0.8 s/step, ~35 min/epoch, ~30 h in total.
 """
 
 from configs import default

@@ -350,10 +350,10 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     best_val, epoch_loss_sum, epoch_loss_n = math.inf, 0.0, 0
     restored = ckpt.restore_latest(trainable, opt_state)
     if restored is not None:
-        trainable, opt_state, meta = restored
-        step, epoch, start_batch = int(meta["step"]), int(meta["epoch"]), int(meta["batch_in_epoch"])
-        best_val = float(meta["best_val_loss"])
-        epoch_loss_sum, epoch_loss_n = float(meta["epoch_loss_sum"]), int(meta["epoch_loss_n"])
+        trainable, opt_state, saved = restored
+        step, epoch, start_batch = int(saved["step"]), int(saved["epoch"]), int(saved["batch_in_epoch"])
+        best_val = float(saved["best_val_loss"])
+        epoch_loss_sum, epoch_loss_n = float(saved["epoch_loss_sum"]), int(saved["epoch_loss_n"])
         metrics_log.truncate_after(step)
         log.info("resumed from step %d (epoch %d, batch %d)", step, epoch, start_batch)
 
@@ -377,51 +377,56 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     max_steps = t.max_steps if t.max_steps > 0 else t.epochs * steps_per_epoch
     val_losses: list[float] = []
     stopped = step >= max_steps
-    while epoch < t.epochs and not stopped:
-        bar = _progress(steps_per_epoch, start_batch, examples_per_step, f"epoch {epoch + 1}/{t.epochs}", is_main)
-        host_batches = pipeline.batches(d.data_dir, "train", global_batch_size=examples_per_step, seed=d.seed,
-                                        epoch=epoch, start_batch=start_batch, **data_kw)
-        for host_batch in host_batches:
-            host_batch = {k: v.reshape(t.grad_accum, -1, *v.shape[1:]) for k, v in host_batch.items()}
-            batch = pipeline.to_global(host_batch, train_batch_sh)
-            trainable, opt_state, metrics = train_step(trainable, opt_state, frozen, batch, jnp.int32(step), root_key)
-            loss = float(metrics["loss"])
-            if not math.isfinite(loss):
-                raise FloatingPointError(f"non-finite training loss {loss} at step {step + 1} (epoch {epoch + 1}, "
-                                         f"batch {start_batch + 1}); last good checkpoint: "
-                                         f"{ckpt.latest.latest_step()}")
-            step, start_batch = step + 1, start_batch + 1
-            epoch_loss_sum, epoch_loss_n = epoch_loss_sum + loss, epoch_loss_n + 1
-            bar.update(examples_per_step)
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{float(metrics['lr']):.2e}")
-            if step % t.log_every == 0:
-                metrics_log.write(kind="step", epoch=epoch + start_batch / steps_per_epoch, step=step,
-                                  train_loss=loss, val_loss=None, lr=float(metrics["lr"]),
-                                  **{k: float(metrics[k]) for k in ("mse", "l1", "l2", "cosine", "grad_norm")})
-            if step >= max_steps:
-                stopped = True
-                break
-            if step % t.checkpoint_every == 0 and start_batch < steps_per_epoch:
+    try:
+        while epoch < t.epochs and not stopped:
+            bar = _progress(steps_per_epoch, start_batch, examples_per_step, f"epoch {epoch + 1}/{t.epochs}",
+                            is_main)
+            host_batches = pipeline.batches(d.data_dir, "train", global_batch_size=examples_per_step, seed=d.seed,
+                                            epoch=epoch, start_batch=start_batch, **data_kw)
+            for host_batch in host_batches:
+                host_batch = {k: v.reshape(t.grad_accum, -1, *v.shape[1:]) for k, v in host_batch.items()}
+                batch = pipeline.to_global(host_batch, train_batch_sh)
+                trainable, opt_state, metrics = train_step(trainable, opt_state, frozen, batch, jnp.int32(step),
+                                                           root_key)
+                loss = float(metrics["loss"])
+                if not math.isfinite(loss):
+                    raise FloatingPointError(
+                        f"non-finite training loss {loss} at step {step + 1} (epoch {epoch + 1}, batch "
+                        f"{start_batch + 1}); last good checkpoint: {ckpt.latest.latest_step()}")
+                step, start_batch = step + 1, start_batch + 1
+                epoch_loss_sum, epoch_loss_n = epoch_loss_sum + loss, epoch_loss_n + 1
+                bar.update(examples_per_step)
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{float(metrics['lr']):.2e}")
+                if step % t.log_every == 0:
+                    metrics_log.write(kind="step", epoch=epoch + start_batch / steps_per_epoch, step=step,
+                                      train_loss=loss, val_loss=None, lr=float(metrics["lr"]),
+                                      **{k: float(metrics[k]) for k in ("mse", "l1", "l2", "cosine", "grad_norm")})
+                if step >= max_steps:
+                    stopped = True
+                    break
+                if step % t.checkpoint_every == 0 and start_batch < steps_per_epoch:
+                    ckpt.save_latest(step, trainable, opt_state, meta())
+            bar.close()
+            getattr(host_batches, "close", lambda: None)()  # stop its prefetch thread
+            if stopped and start_batch < steps_per_epoch:
                 ckpt.save_latest(step, trainable, opt_state, meta())
-        bar.close()
-        if stopped and start_batch < steps_per_epoch:
+                break
+            # End of epoch: validation, best and latest checkpoints.
+            val_loss = evaluate()
+            train_loss = epoch_loss_sum / max(epoch_loss_n, 1)
+            val_losses.append(val_loss)
+            epoch, start_batch, epoch_loss_sum, epoch_loss_n = epoch + 1, 0, 0.0, 0
+            metrics_log.write(kind="epoch", epoch=epoch, step=step, train_loss=train_loss, val_loss=val_loss,
+                              lr=float(schedule(step)))
+            metrics_log.plot()
+            log.info("epoch %d: train loss %.5f, validation loss %.5f", epoch, train_loss, val_loss)
+            if val_loss < best_val:
+                best_val = val_loss
+                ckpt.save_best(step, trainable, {**meta(), "val_loss": val_loss})
             ckpt.save_latest(step, trainable, opt_state, meta())
-            break
-        # End of epoch: validation, best and latest checkpoints.
-        val_loss = evaluate()
-        train_loss = epoch_loss_sum / max(epoch_loss_n, 1)
-        val_losses.append(val_loss)
-        epoch, start_batch, epoch_loss_sum, epoch_loss_n = epoch + 1, 0, 0.0, 0
-        metrics_log.write(kind="epoch", epoch=epoch, step=step, train_loss=train_loss, val_loss=val_loss,
-                          lr=float(schedule(step)))
-        metrics_log.plot()
-        log.info("epoch %d: train loss %.5f, validation loss %.5f", epoch, train_loss, val_loss)
-        if val_loss < best_val:
-            best_val = val_loss
-            ckpt.save_best(step, trainable, {**meta(), "val_loss": val_loss})
-        ckpt.save_latest(step, trainable, opt_state, meta())
-    ckpt.wait()
-    ckpt.close()
+    finally:
+        ckpt.wait()
+        ckpt.close()
     return {"step": step, "epoch": epoch, "best_val_loss": best_val, "val_losses": val_losses,
             "trainable": trainable}
 

@@ -158,7 +158,8 @@ def test_accumulation_equals_big_batch_and_exp1_freezes(loaded):
 # The loop
 # ---------------------------------------------------------------------------------------------------
 # 6 train clips (3 steps of 2 per epoch), 3 validation clips (batches of 2, the second padded + masked).
-LOOP = ("train.trainable=embedder", "train.epochs=2", "train.batch_size=2", "train.val_batch_size=1", "train.log_every=1",
+LOOP = ("train.trainable=embedder", "train.epochs=2", "train.batch_size=2", "train.val_batch_size=1",
+        "train.log_every=1",
         "train.checkpoint_every=100", "mesh.data=2", "mesh.fsdp=1")
 
 
@@ -193,7 +194,8 @@ def test_resume_is_bit_identical(assets, tmp_path):
     latest = checkpoints.restore_trained(str(tmp_path / "full"), params, "latest")
     assert np.array_equal(np.asarray(latest["embedder"]["fc1"]["kernel"]),
                           np.asarray(full["trainable"]["embedder"]["fc1"]["kernel"]))
-    assert np.array_equal(np.asarray(restored["unet"]["conv_in"]["kernel"]), np.asarray(params["unet"]["conv_in"]["kernel"]))
+    assert np.array_equal(np.asarray(restored["unet"]["conv_in"]["kernel"]),
+                          np.asarray(params["unet"]["conv_in"]["kernel"]))  # frozen: from the model folder
     assert checkpoints.restore_trained(str(tmp_path / "full"), params, best_step) is not None
 
 
