@@ -212,17 +212,29 @@ def pytorch_to_flax(pt_state: Mapping[str, np.ndarray], shapes: Mapping[str, Any
     return traverse_util.unflatten_dict(out)
 
 
+def _safetensors_files(folder: str) -> list[str]:
+    """The weight files: the single file, else the shards of its index, else one variant (e.g. fp16)."""
+    single = os.path.join(folder, PT_SAFETENSORS)
+    if os.path.isfile(single):
+        return [single]
+    index = single + ".index.json"
+    if os.path.isfile(index):
+        return [os.path.join(folder, f) for f in sorted(set(_read_json(index)["weight_map"].values()))]
+    variants = sorted(glob.glob(os.path.join(folder, "diffusion_pytorch_model.*.safetensors")))
+    return variants[:1]
+
+
 def _load_safetensors_folder(folder: str) -> dict[str, np.ndarray]:
     from safetensors.numpy import load_file
 
     state: dict[str, np.ndarray] = {}
-    for f in sorted(glob.glob(os.path.join(folder, "diffusion_pytorch_model*.safetensors"))):
-        state.update(load_file(f))
+    for f in _safetensors_files(folder):
+        state.update({k: v.astype(np.float32) for k, v in load_file(f).items()})
     return state
 
 
 def _has_pt_safetensors(folder: str) -> bool:
-    return bool(glob.glob(os.path.join(folder, "diffusion_pytorch_model*.safetensors")))
+    return bool(_safetensors_files(folder))
 
 
 def _load_model(folder: str, module) -> dict[str, Any]:
