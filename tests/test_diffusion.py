@@ -1,6 +1,7 @@
 """mtok_jax.models.diffusion: configs, torch-free loading of PyTorch-layout weights, VAE latents,
 noising targets and the samplers, each against PyTorch diffusers or a numpy transcription."""
 
+import copy
 import json
 import os
 
@@ -174,3 +175,19 @@ def test_noisy_latents_and_target(tmp_path, prediction_type):
     np.testing.assert_allclose(noisy, np.sqrt(abar) * x0 + np.sqrt(1 - abar) * eps, atol=1e-5)
     expected = eps if prediction_type == "epsilon" else np.sqrt(abar) * eps - np.sqrt(1 - abar) * x0
     np.testing.assert_allclose(target, expected, atol=1e-5)
+
+
+@pytest.mark.torch
+def test_sharded_and_fp16_variant_safetensors_load(torch_sd, flax_unet, tmp_path):
+    """Sharded weights (index json) and an fp16 variant load to the single-file params (fp16: rounded)."""
+    _, tunet, _, _ = torch_sd
+    tunet.save_pretrained(tmp_path / "sharded", safe_serialization=True, max_shard_size="300KB")
+    assert (tmp_path / "sharded" / "diffusion_pytorch_model.safetensors.index.json").exists()
+    copy.deepcopy(tunet).half().save_pretrained(tmp_path / "fp16", safe_serialization=True, variant="fp16")
+    ref = jax.tree_util.tree_leaves_with_path(flax_unet[1])
+    for folder, atol in (("sharded", 0.0), ("fp16", 1e-3)):
+        _, params = diffusion.load_unet(tmp_path / folder)
+        got = dict(jax.tree_util.tree_leaves_with_path(params))
+        assert len(got) == len(ref)
+        for path, value in ref:
+            np.testing.assert_allclose(got[path], value, rtol=1e-3 if atol else 0, atol=atol)
