@@ -33,3 +33,21 @@ def quiet_third_party_loggers() -> None:
         for target in [logger, *logger.handlers]:
             if not any(isinstance(f, _DropDeprecations) for f in target.filters):
                 target.addFilter(_DropDeprecations())
+
+
+def hide_broken_torchvision() -> None:
+    """A torchvision whose C ops do not load beside the installed torch (PyPI's build next to the CPU
+    torch wheel: "operator torchvision::nms does not exist") breaks ``import diffusers`` Flax classes and
+    transformers' image processors. Mark it unavailable for both; a working torchvision is left alone."""
+    import importlib.util
+
+    if importlib.util.find_spec("torchvision") is None:
+        return
+    try:
+        import torchvision  # noqa: F401
+    except Exception:
+        import diffusers.utils.import_utils as diffusers_imports
+        import transformers.utils.import_utils as transformers_imports
+
+        diffusers_imports._torchvision_available = False
+        transformers_imports._torchvision_available = False

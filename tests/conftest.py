@@ -33,5 +33,10 @@ def golden_dir() -> pathlib.Path:
 
 
 def torch_or_skip():
-    """Import torch or skip the calling test (torch is the optional `torch` extra)."""
-    return pytest.importorskip("torch")
+    """Import torch or skip the calling test (torch is the optional `torch` extra).
+
+    Torch runs on one thread: on this 2-core machine its default threading competes with XLA's pool
+    and makes tiny reference forwards 100x slower."""
+    torch = pytest.importorskip("torch")
+    torch.set_num_threads(1)
+    return torch

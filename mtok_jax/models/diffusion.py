@@ -35,27 +35,6 @@ from flax import traverse_util
 SAMPLERS = ("pndm", "ddim", "dpm", "euler")
 
 
-def _hide_broken_torchvision() -> None:
-    """A torchvision whose C ops do not load beside the installed torch (the PyPI build next to the CPU
-    torch of the ``torch`` extra) makes diffusers fail to import its Flax UNet (diffusers imports
-    torchvision through ``diffusers.models.transformers``). Mark it unavailable for diffusers and
-    transformers in that case; a working torchvision is left alone."""
-    import importlib.util
-
-    if importlib.util.find_spec("torchvision") is None:
-        return
-    try:
-        import torchvision  # noqa: F401
-    except Exception:  # RuntimeError: operator torchvision::nms does not exist
-        import diffusers.utils.import_utils as diffusers_imports
-        import transformers.utils.import_utils as transformers_imports
-
-        diffusers_imports._torchvision_available = False
-        transformers_imports._torchvision_available = False
-
-
-_hide_broken_torchvision()
-
 # --- Released SD v1.4 configs (CompVis/stable-diffusion-v1-4), so full-size shapes resolve without weights.
 SD14_UNET_CONFIG: dict[str, Any] = {
     "_class_name": "UNet2DConditionModel",
