@@ -1,4 +1,4 @@
-"""Tiny random demo models written in the formats of the real weights (DESIGN §2.5, issue 4 item 3).
+"""Tiny demo models written in the formats of the real weights (DESIGN §2.5, issue 4 item 3).
 
 ``write_demo_models(root)`` creates, once:
   root/sd/      a Stable Diffusion folder like the SD v1.4 ``flax`` revision: model_index.json,
@@ -6,6 +6,13 @@
                 prompts and labels), unet/ + vae/ (diffusers Flax msgpack), scheduler/ (SD v1.4 PNDM config)
   root/beats/   a converted-BEATs params_io folder (tiny iter3-style cfg)
 Everything is loaded back through the loaders used for real weights (``diffusion.load_unet`` …).
+
+The VAE is *fitted*: a short seeded Adam fit (``fit_demo_vae``: reconstruction MSE + a small KL, ~1 min
+on 2 CPU cores, memoised in ``~/.cache/mtok_jax``) on synthetic demo images (``demo.data.demo_image``),
+so it is a working autoencoder of the demo image distribution and decoded latents look like images
+(a random VAE decodes any latent to the same noise-like texture, hiding whatever the UNet learns); its
+``scaling_factor`` is 1/std of its latents, as SD's 0.18215 was chosen. Everything else (text encoder,
+UNet, BEATs) is random-init.
 
 Sizes: CLIP text hidden D = 32 (2 layers, 4 heads, 77 positions); UNet block_out_channels (32, 64) with
 32-group norms, cross-attention D, latents 4×16×16; VAE with one downsample (32 px images ↔ 16 px latents);
@@ -20,6 +27,7 @@ import shutil
 from typing import Any, Mapping
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
@@ -119,6 +127,121 @@ def _write_diffusers(directory: str, module, seed: int) -> None:
     module.save_pretrained(directory, params=random_params(param_shapes(module), seed))
 
 
+# ------------------------------------------------------------------------------- the fitted VAE
+VAE_FIT_STEPS = 240
+VAE_FIT_BATCH = 8
+VAE_FIT_LR = 3e-3  # peak of a 10-step warm-up + cosine decay to a tenth
+VAE_FIT_KL_WEIGHT = 1e-6  # × KL summed over the latent elements (SD's VAE: 1e-6), next to the pixel MSE
+VAE_INIT_LOGVAR = -6.0  # posterior log-variance bias at init: σ ≈ 0.05, so the sampled latents carry the image
+
+
+def demo_vae_images(n: int, seed: int, size: int = DEMO_IMAGE_SIZE) -> np.ndarray:
+    """float32 [n, size, size, 3] in [-1, 1]: synthetic demo images (``demo.data.demo_image``) of random
+    labels, drawn at the written size and bicubic-resized as the dataset builder stores them."""
+    from PIL import Image
+
+    from mtok_jax.demo.data import demo_image
+
+    rng = np.random.default_rng(seed)
+    out = np.empty((n, size, size, 3), np.float32)
+    for i, label in enumerate(rng.integers(0, len(demo_labels()), n)):
+        img = Image.fromarray(demo_image(int(label), rng)).resize((size, size), Image.Resampling.BICUBIC)
+        out[i] = np.asarray(img, np.float32) / 127.5 - 1.0
+    return out
+
+
+def vae_losses(vae, vae_params, images, rng):
+    """images [B, H, W, 3] in [-1, 1] → (pixel MSE of the decoded posterior sample, KL(posterior ‖ N(0, I))
+    summed over the latent elements and averaged over the batch). Unscaled latents (no scaling_factor)."""
+    from diffusers.models.vae_flax import FlaxDiagonalGaussianDistribution
+
+    def autoencode(m, x, key):
+        posterior = FlaxDiagonalGaussianDistribution(m.quant_conv(m.encoder(x, deterministic=True)))
+        decoded = m.decoder(m.post_quant_conv(posterior.sample(key)), deterministic=True)
+        return decoded, posterior.kl()
+
+    decoded, kl = vae.apply({"params": vae_params}, images, rng, method=autoencode)
+    return jnp.mean((decoded - images) ** 2), jnp.mean(kl)
+
+
+def fit_demo_vae(vae, vae_params, *, steps: int = VAE_FIT_STEPS, batch_size: int = VAE_FIT_BATCH,
+                 lr: float = VAE_FIT_LR, kl_weight: float = VAE_FIT_KL_WEIGHT, seed: int = 0):
+    """Fit the VAE to synthetic demo images: jitted Adam on MSE + ``kl_weight``·KL, fresh images every
+    step, deterministic in ``seed`` → ``(params, [(step, mse, kl), ...])``."""
+    import optax
+
+    images = demo_vae_images(steps * batch_size, seed).reshape(steps, batch_size, *(DEMO_IMAGE_SIZE,) * 2, 3)
+    opt = optax.adam(optax.warmup_cosine_decay_schedule(0.0, lr, min(10, steps - 1), steps, lr / 10))
+
+    @jax.jit
+    def step(params, opt_state, x, key):
+        def loss(p):
+            mse, kl = vae_losses(vae, p, x, key)
+            return mse + kl_weight * kl, (mse, kl)
+
+        grads, aux = jax.grad(loss, has_aux=True)(params)
+        updates, opt_state = opt.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, aux
+
+    params, opt_state, key, history = vae_params, opt.init(vae_params), jax.random.PRNGKey(seed), []
+    for i in range(steps):
+        params, opt_state, aux = step(params, opt_state, jnp.asarray(images[i]), jax.random.fold_in(key, i))
+        history.append((i, *map(float, aux)))
+    return params, history
+
+
+def latent_scaling_factor(vae, vae_params, images) -> float:
+    """1 / std of the posterior-mean latents of ``images`` (how SD chose 0.18215): scaled latents ≈ unit
+    variance, the scale the noise schedule assumes. Rounded to 5 significant digits."""
+    def latent_mean(m, x):
+        return m.quant_conv(m.encoder(x, deterministic=True))[..., :m.latent_channels]
+
+    z = jax.jit(lambda p, x: vae.apply({"params": p}, x, method=latent_mean))(vae_params, images)
+    return float(f"{1.0 / float(jnp.std(z)):.5g}")
+
+
+def _fitted_vae_cache(seed: int) -> str:
+    """Folder that memoises the fitted VAE across demo roots (tests write several): ``$MTOK_JAX_CACHE``
+    or ``~/.cache/mtok_jax``, keyed by everything the fit depends on."""
+    import hashlib
+    import inspect
+
+    from mtok_jax.demo.data import demo_image
+
+    key = json.dumps([DEMO_VAE_CONFIG, VAE_FIT_STEPS, VAE_FIT_BATCH, VAE_FIT_LR, VAE_FIT_KL_WEIGHT,
+                      VAE_INIT_LOGVAR, seed, inspect.getsource(demo_image), jax.__version__], default=str)
+    base = os.environ.get("MTOK_JAX_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "mtok_jax")
+    return os.path.join(base, "demo_vae", hashlib.sha1(key.encode()).hexdigest()[:16])
+
+
+_VAE_FILES = ("config.json", "diffusion_flax_model.msgpack")
+
+
+def _write_fitted_vae(directory: str, seed: int) -> None:
+    """The demo VAE fitted on synthetic demo images (``fit_demo_vae``, ~1 min on 2 CPU cores, memoised in
+    ``_fitted_vae_cache``), its ``scaling_factor`` set from its latents; diffusers Flax ``save_pretrained``."""
+    from mtok_jax.models import diffusion
+
+    cached = _fitted_vae_cache(seed)
+    if not _complete(cached, _VAE_FILES):
+        vae = diffusion.vae_from_config(DEMO_VAE_CONFIG)
+        params = random_params(diffusion.param_shapes(vae), seed)
+        params["quant_conv"]["bias"][DEMO_VAE_CONFIG["latent_channels"]:] = VAE_INIT_LOGVAR
+        params, _ = fit_demo_vae(vae, params, seed=seed)
+        scale = latent_scaling_factor(vae, params, demo_vae_images(64, seed + 1))
+        tmp = f"{cached}.tmp{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        diffusion.vae_from_config({**DEMO_VAE_CONFIG, "scaling_factor": scale}).save_pretrained(
+            tmp, params=jax.device_get(params))
+        if _complete(cached, _VAE_FILES):  # another process finished first
+            shutil.rmtree(tmp)
+        else:
+            shutil.rmtree(cached, ignore_errors=True)
+            os.replace(tmp, cached)
+    shutil.copytree(cached, directory)
+
+
 def _write_scheduler(directory: str) -> None:
     from mtok_jax.models.diffusion import SD14_SCHEDULER_CONFIG
 
@@ -137,7 +260,7 @@ def write_demo_sd(directory: str, seed: int = 0) -> None:
     _write_tokenizer(os.path.join(directory, "tokenizer"))
     _write_text_encoder(os.path.join(directory, "text_encoder"), os.path.join(directory, "tokenizer"), seed + 1)
     _write_diffusers(os.path.join(directory, "unet"), diffusion.unet_from_config(DEMO_UNET_CONFIG), seed + 2)
-    _write_diffusers(os.path.join(directory, "vae"), diffusion.vae_from_config(DEMO_VAE_CONFIG), seed + 3)
+    _write_fitted_vae(os.path.join(directory, "vae"), seed + 3)
     _write_scheduler(os.path.join(directory, "scheduler"))
 
 
