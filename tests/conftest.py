@@ -32,6 +32,15 @@ def golden_dir() -> pathlib.Path:
     return GOLDEN
 
 
+@pytest.fixture(scope="session")
+def demo_models(tmp_path_factory) -> dict[str, str]:
+    """The tiny demo SD / BEATs folders (``mtok_jax.demo.models.write_demo_models``), written once per
+    test session (the VAE fit takes ~1 min) → ``{'sd': path, 'beats': path}``."""
+    from mtok_jax.demo.models import write_demo_models
+
+    return write_demo_models(tmp_path_factory.getbasetemp() / "demo_models")
+
+
 def torch_or_skip():
     """Import torch or skip the calling test (torch is the optional `torch` extra).
 

@@ -14,8 +14,8 @@ from mtok_jax.models import diffusion
 
 
 @pytest.fixture(scope="module")
-def paths(tmp_path_factory):
-    return demo.write_demo_models(tmp_path_factory.getbasetemp() / "demo_models")
+def paths(demo_models):
+    return demo_models
 
 
 def test_idempotent(paths):

@@ -150,18 +150,17 @@ def test_manifest_errors(tmp_path, metric_models):
 
 
 @pytest.mark.slow
-def test_generation_mode_demo(tmp_path, metric_models):
+def test_generation_mode_demo(tmp_path, metric_models, demo_models):
     """Generation mode on the demo dataset and tiny SD (untrained: --checkpoint none), 4 images, 2 steps;
     the recorded seed regenerates the same image through the sampling library."""
     from metrics.evaluate import main
     from mtok_jax import sample
     from mtok_jax.config_utils import load_config
     from mtok_jax.demo.data import build_demo_dataset
-    from mtok_jax.demo.models import write_demo_models
 
     root = tmp_path / "demo"
     data_dir = build_demo_dataset(root)
-    models = write_demo_models(root)
+    models = demo_models
     overrides = [f"--config.model.sd_path={models['sd']}", f"--config.model.beats_path={models['beats']}",
                  f"--config.data.data_dir={data_dir}", "--config.sample.steps=2"]
     out = tmp_path / "eval"

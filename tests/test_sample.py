@@ -7,13 +7,12 @@ import pytest
 from PIL import Image
 
 from mtok_jax import config_utils, sample
-from mtok_jax.demo.models import write_demo_models
 
 
 @pytest.fixture(scope="module")
-def pipe(tmp_path_factory):
+def pipe(demo_models):
     """The demo config on the tiny demo models (shared session-wide folder), untrained, 8-device mesh."""
-    paths = write_demo_models(tmp_path_factory.getbasetemp() / "demo_models")
+    paths = demo_models
     config = config_utils.load_config("configs/demo.py", [f"model.sd_path={paths['sd']}",
                                                           f"model.beats_path={paths['beats']}"])
     return sample.load_pipeline(config, None, checkpoint=None, max_batch=8)

@@ -27,14 +27,13 @@ CLIP_SECONDS = 1.0
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    """Tiny demo models (H6's writer, real formats) + a 3-label, 1 s dataset built by the real builder."""
+def assets(tmp_path_factory, demo_models):
+    """Tiny demo models (session fixture, real formats) + a 3-label, 1 s dataset built by the real builder."""
     from mtok_jax.data.builder import build, make_config
     from mtok_jax.demo.data import write_demo_sources
-    from mtok_jax.demo.models import write_demo_models
 
     root = tmp_path_factory.mktemp("demo")
-    paths = write_demo_models(root)
+    paths = demo_models
     manual = write_demo_sources(root / "manual", per_label={"train": 2, "validation": 1, "test": 1},
                                 clip_seconds=CLIP_SECONDS, labels=LABELS)
     data_dir = root / "data"
