@@ -144,9 +144,12 @@ def test_accumulation_equals_big_batch_and_exp1_freezes(loaded):
     new_acc, m_acc = run_step(system, params, "embedder", mesh, micro, **SHARD_TEST)
     np.testing.assert_allclose(m_acc["loss"], m_big["loss"], rtol=1e-5)
     np.testing.assert_allclose(m_acc["cosine"], m_big["cosine"], rtol=1e-5)
+    # The first Adam update is lr·g/(|g| + eps) per element: for gradients near eps, float32 rounding of
+    # the (differently summed) gradient moves it by a fraction of lr. Allow 0.5 % of one lr step.
+    atol = 5e-3 * system.config.train.lr
     a, b = flat(new_acc), flat(new_big)
     for k in a:
-        np.testing.assert_allclose(np.asarray(a[k]), np.asarray(b[k]), atol=1e-6, rtol=0, err_msg=k)
+        np.testing.assert_allclose(np.asarray(a[k]), np.asarray(b[k]), atol=atol, rtol=0, err_msg=k)
     before = flat(params)
     for k, v in before.items():
         same = np.array_equal(np.asarray(v), np.asarray(b[k]))
