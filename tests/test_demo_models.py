@@ -39,7 +39,8 @@ def test_sd_folder_is_a_diffusers_flax_pipeline(paths):
     theirs = dict(jax.tree_util.tree_leaves_with_path(params["unet"]))
     assert len(ours) == len(theirs) and all(np.array_equal(v, theirs[k]) for k, v in ours)
     assert pipe.unet.cross_attention_dim == pipe.text_encoder.config.hidden_size == demo.DEMO_TEXT_HIDDEN
-    assert pipe.vae.config.norm_num_groups == 32 and tuple(unet.block_out_channels) == (32, 64)
+    assert pipe.vae.config.norm_num_groups == demo.DEMO_VAE_CONFIG["norm_num_groups"]
+    assert tuple(unet.block_out_channels) == demo.DEMO_UNET_CONFIG["block_out_channels"]
     assert diffusion.read_scheduler_config(paths["sd"])["beta_schedule"] == "scaled_linear"
 
 
@@ -47,12 +48,12 @@ def test_parts_load_and_give_finite_nontrivial_outputs(paths):
     from mtok_jax.models import beats, text
 
     rs = np.random.RandomState(0)
-    # VAE: 32 px images ↔ 4×16×16 latents
+    # VAE: 32 px images ↔ 4×4×4 latents (SD's factor 8)
     vae, vae_params = diffusion.load_vae(paths["sd"])
     images = jnp.asarray(rs.uniform(-1, 1, (2, 32, 32, 3)), jnp.float32)
     latents = jax.jit(lambda p, x: diffusion.encode_latents(vae, p, x, jax.random.PRNGKey(0)))(vae_params, images)
     decoded = jax.jit(lambda p, z: diffusion.decode_images(vae, p, z))(vae_params, latents)
-    assert latents.shape == (2, 4, 16, 16) and decoded.shape == (2, 32, 32, 3)
+    assert latents.shape == (2, 4, 4, 4) and decoded.shape == (2, 32, 32, 3)
     # tokenizer + text encoder: every prompt and label word is one known token
     from mtok_jax.demo.tokenizer import pretokens
 

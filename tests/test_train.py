@@ -65,10 +65,12 @@ def synthetic_batch(accum: int, micro: int, seed: int = 0) -> dict:
     return {k: v.reshape(accum, micro, *v.shape[1:]) for k, v in batch.items()}
 
 
-def run_step(system, params, pattern: str, mesh, batch, fsdp_min_size: int = 2 ** 30, eps: float = 1e-8):
-    """One jitted train step as train_and_evaluate builds it → (new full params, metrics)."""
+def run_step(system, params, pattern: str, mesh, batch, fsdp_min_size: int = 2 ** 30, eps: float = 1e-8,
+             lr: float = 1e-3):
+    """One jitted train step as train_and_evaluate builds it → (new full params, metrics). lr is pinned
+    (not the demo config's) because the tolerances below are fractions of one Adam step."""
     t = ml_collections.ConfigDict(system.config.train.to_dict())
-    t.eps = eps
+    t.eps, t.lr = eps, lr
     trainable, frozen = sharding.split_params(params, pattern)
     schedule = train.learning_rate(t, 10)
     optimizer = train.make_optimizer(t, schedule)
@@ -97,11 +99,12 @@ def flat(tree):
 EXP2 = "embedder|beats|unet"
 
 
-# Adam's first update is lr·g/(|g| + eps): for leaves whose gradient is exactly zero in exact arithmetic
-# (e.g. a conv bias followed by a one-channel-per-group GroupNorm) it amplifies float round-off
-# (~1e-12) by lr/eps. The parameter comparison therefore uses eps = 1e-6 (lr = 1e-3 so real updates are
-# ~1e-3), which keeps that amplification below 1e-8 while every real update is compared at 1e-5.
-SHARD_TEST = dict(eps=1e-6)
+# Adam's first update is lr·g/(|g| + eps), whose slope in g is up to lr/eps: float round-off of a gradient
+# summed in another order (sharded vs single device) is amplified by that much for the few elements whose
+# |g| is near eps (with lr = 1e-3, eps = 1e-6 and the (128, 128) demo UNet: one element in 16k off by
+# 1.2e-5). The parameter comparison therefore uses eps = 1e-4 (amplification ≤ 10); a sharding bug changes
+# gradients, hence updates, by far more than 1e-5.
+SHARD_TEST = dict(eps=1e-4)
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +149,7 @@ def test_accumulation_equals_big_batch_and_exp1_freezes(loaded):
     np.testing.assert_allclose(m_acc["cosine"], m_big["cosine"], rtol=1e-5)
     # The first Adam update is lr·g/(|g| + eps) per element: for gradients near eps, float32 rounding of
     # the (differently summed) gradient moves it by a fraction of lr. Allow 0.5 % of one lr step.
-    atol = 5e-3 * system.config.train.lr
+    atol = 5e-3 * 1e-3  # run_step's lr
     a, b = flat(new_acc), flat(new_big)
     for k in a:
         np.testing.assert_allclose(np.asarray(a[k]), np.asarray(b[k]), atol=atol, rtol=0, err_msg=k)

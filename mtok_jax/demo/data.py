@@ -1,8 +1,8 @@
 """Synthetic demo sources for the `music_image` dataset (no download needed).
 
 `write_demo_sources` writes real wav/png files in the `folders` layout whose content depends on the
-label (audio: pitch, number of harmonics, pulse rate and noise colour; images: hue, stripe/checker
-pattern and its frequency), so a model can actually learn the label from audio and images.
+label (audio: pitch, band of noise and pulse rate; images: hue and a smooth light-to-dark layout),
+so a model can actually learn the label from audio and images.
 `build_demo_dataset` builds them with the `demo` config (4 s clips, 32×32 PNG images).
 """
 
@@ -32,40 +32,46 @@ def _total_for(per_label: dict) -> int:
     return n
 
 
-def _colored_noise(rng: np.random.Generator, n: int, alpha: float) -> np.ndarray:
-    """Noise with power ∝ 1/f^alpha (0 white, 1 pink, 2 brown), unit peak."""
+def _band_noise(rng: np.random.Generator, n: int, sample_rate: int, low: float, high: float) -> np.ndarray:
+    """White noise keeping only the [low, high] Hz band, unit peak."""
     spec = np.fft.rfft(rng.standard_normal(n))
-    f = np.maximum(np.fft.rfftfreq(n), 1.0 / n)
-    x = np.fft.irfft(spec / f ** (alpha / 2), n)
+    f = np.fft.rfftfreq(n, 1.0 / sample_rate)
+    x = np.fft.irfft(spec * ((f >= low) & (f <= high)), n)
     return x / (np.abs(x).max() + 1e-9)
 
 
 def demo_audio(label: int, rng: np.random.Generator, seconds: float, sample_rate: int = 16000) -> np.ndarray:
-    """float32 [seconds·sample_rate] label-dependent clip, peak 0.8."""
+    """float32 [seconds·sample_rate] label-dependent clip, peak 0.8: a pulsing tone (pitch by label,
+    18 labels over 5 octaves from 200 Hz; pulse rate by label % 5) over noise in a third-octave band
+    around that pitch, so every label sits in its own part of the spectrum."""
     n = int(round(seconds * sample_rate))
     t = np.arange(n) / sample_rate
-    f0 = 110.0 * 2.0 ** (label / 6.0 + rng.uniform(-0.3, 0.3) / 12.0)  # 18 labels over 3 octaves
+    f0 = 200.0 * 2.0 ** (label * 5.0 / (len(DEFAULT_LABELS) - 1) + rng.uniform(-1, 1) / 24.0)
     tone = sum((0.6 / k) * np.sin(2 * np.pi * k * f0 * t + rng.uniform(0, 2 * np.pi))
-               for k in range(1, 2 + label % 4))
+               for k in (1, 2) if k * f0 < 0.45 * sample_rate)
     rate = 1.0 + label % 5  # pulses per second
-    env = (0.5 + 0.5 * np.cos(2 * np.pi * rate * t + rng.uniform(0, 2 * np.pi))) ** (1 + label % 3)
-    x = tone * env + 0.3 * _colored_noise(rng, n, alpha=float(label % 3))
+    env = 0.5 + 0.5 * np.cos(2 * np.pi * rate * t + rng.uniform(0, 2 * np.pi))
+    x = tone * env + 0.5 * _band_noise(rng, n, sample_rate, f0 / 2 ** (1 / 6), f0 * 2 ** (1 / 6))
     return (0.8 * x / (np.abs(x).max() + 1e-9)).astype(np.float32)
 
 
 def demo_image(label: int, rng: np.random.Generator, side: int = DEMO_IMAGE_SIDE) -> np.ndarray:
-    """uint8 [side, side, 3] label-dependent picture: hue by label, stripes/checker pattern."""
+    """uint8 [side, side, 3] label-dependent picture: hue by label, a smooth light-to-dark layout by
+    label % 3 (top→bottom, left→right, bright centre) with a random offset, and a little pixel noise.
+
+    The layouts vary over the whole image (no fine stripes), so the demo VAE's 4×4 latents
+    (SD's downsampling factor 8) can carry them.
+    """
     base = np.array(colorsys.hsv_to_rgb(label / len(DEFAULT_LABELS), 0.75, 0.9))
-    yy, xx = np.mgrid[0:side, 0:side] / side
-    freq = 2 + label % 4
-    phase = rng.uniform(0, 2 * np.pi)
+    yy, xx = (np.mgrid[0:side, 0:side] + 0.5) / side
+    dy, dx = rng.uniform(-0.15, 0.15, 2)
     kind = label % 3
     if kind == 0:
-        pattern = np.sin(2 * np.pi * freq * yy + phase)
+        pattern = np.cos(np.pi * np.clip(yy + dy, 0, 1))
     elif kind == 1:
-        pattern = np.sin(2 * np.pi * freq * xx + phase)
+        pattern = np.cos(np.pi * np.clip(xx + dx, 0, 1))
     else:
-        pattern = np.sign(np.sin(2 * np.pi * freq * xx + phase) * np.sin(2 * np.pi * freq * yy + phase))
+        pattern = 1.0 - 8.0 * ((yy - 0.5 - dy) ** 2 + (xx - 0.5 - dx) ** 2)
     img = base[None, None, :] * (0.65 + 0.35 * pattern[..., None]) + 0.04 * rng.standard_normal((side, side, 3))
     return np.clip(np.rint(img * 255), 0, 255).astype(np.uint8)
 

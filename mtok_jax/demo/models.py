@@ -15,9 +15,14 @@ so it is a working autoencoder of the demo image distribution and decoded latent
 UNet, BEATs) is random-init; the text encoder's attention q/k at a larger gain (``TEXT_QK_GAIN``) so the
 audio token reaches the text states after the placeholder.
 
-Sizes: CLIP text hidden D = 32 (2 layers, 4 heads, 77 positions); UNet block_out_channels (32, 64) with
-32-group norms, cross-attention D, latents 4×16×16; VAE with one downsample (32 px images ↔ 16 px latents);
-BEATs embed 32, 4 layers, of which ``DEMO_BEATS_LAYERS`` feed the embedder.
+Sizes: CLIP text hidden D = 32 (2 layers, 4 heads, 77 positions); VAE (32, 64, 64, 64) with 8-group
+norms and SD's downsampling factor 8 (32 px images ↔ 4×4×4 latents); UNet block_out_channels (128, 128),
+cross-attention D; BEATs embed 32, 4 layers, of which ``DEMO_BEATS_LAYERS`` feed the embedder.
+
+Why these widths: diffusers' Flax UNet hard-codes 32-group GroupNorms, so with 32 channels every
+channel is normalised alone and a per-channel constant (the timestep embedding, an image's mean colour
+carried by the label) is erased before ``conv_out``; 128 channels give 4 channels per group. The
+4×4 latents keep the UNet cheap enough for ~700 CPU steps, enough for it to follow the audio token.
 """
 
 from __future__ import annotations
@@ -48,16 +53,17 @@ DEMO_TEXT_CONFIG: dict[str, Any] = dict(
     max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_eps=1e-5, projection_dim=DEMO_TEXT_HIDDEN,
     attention_dropout=0.0, dropout=0.0, initializer_range=0.02, initializer_factor=1.0,
 )
+DEMO_VAE_FACTOR = 8  # SD's VAE downsampling: 32 px images ↔ 4×4 latents
 DEMO_UNET_CONFIG: dict[str, Any] = dict(
-    sample_size=DEMO_IMAGE_SIZE // 2, in_channels=4, out_channels=4,
+    sample_size=DEMO_IMAGE_SIZE // DEMO_VAE_FACTOR, in_channels=4, out_channels=4,
     down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-    block_out_channels=(32, 64), layers_per_block=1, attention_head_dim=8,
+    block_out_channels=(128, 128), layers_per_block=1, attention_head_dim=8,
     cross_attention_dim=DEMO_TEXT_HIDDEN, flip_sin_to_cos=True, freq_shift=0,
 )
 DEMO_VAE_CONFIG: dict[str, Any] = dict(
-    in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-    up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(32, 64), layers_per_block=1,
-    latent_channels=4, norm_num_groups=32, sample_size=DEMO_IMAGE_SIZE, scaling_factor=0.18215,
+    in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(32, 64, 64, 64), layers_per_block=1,
+    latent_channels=4, norm_num_groups=8, sample_size=DEMO_IMAGE_SIZE, scaling_factor=0.18215,
 )
 DEMO_MODEL_INDEX: dict[str, Any] = {
     "_class_name": "FlaxStableDiffusionPipeline", "_diffusers_version": "0.39.0",
@@ -139,7 +145,7 @@ def _write_diffusers(directory: str, module, seed: int) -> None:
 # ------------------------------------------------------------------------------- the fitted VAE
 VAE_FIT_STEPS = 240
 VAE_FIT_BATCH = 8
-VAE_FIT_LR = 3e-3  # peak of a 10-step warm-up + cosine decay to a tenth
+VAE_FIT_LR = 1e-3  # peak of a 10-step warm-up + cosine decay to a tenth
 VAE_FIT_KL_WEIGHT = 1e-6  # × KL summed over the latent elements (SD's VAE: 1e-6), next to the pixel MSE
 VAE_INIT_LOGVAR = -6.0  # posterior log-variance bias at init: σ ≈ 0.05, so the sampled latents carry the image
 
