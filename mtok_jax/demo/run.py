@@ -8,6 +8,7 @@ Stages (each idempotent; timings printed per stage):
   3. the synthetic `demo` dataset through the TFDS builder      → demo_assets/manual, demo_assets/data
   4. training of configs/demo.py (resumes if already trained)   → runs/demo/{metrics.jsonl,loss.png,checkpoints/}
   5. one image per label from the held-out test audio           → runs/demo/samples/{*.png,grid.png,samples.jsonl}
+     (prints how far the images' colours follow their labels: `label_dependence`)
   6. evaluation (AIS / IIS / FID / GIILS) of the best checkpoint → runs/demo/eval/
 """
 
@@ -42,6 +43,46 @@ class _Stages:
         lines = [f"  {name:<34s} {sec:7.1f} s" for name, sec in self.times]
         lines.append(f"  {'total':<34s} {time.perf_counter() - self.start:7.1f} s")
         return "\n".join(lines)
+
+
+def label_dependence(sample_rgb, label_rgb) -> dict[str, float]:
+    """How much generated images follow their labels, from mean colours.
+
+    sample_rgb: [N, 3] mean colour of each generated image; label_rgb: [N, 3] mean colour of the training
+    images of that image's label (both in any one unit). Returns 'colour_corr', the Pearson correlation of
+    the two after removing each one's mean over the N images (0: colours unrelated to the labels, 1: the
+    same), and 'spread' / 'label_spread': the mean distance between two images' colours (generated /
+    label targets); a spread near 0 means every label got the same picture.
+    """
+    import numpy as np
+
+    a, b = np.asarray(sample_rgb, np.float64), np.asarray(label_rgb, np.float64)
+    a, b = a - a.mean(0), b - b.mean(0)
+    corr = float((a * b).sum() / (np.sqrt((a * a).sum() * (b * b).sum()) + 1e-12))
+
+    def spread(x):
+        d = np.linalg.norm(x[:, None] - x[None], axis=-1)
+        return float(d[np.triu_indices(len(x), 1)].mean()) if len(x) > 1 else 0.0
+
+    return {"colour_corr": corr, "spread": spread(a), "label_spread": spread(b)}
+
+
+def _sample_label_dependence(records: list[dict], samples_dir: str, manual_dir: str) -> dict[str, float]:
+    """label_dependence of sampled PNGs vs the mean colour of each label's images in manual_dir/image/."""
+    import glob
+
+    import numpy as np
+    from PIL import Image
+
+    def mean_rgb(path):
+        return np.asarray(Image.open(path).convert("RGB"), np.float64).mean((0, 1)) / 255.0
+
+    targets: dict[str, np.ndarray] = {}
+    for label in {r["label"] for r in records}:
+        files = sorted(glob.glob(os.path.join(glob.escape(os.path.join(manual_dir, "image", label)), "*")))
+        targets[label] = np.mean([mean_rgb(f) for f in files], axis=0)
+    return label_dependence([mean_rgb(os.path.join(samples_dir, r["image"])) for r in records],
+                            [targets[r["label"]] for r in records])
 
 
 def _val_losses(workdir: str) -> list[tuple[int, float]]:
@@ -96,6 +137,7 @@ def main(argv=None) -> int:
                                    same_seed=True)  # one seed for all labels: images differ by audio only
 
     records = stages.run("5 sample one image per label", sample_per_label)
+    dep = _sample_label_dependence(records, os.path.join(workdir, "samples"), os.path.join(root, "manual"))
 
     report = None
     if not args.skip_eval:
@@ -112,6 +154,9 @@ def main(argv=None) -> int:
     if val:
         print(f"validation loss by epoch: " + ", ".join(f"{e}: {v:.4f}" for e, v in val))
     print(f"{len(records)} images → {os.path.join(workdir, 'samples')}/grid.png")
+    print(f"images vs labels: mean-colour correlation with the label's training images "
+          f"{dep['colour_corr']:.2f} (0 = unrelated); colour distance between two labels' images "
+          f"{dep['spread']:.3f} (training images: {dep['label_spread']:.3f})")
     if report is not None:
         print(f"evaluation → {os.path.join(workdir, 'eval')}/report.md")
     return 0
