@@ -68,9 +68,10 @@ def synthetic_batch(accum: int, micro: int, seed: int = 0) -> dict:
 def run_step(system, params, pattern: str, mesh, batch, fsdp_min_size: int = 2 ** 30, eps: float = 1e-8,
              lr: float = 1e-3):
     """One jitted train step as train_and_evaluate builds it → (new full params, metrics). lr is pinned
-    (not the demo config's) because the tolerances below are fractions of one Adam step."""
+    (not the demo config's) and there is no warm-up (the first step moves every trainable leaf), because
+    the tolerances below are fractions of one Adam step."""
     t = ml_collections.ConfigDict(system.config.train.to_dict())
-    t.eps, t.lr = eps, lr
+    t.eps, t.lr, t.warmup_steps = eps, lr, 0
     trainable, frozen = sharding.split_params(params, pattern)
     schedule = train.learning_rate(t, 10)
     optimizer = train.make_optimizer(t, schedule)
