@@ -7,7 +7,7 @@
   root/beats/   a converted-BEATs params_io folder (tiny iter3-style cfg)
 Everything is loaded back through the loaders used for real weights (``diffusion.load_unet`` …).
 
-The VAE is *fitted*: a short seeded Adam fit (``fit_demo_vae``: reconstruction MSE + a small KL, ~1 min
+The VAE is *fitted*: a short seeded Adam fit (``fit_demo_vae``: reconstruction MSE + a small KL, ≈45 s
 on 2 CPU cores) on synthetic demo images (``demo.data.demo_image``),
 so it is a working autoencoder of the demo image distribution and decoded latents look like images
 (a random VAE decodes any latent to the same noise-like texture, hiding whatever the UNet learns); its
@@ -53,17 +53,17 @@ DEMO_TEXT_CONFIG: dict[str, Any] = dict(
     max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_eps=1e-5, projection_dim=DEMO_TEXT_HIDDEN,
     attention_dropout=0.0, dropout=0.0, initializer_range=0.02, initializer_factor=1.0,
 )
-DEMO_VAE_FACTOR = 8  # SD's VAE downsampling: 32 px images ↔ 4×4 latents
+DEMO_VAE_CONFIG: dict[str, Any] = dict(
+    in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(32, 64, 64, 64), layers_per_block=1,
+    latent_channels=4, norm_num_groups=8, sample_size=DEMO_IMAGE_SIZE, scaling_factor=0.18215,
+)
+DEMO_VAE_FACTOR = 2 ** (len(DEMO_VAE_CONFIG["block_out_channels"]) - 1)  # 8 as SD: 32 px ↔ 4×4 latents
 DEMO_UNET_CONFIG: dict[str, Any] = dict(
     sample_size=DEMO_IMAGE_SIZE // DEMO_VAE_FACTOR, in_channels=4, out_channels=4,
     down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
     block_out_channels=(128, 128), layers_per_block=1, attention_head_dim=8,
     cross_attention_dim=DEMO_TEXT_HIDDEN, flip_sin_to_cos=True, freq_shift=0,
-)
-DEMO_VAE_CONFIG: dict[str, Any] = dict(
-    in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(32, 64, 64, 64), layers_per_block=1,
-    latent_channels=4, norm_num_groups=8, sample_size=DEMO_IMAGE_SIZE, scaling_factor=0.18215,
 )
 DEMO_MODEL_INDEX: dict[str, Any] = {
     "_class_name": "FlaxStableDiffusionPipeline", "_diffusers_version": "0.39.0",
@@ -216,7 +216,7 @@ def latent_scaling_factor(vae, vae_params, images) -> float:
 
 
 def _write_fitted_vae(directory: str, seed: int) -> None:
-    """The demo VAE fitted on synthetic demo images (``fit_demo_vae``, ~1 min on 2 CPU cores), its
+    """The demo VAE fitted on synthetic demo images (``fit_demo_vae``, ≈45 s on 2 CPU cores), its
     ``scaling_factor`` set from its latents; diffusers Flax ``save_pretrained``."""
     from mtok_jax.models import diffusion
 

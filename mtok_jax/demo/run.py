@@ -3,7 +3,7 @@
   python -m mtok_jax.demo.run [--config configs/demo.py] [--workdir DIR] [--skip_eval] [--config.a.b=value ...]
 
 Stages (each idempotent; timings printed per stage):
-  1. tiny random SD / BEATs folders in the real formats        → demo_assets/sd, demo_assets/beats
+  1. tiny SD (fitted VAE) / BEATs folders in the real formats  → demo_assets/sd, demo_assets/beats
   2. tiny metric models (CLIP ViT, Inception, Wav2CLIP)         → demo_assets/metrics/
   3. the synthetic `demo` dataset through the TFDS builder      → demo_assets/manual, demo_assets/data
   4. training of configs/demo.py (resumes if already trained)   → runs/demo/{metrics.jsonl,loss.png,checkpoints/}
