@@ -5,7 +5,8 @@
 
 CLIP needs no conversion: ``metrics.clip_image.load_clip_image`` reads a Hugging Face CLIP folder
 (e.g. a local copy of openai/clip-vit-base-patch32: config.json, preprocessor_config.json and
-flax_model.msgpack or model.safetensors) directly. torch (the ``torch`` extra) is needed to read .pth/.pt.
+flax_model.msgpack or model.safetensors) directly. torch (the ``torch`` extra) is needed to read .pth/.pt;
+a file holding non-tensor objects is refused unless ``--trusted`` is given (as in ``mtok_jax.convert``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import argparse
 from typing import Sequence
 
 import mtok_jax  # noqa: F401  (environment setup first)
+from mtok_jax.convert import add_trusted_flag, run
 
 
 def _count(directory: str) -> int:
@@ -28,7 +30,7 @@ def _count(directory: str) -> int:
 def _cmd_inception(args: argparse.Namespace) -> None:
     from metrics.inception import convert_checkpoint
 
-    out = convert_checkpoint(args.checkpoint, args.out_dir)
+    out = convert_checkpoint(args.checkpoint, args.out_dir, trusted=args.trusted)
     print(f"Inception-V3 (FID) → {out}: {_count(out):,} parameters")
 
 
@@ -46,14 +48,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     p = sub.add_parser("inception", help="pytorch-fid's FID Inception weights (pt_inception-2015-12-05-*.pth)")
     p.add_argument("checkpoint")
     p.add_argument("out_dir")
+    add_trusted_flag(p)
     p.set_defaults(func=_cmd_inception)
     p = sub.add_parser("wav2clip", help="official Wav2CLIP.pt (audio_encoder.*, audio_transform.*)")
     p.add_argument("checkpoint")
     p.add_argument("out_dir")
-    p.add_argument("--trusted", action="store_true", help="allow full unpickling (only for a file you trust)")
+    add_trusted_flag(p)
     p.set_defaults(func=_cmd_wav2clip)
-    args = parser.parse_args(argv)
-    args.func(args)
+    run(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -3,31 +3,18 @@
   python -m mtok_jax.convert beats BEATs_iter3_plus_AS2M.pt OUT_DIR
   python -m mtok_jax.convert embedder learned_embeds.bin OUT_DIR
 
-torch (the optional ``torch`` extra) is imported only here, inside the subcommands.
+Files are read with ``torch.load(weights_only=True)``; one holding other objects than tensors (e.g. a
+pickled ``argparse.Namespace``) is refused unless ``--trusted`` is given, since full unpickling can
+run code from the file. torch (the optional ``torch`` extra) is imported only inside the subcommands.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Any, Sequence
 
 import mtok_jax  # noqa: F401  (environment setup first)
-
-
-def _torch_load(path: str) -> Any:
-    """``torch.load`` on CPU, ``weights_only=True`` first; full unpickling only as a announced fallback."""
-    try:
-        import torch
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise SystemExit("converting a PyTorch checkpoint needs torch: pip install 'mtok_jax[torch]'") from e
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle.UnpicklingError and friends: non-tensor objects in the file
-        print(f"warning: torch.load(weights_only=True) failed for {path} ({type(e).__name__}: "
-              f"{str(e).splitlines()[0] if str(e) else ''}); retrying with full unpickling. "
-              f"Only do this with checkpoints from a source you trust.", file=sys.stderr)
-        return torch.load(path, map_location="cpu", weights_only=False)
+from mtok_jax import pt_checkpoint
 
 
 def _to_numpy(state_dict: Any) -> dict[str, Any]:
@@ -35,11 +22,12 @@ def _to_numpy(state_dict: Any) -> dict[str, Any]:
             for k, v in state_dict.items()}
 
 
-def convert_beats(checkpoint: str, out_dir: str) -> dict[str, Any]:
-    """Official BEATs ``.pt`` (dict with ``cfg`` and ``model``) → params_io folder. Returns the cfg."""
+def convert_beats(checkpoint: str, out_dir: str, *, trusted: bool = False) -> dict[str, Any]:
+    """Official BEATs ``.pt`` (dict with ``cfg`` and ``model``) → params_io folder. Returns the cfg.
+    ``trusted``: allow full unpickling (:func:`mtok_jax.pt_checkpoint.load`)."""
     from mtok_jax.models import beats
 
-    ckpt = _torch_load(checkpoint)
+    ckpt = pt_checkpoint.load(checkpoint, trusted=trusted)
     if not isinstance(ckpt, dict) or "cfg" not in ckpt or "model" not in ckpt:
         keys = list(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
         raise SystemExit(f"{checkpoint}: expected the official BEATs layout {{'cfg': ..., 'model': ...}}, got {keys}")
@@ -55,7 +43,7 @@ def _count(tree: Any) -> int:
 
 
 def _cmd_beats(args: argparse.Namespace) -> None:
-    cfg = convert_beats(args.checkpoint, args.out_dir)
+    cfg = convert_beats(args.checkpoint, args.out_dir, trusted=args.trusted)
     from mtok_jax.models.beats import load_beats
     _, params = load_beats(args.out_dir)
     print(f"BEATs: {cfg['encoder_layers']} layers × {cfg['encoder_embed_dim']} channels, "
@@ -64,8 +52,23 @@ def _cmd_beats(args: argparse.Namespace) -> None:
 
 def _cmd_embedder(args: argparse.Namespace) -> None:
     from mtok_jax.models.embedder import convert_checkpoint
-    convert_checkpoint(args.checkpoint, args.out_dir)
+    convert_checkpoint(args.checkpoint, args.out_dir, trusted=args.trusted)
     print(f"embedder → {args.out_dir}")
+
+
+def add_trusted_flag(parser: argparse.ArgumentParser) -> None:
+    """The ``--trusted`` opt-in to full unpickling, shared by every converter subcommand."""
+    parser.add_argument("--trusted", action="store_true",
+                        help="allow full unpickling of a file holding non-tensor objects (this can run code "
+                             "from the file: only for a checkpoint from a source you trust)")
+
+
+def run(args: argparse.Namespace) -> None:
+    """``args.func(args)``; a refused untrusted checkpoint exits with its one-line message."""
+    try:
+        args.func(args)
+    except pt_checkpoint.UntrustedCheckpoint as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,18 +84,19 @@ def build_parser() -> argparse.ArgumentParser:
                                    "does. Load the result with mtok_jax.models.beats.load_beats(OUT_DIR).")
     p.add_argument("checkpoint", help="path to the .pt file")
     p.add_argument("out_dir", help="output folder (created)")
+    add_trusted_flag(p)
     p.set_defaults(func=_cmd_beats)
     p = sub.add_parser("embedder", help="AudioToken embedder state dict (learned_embeds.bin)",
                        description="Convert AudioToken's trained embedder state dict (learned_embeds.bin).")
     p.add_argument("checkpoint", help="path to learned_embeds.bin")
     p.add_argument("out_dir", help="output folder (created)")
+    add_trusted_flag(p)
     p.set_defaults(func=_cmd_embedder)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    args.func(args)
+    run(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

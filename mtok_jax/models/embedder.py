@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from mtok_jax import pt_checkpoint
 from mtok_jax.params_io import load_params, save_params
 
 UNARY_DROPOUT_RATE = 0.5
@@ -152,11 +153,11 @@ def embedder_config(params: Mapping[str, Any]) -> dict[str, int]:
     return {"output_dim": int(d), "input_dim": int(c_in)}
 
 
-def convert_checkpoint(learned_embeds_bin: str | os.PathLike, out_dir: str | os.PathLike) -> dict[str, int]:
-    """Reference ``learned_embeds.bin`` (torch state dict) → params_io folder; returns its config."""
-    import torch  # optional extra, converters only
-
-    state_dict = torch.load(learned_embeds_bin, map_location="cpu", weights_only=True)
+def convert_checkpoint(learned_embeds_bin: str | os.PathLike, out_dir: str | os.PathLike, *,
+                       trusted: bool = False) -> dict[str, int]:
+    """Reference ``learned_embeds.bin`` (torch state dict) → params_io folder; returns its config.
+    ``trusted``: allow full unpickling (:func:`mtok_jax.pt_checkpoint.load`)."""
+    state_dict = pt_checkpoint.load(learned_embeds_bin, trusted=trusted)
     params = params_from_torch(state_dict)
     config = embedder_config(params)
     save_params(out_dir, params, config)
