@@ -22,6 +22,8 @@ def get_config() -> ml_collections.ConfigDict:
     # Models. sd_path: a local HF folder (Flax msgpack or PyTorch-layout safetensors) or a hub id.
     c.model = ml_collections.ConfigDict(dict(
         sd_path="CompVis/stable-diffusion-v1-4",
+        # a hub id sd_path is read from the local HF cache only; True: fetch what is missing from the Hub
+        allow_download=False,
         beats_path="checkpoints/beats_iter3_plus_as2m",  # params_io folder from the BEATs converter
         embedder_path="",  # optional initial embedder (params_io folder); "" = PyTorch-style random init
         beats_layers=(3, 7, 11),  # 0-based BEATs blocks whose outputs are concatenated

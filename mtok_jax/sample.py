@@ -103,7 +103,8 @@ class Pipeline:
         key = (kind, steps, batch)
         if key not in self._compiled:
             sched, state = diffusion.sampler_from_config(
-                diffusion.read_scheduler_config(self.config.model.sd_path), kind)
+                diffusion.read_scheduler_config(self.config.model.sd_path,
+                                                allow_download=self.config.model.allow_download), kind)
             data = sharding.batch_sharding(self.mesh)
             fn = functools.partial(generate_images, self.system, scheduler=sched, steps=steps)
             self._compiled[key] = (jax.jit(fn, out_shardings=data), state)
