@@ -13,7 +13,11 @@ fold_in(key(s), j) for both its audio-token dropout and its noise, so an image d
 
 `sample_files` adds file handling: audio decode (any format `mtok_jax.audio.io` reads), labels from
 the folder names, PNG per image, a captioned grid and `samples.jsonl` (one line per image with the
-audio path, label, seed, index and every setting needed to regenerate it).
+audio path, label, seed, index and every setting needed to regenerate it). A file that cannot be
+decoded (unreadable, empty, too short, silent) is logged as `path: reason` and skipped; the others are
+still generated, and `skipped.jsonl` beside `samples.jsonl` lists the skipped files, one
+`{"audio": path, "reason": ...}` per line (empty when none). File i keeps seed + i whether or not an
+earlier file was skipped.
 """
 
 from __future__ import annotations
@@ -37,6 +41,10 @@ from mtok_jax.models import diffusion
 
 log = logging.getLogger("mtok_jax.sample")
 UNCONDITIONAL_PROMPT = ""
+
+
+class NoImages(ValueError):
+    """`sample_files` could decode none of its audio files (each is listed in skipped.jsonl)."""
 
 
 def unconditional_states(system: conditioning.System, text_params: Mapping[str, Any]) -> jax.Array:
@@ -231,22 +239,44 @@ def _slug(text: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in text).strip("_")[:60] or "x"
 
 
+def _write_jsonl(path: str, records: Sequence[Mapping[str, Any]]) -> None:
+    with open(path, "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+
+
 def sample_files(pipe: Pipeline, audio_paths: Sequence[str], out_dir: str | os.PathLike, *, num_images: int,
-                 steps: int, guidance: float, scheduler: str, seed: int, same_seed: bool = False) -> list[dict]:
+                 steps: int, guidance: float, scheduler: str, seed: int, same_seed: bool = False
+                 ) -> tuple[list[dict], list[dict]]:
     """Generate for each audio file (seed + i for the i-th file; `same_seed`: `seed` for all, so images
-    differ only through the audio) → PNGs, grid.png and samples.jsonl in `out_dir`; returns the
-    records written to samples.jsonl."""
+    differ only through the audio) → PNGs, grid.png, samples.jsonl and skipped.jsonl in `out_dir`;
+    returns (the image records of samples.jsonl, the skip records {'audio', 'reason'} of skipped.jsonl).
+    Undecodable files are skipped (logged); with none left, `NoImages` is raised (no image, no grid)."""
     from PIL import Image
 
-    from mtok_jax.audio.io import load_audio
+    from mtok_jax.audio.io import AudioDecodeError, load_audio
 
     config = pipe.config
     os.makedirs(out_dir, exist_ok=True)
     rate = sample_rate(config)
-    waves = np.stack([load_audio(p, rate, config.data.clip_seconds) for p in audio_paths])
     seeds = [int(seed) + (0 if same_seed else i) for i in range(len(audio_paths))]
+    kept, waves, skipped = [], [], []
+    for i, path in enumerate(audio_paths):
+        try:
+            waves.append(load_audio(path, rate, config.data.clip_seconds))
+            kept.append(i)
+        except (AudioDecodeError, OSError) as e:
+            reason = e.reason if isinstance(e, AudioDecodeError) else f"{type(e).__name__}: {e}"
+            log.warning("%s: %s (skipped)", path, reason)
+            skipped.append(dict(audio=os.path.abspath(path), reason=reason))
+    _write_jsonl(os.path.join(out_dir, "skipped.jsonl"), skipped)
+    if not kept:
+        _write_jsonl(os.path.join(out_dir, "samples.jsonl"), [])
+        raise NoImages(f"no image made: all {len(audio_paths)} audio files were skipped (reasons in "
+                       f"{os.path.join(out_dir, 'skipped.jsonl')})")
     t0 = time.time()
-    images = pipe.generate(waves, seeds, num_images=num_images, steps=steps, guidance=guidance, scheduler=scheduler)
+    images = pipe.generate(np.stack(waves), [seeds[i] for i in kept], num_images=num_images, steps=steps,
+                           guidance=guidance, scheduler=scheduler)
     seconds = time.time() - t0
     settings = dict(scheduler=scheduler, steps=int(steps), guidance=float(guidance), num_images=int(num_images),
                     prompt=config.prompt.inference, unconditional_prompt=UNCONDITIONAL_PROMPT,
@@ -255,20 +285,19 @@ def sample_files(pipe: Pipeline, audio_paths: Sequence[str], out_dir: str | os.P
                     unary_dropout_at_inference=bool(config.model.unary_dropout_at_inference),
                     dtype=config.model.dtype, config=config.workdir_name, workdir=pipe.workdir)
     records, captions = [], []
-    for b, path in enumerate(audio_paths):
+    for k, b in enumerate(kept):
+        path = audio_paths[b]
         label = label_of(path, pipe.system.labels)
         stem = _slug(os.path.splitext(os.path.basename(path))[0])
         for j in range(num_images):
             name = f"{b:04d}_{_slug(label or 'unlabeled')}_{stem}_s{seeds[b]}_{j}.png"
-            Image.fromarray(images[b, j]).save(os.path.join(out_dir, name))
+            Image.fromarray(images[k, j]).save(os.path.join(out_dir, name))
             records.append(dict(image=name, audio=os.path.abspath(path), label=label, seed=seeds[b], index=j,
                                 **settings))
             captions.append(label or stem)
     write_grid(os.path.join(out_dir, "grid.png"), images.reshape(-1, *images.shape[2:]), captions,
                columns=num_images if num_images > 1 else None)
-    with open(os.path.join(out_dir, "samples.jsonl"), "w") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
-    log.info("%d images from %d audio files in %.1f s (incl. compile) → %s", images.shape[0] * num_images,
-             len(audio_paths), seconds, out_dir)
-    return records
+    _write_jsonl(os.path.join(out_dir, "samples.jsonl"), records)
+    log.info("%d images from %d audio files in %.1f s (incl. compile) → %s%s", len(records), len(kept), seconds,
+             out_dir, f"; {len(skipped)} skipped (skipped.jsonl)" if skipped else "")
+    return records, skipped

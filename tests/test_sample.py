@@ -52,9 +52,10 @@ def test_sample_files_writes_pngs_grid_and_manifest(pipe, waves, tmp_path):
     found = sample.find_audio(tmp_path / "audio")
     assert sorted(found) == sorted(paths)
     out = tmp_path / "out"
-    records = sample.sample_files(pipe, paths, out, seed=10, **SETTINGS)
+    records, skipped = sample.sample_files(pipe, paths, out, seed=10, **SETTINGS)
     lines = [json.loads(l) for l in (out / "samples.jsonl").read_text().splitlines()]
     assert lines == records and len(lines) == 4
+    assert skipped == [] and (out / "skipped.jsonl").read_text() == ""
     assert [r["label"] for r in lines] == [label, label, None, None]
     assert [(r["seed"], r["index"]) for r in lines] == [(10, 0), (10, 1), (11, 0), (11, 1)]
     assert all(r["scheduler"] == "pndm" and r["steps"] == 3 and r["guidance"] == 7.5 for r in lines)
@@ -67,3 +68,38 @@ def test_sample_files_writes_pngs_grid_and_manifest(pipe, waves, tmp_path):
         np.testing.assert_array_equal(np.asarray(Image.open(out / r["image"])), ref[b, r["index"]])
     grid = Image.open(out / "grid.png")
     assert grid.size[0] == 2 * 128 and grid.size[1] >= 2 * 128
+
+
+def test_sample_files_skips_undecodable_audio(pipe, waves, tmp_path, caplog):
+    """Two good files and a corrupt one in a folder: the good ones are generated (with the seeds they
+    have in the full list), the corrupt one is logged as `path: reason` and listed in skipped.jsonl."""
+    import soundfile as sf
+
+    folder = tmp_path / "audio"
+    folder.mkdir()
+    sf.write(folder / "a.flac", waves[0], 16000)
+    (folder / "b.wav").write_bytes(b"RIFF\x24\x00\x00\x00WAVEjunk" + bytes(range(256)))
+    sf.write(folder / "c.flac", waves[1], 16000)
+    paths = sample.find_audio(folder)
+    assert [p.rsplit("/", 1)[1] for p in paths] == ["a.flac", "b.wav", "c.flac"]
+    out = tmp_path / "out"
+    with caplog.at_level("WARNING", logger="mtok_jax.sample"):
+        records, skipped = sample.sample_files(pipe, paths, out, seed=10, **SETTINGS)
+    bad = str(folder / "b.wav")
+    assert [r["audio"] for r in skipped] == [bad] and skipped[0]["reason"].startswith("unreadable audio")
+    assert [json.loads(l) for l in (out / "skipped.jsonl").read_text().splitlines()] == skipped
+    assert f"{bad}: unreadable audio" in caplog.text
+    assert [(r["audio"].rsplit("/", 1)[1], r["seed"], r["index"]) for r in records] == [
+        ("a.flac", 10, 0), ("a.flac", 10, 1), ("c.flac", 12, 0), ("c.flac", 12, 1)]
+    assert (out / "grid.png").exists()
+    from mtok_jax.audio.io import load_audio
+
+    ref = pipe.generate(np.stack([load_audio(paths[i], 16000, 4.0) for i in (0, 2)]), [10, 12], **SETTINGS)
+    got = np.stack([np.asarray(Image.open(out / r["image"])) for r in records]).reshape(ref.shape)
+    np.testing.assert_array_equal(got, ref)
+
+    with pytest.raises(sample.NoImages, match="no image made: all 1 audio files were skipped"):
+        sample.sample_files(pipe, [bad], tmp_path / "none", seed=0, **SETTINGS)
+    assert (tmp_path / "none" / "samples.jsonl").read_text() == ""
+    assert len((tmp_path / "none" / "skipped.jsonl").read_text().splitlines()) == 1
+    assert not (tmp_path / "none" / "grid.png").exists()
