@@ -67,8 +67,11 @@ def main(argv=None) -> int:
     p.add_argument("--no_progress", action="store_true")
     a = p.parse_args(argv)
     labels = read_label_file(a.labels) if a.labels else None
-    cfg = make_config(a.layout, a.clip_seconds, a.image_size, a.reference_512x320, a.audio_44k_as_16k,
-                      labels, a.image_format, a.config_name)
+    try:
+        cfg = make_config(a.layout, a.clip_seconds, a.image_size, a.reference_512x320, a.audio_44k_as_16k,
+                          labels, a.image_format, a.config_name)
+    except ValueError as e:  # e.g. --config_name ../x
+        p.error(str(e))
     out = build(a.manual_dir, a.data_dir, cfg, workers=a.workers, overwrite=a.overwrite,
                 progress=not a.no_progress)
     lines, counts = summarize(out)

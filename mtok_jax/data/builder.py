@@ -28,6 +28,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import re
 import shutil
 from collections import deque
 from pathlib import Path
@@ -42,6 +43,16 @@ from mtok_jax.data.sources import DEFAULT_LABELS, SPLITS, SourceFile, scan, skip
 NAME = "music_image"
 VERSION = "1.0.0"
 REFERENCE_SAMPLE_RATE = 44100  # thesis quirk: audio at 44.1 kHz fed to the 16 kHz front-end
+_CONFIG_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def check_config_name(name) -> str:
+    """``name`` if it is one safe path component (letters, digits, ``-``, ``_``, ``.``; first a letter
+    or digit: no separators, no ``..``), else ValueError naming the value."""
+    if not isinstance(name, str) or not _CONFIG_NAME.match(name):
+        raise ValueError(f"dataset config name {name!r}: use letters, digits, '-', '_' and '.' only, starting "
+                         "with a letter or digit (no path separators, no '..'), e.g. 'folders-4s-32px'")
+    return name
 
 
 @dataclasses.dataclass
@@ -106,6 +117,8 @@ def make_config(layout: str = "folders", clip_seconds: float = 30.0, image_size:
     reference_512x320: 512 wide × 320 high, whole image stretched (no crop), as the reference loader.
     image_format: default 'png' for images ≤ 64 px (lossless, tiny), else 'jpeg'.
     """
+    if name is not None:
+        check_config_name(name)
     h, w = (320, 512) if reference_512x320 else (int(image_size), int(image_size))
     if image_format is None:
         image_format = "png" if max(h, w) <= 64 else "jpeg"
@@ -222,10 +235,15 @@ class MusicImage(tfds.core.GeneratorBasedBuilder):
         cfg = self.builder_config
         cache = self._cache_dir() / "images"
         cache.mkdir(parents=True, exist_ok=True)
-        paths, todo = [], []
-        for f in images:
+        paths, todo, gone = [], [], {}
+        for i, f in enumerate(images):
             src = manual / f.rel
-            st = src.stat()
+            try:
+                st = src.stat()
+            except OSError as e:  # vanished or became unreadable since the scan
+                gone[i] = f"unreadable ({type(e).__name__}: {e.strerror or e})"
+                paths.append(None)
+                continue
             key = hashlib.sha1(json.dumps([f.rel, st.st_size, st.st_mtime_ns, cfg.image_height, cfg.image_width,
                                            cfg.center_crop, cfg.image_format]).encode()).hexdigest()
             paths.append(cache / key)
@@ -237,7 +255,8 @@ class MusicImage(tfds.core.GeneratorBasedBuilder):
             bar.update(1)
         bar.close()
         self._image_cache_paths = paths
-        return [None if p.exists() else Path(f"{p}.err").read_text(encoding="utf-8") for p in paths]
+        return [gone[i] if p is None else None if p.exists() else Path(f"{p}.err").read_text(encoding="utf-8")
+                for i, p in enumerate(paths)]
 
     def _split_generators(self, dl_manager):
         cfg = self.builder_config
@@ -315,7 +334,7 @@ class MusicImage(tfds.core.GeneratorBasedBuilder):
 
 def dataset_dir(data_dir, config_name: str) -> Path:
     """The built dataset's version dir: DATA_DIR/music_image/<config_name>/<version>."""
-    return Path(data_dir) / NAME / config_name / VERSION
+    return Path(data_dir) / NAME / check_config_name(config_name) / VERSION
 
 
 def build(manual_dir, data_dir, config: "MusicImageConfig | str" = "folders", *,
@@ -328,6 +347,7 @@ def build(manual_dir, data_dir, config: "MusicImageConfig | str" = "folders", *,
     """
     if not progress:
         tfds.disable_progress_bar()
+    check_config_name(config.name if isinstance(config, MusicImageConfig) else config)
     registered = {c.name: c for c in MusicImage.BUILDER_CONFIGS}
     if isinstance(config, MusicImageConfig) and config.name in registered:
         if config.params() != registered[config.name].params():
