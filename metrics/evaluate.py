@@ -311,7 +311,7 @@ def score_images(images_dir: str, models: MetricModels, out_dir: str, *, per_lab
     generated = _stack([_load_rgb(r["image"]) for r in rows], "generated")
     has_gt = all(r.get("ground_truth") for r in rows)
     ground_truth = _stack([_load_rgb(r["ground_truth"]) for r in rows], "ground-truth") if has_gt else None
-    waveforms = np.stack([load_audio(r["audio"], 16000, clip_seconds, min_seconds=0.0, skip_silent=False)
+    waveforms = np.stack([load_audio(r["audio"], 16000, clip_seconds, min_seconds=0.0, silence_dbfs=None)
                           for r in rows])
     labels, names = _label_table(rows)
     t = time.perf_counter()

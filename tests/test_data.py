@@ -66,7 +66,7 @@ def make_tree(root: Path) -> dict:
     (hm / "noise.mp3").write_bytes(np.random.default_rng(5).bytes(4096))
     exp["audio/Heavy metal/noise.mp3"] = "unreadable audio"
     sf.write(hm / "silence.wav", np.zeros((40000, 1), np.float32), 16000)
-    exp["audio/Heavy metal/silence.wav"] = "digital silence"
+    exp["audio/Heavy metal/silence.wav"] = "silence (RMS -inf dBFS"
     sf.write(hm / "short.wav", _tone(16000, 0.2, 500), 16000)
     exp["audio/Heavy metal/short.wav"] = "too short"
     sf.write(hm / "hires.wav", _tone(96000, 2.5, 440, channels=2), 96000, subtype="PCM_24")

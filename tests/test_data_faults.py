@@ -16,7 +16,7 @@ from PIL import Image
 import mtok_jax  # noqa: F401
 from mtok_jax.data import build as build_cli
 from mtok_jax.data import builder as builder_lib
-from mtok_jax.data import pipeline
+from mtok_jax.data import pipeline, sources
 
 LABEL = "Heavy metal"
 
@@ -98,3 +98,32 @@ def test_unsafe_config_names_are_refused(tmp_path, name, capsys):
 def test_safe_config_name_accepted():
     assert builder_lib.make_config("folders", name="my-set_v1.2").name == "my-set_v1.2"
     assert builder_lib.check_config_name(builder_lib.config_name_for("csv", 2.5, 64)) == "csv-2p5s-64px"
+
+
+def test_silence_threshold_is_a_builder_option(tmp_path, capsys):
+    """A −78 dBFS noise track is skipped as silence at the default −60 dBFS and a −40 dBFS tone is kept;
+    --silence_dbfs -30 skips the tone too and is recorded in the built config (and its name)."""
+    man = tmp_path / "manual"
+    _good_tree(man)
+    names = next((f"noise{k}", f"tone{k}") for k in range(100) if set(sources.assign_splits(
+        [f"a{i}" for i in range(3)] + [f"noise{k}", f"tone{k}"])[3:]) == {"train"})  # keep val/test non-empty
+    rng = np.random.default_rng(0)
+    sf.write(man / "audio" / LABEL / f"{names[0]}.wav",
+             rng.standard_normal(24000).astype(np.float32) * 10 ** (-78 / 20), 16000, subtype="PCM_16")
+    sf.write(man / "audio" / LABEL / f"{names[1]}.wav", _tone(1.5, 300, amp=np.sqrt(2) * 10 ** (-40 / 20)),
+             16000, subtype="PCM_16")
+    noise, tone = (f"audio/{LABEL}/{n}.wav" for n in names)
+    for threshold, silent in ((None, {noise}), (-30.0, {noise, tone})):
+        data_dir = tmp_path / f"tfds{threshold}"
+        (tmp_path / "labels.txt").write_text(LABEL + "\n")
+        argv = ["--layout", "folders", "--manual_dir", str(man), "--data_dir", str(data_dir), "--clip_seconds", "1",
+                "--image_size", "32", "--labels", str(tmp_path / "labels.txt"), "--workers", "0", "--no_progress"]
+        assert build_cli.main(argv + ([] if threshold is None else ["--silence_dbfs", str(threshold)])) == 0
+        name = capsys.readouterr().out.split("config_name: ")[1].split()[0]
+        out = builder_lib.dataset_dir(data_dir, name)
+        skipped = _skipped(out)
+        assert {p for p, r in skipped.items() if r["reason"].startswith("silence (RMS")} == silent
+        meta = json.loads((out / "metadata.json").read_text())
+        assert meta["config"]["silence_dbfs"] == (-60.0 if threshold is None else threshold)
+        assert name.endswith("-silm30dB") == (threshold is not None)
+        assert len(meta["splits"]["train"]["labels"]) == 1 + 2 - len(silent)

@@ -9,7 +9,7 @@ import soundfile as sf
 import soxr
 from PIL import Image
 
-from mtok_jax.audio.io import AudioDecodeError, load_audio
+from mtok_jax.audio.io import AudioDecodeError, load_audio, rms_dbfs
 from mtok_jax.data.images import ImageDecodeError, load_image
 
 
@@ -61,7 +61,7 @@ def test_quirk_rate_44k(tmp_path):
 
 
 @pytest.mark.parametrize("kind,reason", [
-    ("empty", "empty file"), ("random", "unreadable audio"), ("silence", "digital silence"),
+    ("empty", "empty file"), ("random", "unreadable audio"), ("silence", "silence (RMS -inf dBFS ≤ -60 dBFS)"),
     ("short", "too short"), ("header_only", "unreadable audio")])
 def test_bad_audio_raises_with_path(tmp_path, kind, reason):
     path = tmp_path / f"bad_{kind}.mp3"
@@ -83,6 +83,29 @@ def test_bad_audio_raises_with_path(tmp_path, kind, reason):
     with pytest.raises(AudioDecodeError) as e:
         load_audio(path)
     assert str(e.value).startswith(str(path)) and reason in e.value.reason
+
+
+def _quiet_files(tmp_path):
+    """16-bit wavs: white noise at −78 dBFS RMS (a 'silent' track's codec noise) and a −40 dBFS tone."""
+    rng = np.random.default_rng(0)
+    noise, tone = tmp_path / "noise.wav", tmp_path / "tone.wav"
+    sf.write(noise, rng.standard_normal(32000).astype(np.float32) * 10 ** (-78 / 20), 16000, subtype="PCM_16")
+    sf.write(tone, _tone(16000, 2.0, amp=np.sqrt(2) * 10 ** (-40 / 20)), 16000, subtype="PCM_16")
+    return noise, tone
+
+
+def test_silence_is_an_rms_level_in_dbfs(tmp_path):
+    noise, tone = _quiet_files(tmp_path)
+    raw, _ = sf.read(noise, dtype="float32")
+    assert np.abs(raw).max() > 4 / 32768  # well above one LSB: the old peak ≤ 1/32768 rule kept it
+    assert rms_dbfs(raw) == pytest.approx(-78, abs=0.3) and rms_dbfs(np.zeros(4)) == -np.inf
+    with pytest.raises(AudioDecodeError, match=r"silence \(RMS -7[78]\.\d dBFS ≤ -60 dBFS\)"):
+        load_audio(noise)
+    assert rms_dbfs(load_audio(tone, clip_seconds=2.0)) == pytest.approx(-40, abs=0.1)  # kept
+    assert load_audio(noise, clip_seconds=2.0, silence_dbfs=-80).shape == (32000,)  # lower threshold: kept
+    assert load_audio(noise, clip_seconds=2.0, silence_dbfs=None).shape == (32000,)
+    with pytest.raises(AudioDecodeError, match=r"silence \(RMS -40\.0 dBFS ≤ -30 dBFS\)"):
+        load_audio(tone, silence_dbfs=-30)
 
 
 def _save(img, path, **kw):

@@ -2,7 +2,7 @@
 
   python -m mtok_jax.data.build --layout folders|csv --manual_dir DIR --data_dir OUT [--labels FILE]
       [--clip_seconds 30] [--image_size 512] [--reference_512x320] [--audio_44k_as_16k]
-      [--config_name NAME] [--workers N] [--overwrite]
+      [--silence_dbfs -60] [--config_name NAME] [--workers N] [--overwrite]
 
 Prints per-split and per-label counts (audio examples / usable images), the skip reasons, and ends
 with exactly one line `built: train=N validation=N test=N skipped=N` (N audio examples per split;
@@ -18,6 +18,7 @@ from collections import Counter
 from pathlib import Path
 
 import mtok_jax  # noqa: F401  (sets USE_TF=0 first)
+from mtok_jax.audio.io import SILENCE_DBFS
 from mtok_jax.data.sources import SPLITS, read_label_file
 
 
@@ -61,6 +62,8 @@ def main(argv=None) -> int:
     p.add_argument("--reference_512x320", action="store_true", help="quirk: 512x320 (WxH), no crop")
     p.add_argument("--audio_44k_as_16k", action="store_true", help="quirk: store 44.1 kHz samples")
     p.add_argument("--image_format", choices=("jpeg", "png"), default=None)
+    p.add_argument("--silence_dbfs", type=float, default=SILENCE_DBFS,
+                   help="skip audio whose RMS level is at or below this (dBFS, full scale 1.0; default %(default)g)")
     p.add_argument("--config_name", default=None, help="default: derived from the parameters")
     p.add_argument("--workers", type=int, default=None, help="decode processes (default: CPU count)")
     p.add_argument("--overwrite", action="store_true", help="rebuild even if the dataset exists")
@@ -69,7 +72,7 @@ def main(argv=None) -> int:
     labels = read_label_file(a.labels) if a.labels else None
     try:
         cfg = make_config(a.layout, a.clip_seconds, a.image_size, a.reference_512x320, a.audio_44k_as_16k,
-                          labels, a.image_format, a.config_name)
+                          labels, a.image_format, a.config_name, a.silence_dbfs)
     except ValueError as e:  # e.g. --config_name ../x
         p.error(str(e))
     out = build(a.manual_dir, a.data_dir, cfg, workers=a.workers, overwrite=a.overwrite,

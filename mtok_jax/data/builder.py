@@ -26,6 +26,7 @@ import concurrent.futures as cf
 import dataclasses
 import hashlib
 import json
+import math
 import multiprocessing
 import os
 import re
@@ -37,6 +38,7 @@ from typing import Iterable, Iterator, Optional, Sequence
 import numpy as np
 import tensorflow_datasets as tfds
 
+from mtok_jax.audio.io import SILENCE_DBFS
 from mtok_jax.data import jobs
 from mtok_jax.data.sources import DEFAULT_LABELS, SPLITS, SourceFile, scan, skip_record
 
@@ -67,6 +69,7 @@ class MusicImageConfig(tfds.core.BuilderConfig):
     image_format: str = "jpeg"  # jpeg (q95, 4:2:0) | png
     labels: tuple = DEFAULT_LABELS
     pairing_seed: int = 0  # fixed validation/test pairing
+    silence_dbfs: float = SILENCE_DBFS  # audio with an RMS level ≤ this (dBFS) is skipped as silence
 
     @property
     def sample_rate(self) -> int:
@@ -80,7 +83,7 @@ class MusicImageConfig(tfds.core.BuilderConfig):
     def params(self) -> dict:
         """JSON-able parameters (stored in metadata.json)."""
         keys = ("layout", "clip_seconds", "image_height", "image_width", "center_crop",
-                "audio_44k_as_16k", "image_format", "pairing_seed")
+                "audio_44k_as_16k", "image_format", "pairing_seed", "silence_dbfs")
         out = {k: getattr(self, k) for k in keys}
         out.update(name=self.name, labels=list(self.labels), sample_rate=self.sample_rate,
                    clip_samples=self.clip_samples)
@@ -89,10 +92,11 @@ class MusicImageConfig(tfds.core.BuilderConfig):
 
 def config_name_for(layout: str = "folders", clip_seconds: float = 30.0, image_size: int = 512,
                     reference_512x320: bool = False, audio_44k_as_16k: bool = False,
-                    labels: Optional[Sequence[str]] = None) -> str:
+                    labels: Optional[Sequence[str]] = None, silence_dbfs: float = SILENCE_DBFS) -> str:
     """Config name derived from the parameters: the layout, plus a suffix per non-default value.
 
-    e.g. 'folders', 'csv-512x320nocrop-44k', 'folders-4s-32px', 'folders-labels1a2b3c4d'.
+    e.g. 'folders', 'csv-512x320nocrop-44k', 'folders-4s-32px', 'folders-labels1a2b3c4d',
+    'folders-silm50dB' (silence threshold −50 dBFS).
     """
     parts = [layout]
     if float(clip_seconds) != 30.0:
@@ -105,29 +109,34 @@ def config_name_for(layout: str = "folders", clip_seconds: float = 30.0, image_s
         parts.append("44k")
     if labels is not None and tuple(labels) != DEFAULT_LABELS:
         parts.append("labels" + hashlib.sha1("\n".join(labels).encode("utf-8")).hexdigest()[:8])
+    if float(silence_dbfs) != SILENCE_DBFS:
+        parts.append(f"sil{float(silence_dbfs):g}dB".replace("-", "m").replace(".", "p"))
     return "-".join(parts)
 
 
 def make_config(layout: str = "folders", clip_seconds: float = 30.0, image_size: int = 512,
                 reference_512x320: bool = False, audio_44k_as_16k: bool = False,
                 labels: Optional[Sequence[str]] = None, image_format: Optional[str] = None,
-                name: Optional[str] = None) -> MusicImageConfig:
+                name: Optional[str] = None, silence_dbfs: float = SILENCE_DBFS) -> MusicImageConfig:
     """A `MusicImageConfig` from the training-config knobs (name from `config_name_for` unless given).
 
     reference_512x320: 512 wide × 320 high, whole image stretched (no crop), as the reference loader.
     image_format: default 'png' for images ≤ 64 px (lossless, tiny), else 'jpeg'.
+    silence_dbfs: audio whose RMS level is at or below this many dBFS is skipped as silence.
     """
     if name is not None:
         check_config_name(name)
+    if not math.isfinite(float(silence_dbfs)):
+        raise ValueError(f"silence_dbfs={silence_dbfs!r}: expected a finite RMS level in dBFS, e.g. -60")
     h, w = (320, 512) if reference_512x320 else (int(image_size), int(image_size))
     if image_format is None:
         image_format = "png" if max(h, w) <= 64 else "jpeg"
     return MusicImageConfig(
         name=name or config_name_for(layout, clip_seconds, image_size, reference_512x320,
-                                     audio_44k_as_16k, labels),
+                                     audio_44k_as_16k, labels, silence_dbfs),
         layout=layout, clip_seconds=float(clip_seconds), image_height=h, image_width=w,
         center_crop=not reference_512x320, audio_44k_as_16k=audio_44k_as_16k,
-        image_format=image_format, labels=tuple(labels or DEFAULT_LABELS),
+        image_format=image_format, labels=tuple(labels or DEFAULT_LABELS), silence_dbfs=float(silence_dbfs),
         description=f"{layout} layout, {clip_seconds:g} s clips, {w}x{h} images")
 
 
@@ -315,7 +324,7 @@ class MusicImage(tfds.core.GeneratorBasedBuilder):
         info = meta["splits"].setdefault(split, {"labels": [], "image_index": []})
         info["labels"].clear()
         info["image_index"].clear()
-        audio_jobs = [(str(manual / a.rel), cfg.sample_rate, cfg.clip_seconds) for a, _ in items]
+        audio_jobs = [(str(manual / a.rel), cfg.sample_rate, cfg.clip_seconds, cfg.silence_dbfs) for a, _ in items]
         key = 0
         for (a, pick), (pcm, reason) in zip(items, self._map(jobs.audio_job, audio_jobs)):
             if pcm is None:
