@@ -37,7 +37,8 @@ _OUT = flags.DEFINE_string("out", None, "Output folder (default: WORKDIR/samples
 _CHECKPOINT = flags.DEFINE_string("checkpoint", "best", "best | latest | a step number | none (untrained).")
 _PER_LABEL = flags.DEFINE_integer("per_label", 0, "With the default audio: files per label (0 = all).")
 _SAME_SEED = flags.DEFINE_bool("same_seed", False, "Use --seed for every audio file (images differ by audio only).")
-_BATCH = flags.DEFINE_integer("batch", 8, "Images per jitted call (rounded up to the device count).")
+_BATCH = flags.DEFINE_integer("batch", 8, "Images dispatched per host round trip (each jitted call makes one image "
+                                         "per device; the images do not depend on this).")
 
 
 def _checkpoint(value: str):
