@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mtok_jax import checkpoints, conditioning, sharding
+from mtok_jax.audio.io import AudioDecodeError, load_audio
 from mtok_jax.models import diffusion
 
 log = logging.getLogger("mtok_jax.sample")
@@ -261,8 +262,6 @@ def sample_files(pipe: Pipeline, audio_paths: Sequence[str], out_dir: str | os.P
     returns (the image records of samples.jsonl, the skip records {'audio', 'reason'} of skipped.jsonl).
     Undecodable files are skipped (logged); with none left, `NoImages` is raised (no image, no grid)."""
     from PIL import Image
-
-    from mtok_jax.audio.io import AudioDecodeError, load_audio
 
     config = pipe.config
     os.makedirs(out_dir, exist_ok=True)

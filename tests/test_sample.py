@@ -1,12 +1,15 @@
 """mtok_jax.sample: determinism per seed, batch/device independence, and the files it writes."""
 
+import dataclasses
 import json
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
 
-from mtok_jax import config_utils, sample
+from mtok_jax import config_utils, sample, sharding
+from mtok_jax.audio.io import load_audio
 
 
 @pytest.fixture(scope="module")
@@ -42,12 +45,6 @@ def test_same_seed_same_images_other_seed_differs(pipe, waves):
 def test_images_do_not_depend_on_max_batch_or_device_count(pipe):
     """Byte-identical images on one device with max_batch 1 and 8 (one jitted shape: an image per
     device), and on the 8-device mesh. A batched shape changes ~1e-4 of the values by one LSB."""
-    import dataclasses
-
-    import jax
-
-    from mtok_jax import sharding
-
     mesh = sharding.make_mesh({"data": 1, "fsdp": 1})
     one = dataclasses.replace(pipe, mesh=mesh, params=jax.device_put(pipe.params, sharding.replicated(mesh)),
                               _uncond=None, _compiled={})
@@ -82,8 +79,6 @@ def test_sample_files_writes_pngs_grid_and_manifest(pipe, waves, tmp_path):
     assert [(r["seed"], r["index"]) for r in lines] == [(10, 0), (10, 1), (11, 0), (11, 1)]
     assert all(r["scheduler"] == "pndm" and r["steps"] == 3 and r["guidance"] == 7.5 for r in lines)
     # the PNGs are the generated images (flac is lossless up to 16-bit quantisation of the audio)
-    from mtok_jax.audio.io import load_audio
-
     ref = pipe.generate(np.stack([load_audio(p, 16000, 4.0) for p in paths]), [10, 11], **SETTINGS)
     for r in lines:
         b = 0 if r["audio"].endswith("clip0.flac") else 1
@@ -114,8 +109,6 @@ def test_sample_files_skips_undecodable_audio(pipe, waves, tmp_path, caplog):
     assert [(r["audio"].rsplit("/", 1)[1], r["seed"], r["index"]) for r in records] == [
         ("a.flac", 10, 0), ("a.flac", 10, 1), ("c.flac", 12, 0), ("c.flac", 12, 1)]
     assert (out / "grid.png").exists()
-    from mtok_jax.audio.io import load_audio
-
     ref = pipe.generate(np.stack([load_audio(paths[i], 16000, 4.0) for i in (0, 2)]), [10, 12], **SETTINGS)
     got = np.stack([np.asarray(Image.open(out / r["image"])) for r in records]).reshape(ref.shape)
     np.testing.assert_array_equal(got, ref)
