@@ -9,16 +9,23 @@ micro-batches; the update equals the big batch's), `fold_in(rng, step)` randomne
 resume with the data order continuing where it stopped.
 
 Workdir contents: config.json, metrics.jsonl (one object per log step and per epoch: kind, epoch,
-step, train_loss, val_loss, lr), loss.png (train/val loss per epoch, like thesis Fig. 5.1),
-checkpoints/{latest,best}/<step>/.
+step, train_loss, val_loss, lr; cut back to the resumed step at every start, so it always equals an
+uninterrupted run's), loss.png (train/val loss per epoch, like thesis Fig. 5.1),
+checkpoints/{latest,best}/<step>/ (mtok_jax.checkpoints: newest two `latest` kept, checksummed,
+fallback to the older), checkpoints/corrupt/ (steps that failed to restore), .lock (the running
+process's PID and host). SIGTERM / SIGINT stop the run at the next step boundary after saving `latest`
+(mtok_jax.signals).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import math
 import os
+import sys
 import time
 from typing import Any, Callable, Mapping
 
@@ -28,7 +35,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding
 
-from mtok_jax import checkpoints, conditioning, config_utils, losses, sharding
+from mtok_jax import checkpoints, conditioning, config_utils, losses, sharding, signals, workdir_lock
 from mtok_jax.data import pipeline
 from mtok_jax.models import diffusion
 
@@ -205,19 +212,32 @@ class MetricsLog:
 
     def write(self, **record) -> None:
         if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            try:
+                with open(self.path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            except OSError as e:
+                space = "no space left on the device" if e.errno == errno.ENOSPC else e.strerror
+                raise checkpoints.CheckpointError(f"cannot write {self.path}: {space}") from e
 
     def truncate_after(self, step: int) -> None:
-        """Drop lines logged after `step` (a resumed run repeats them)."""
+        """Keep only lines of steps ≤ `step` (called at every start with the resumed step, 0 when fresh:
+        lines a killed run wrote after its last checkpoint are repeated by this run). A torn last line
+        (killed mid-write) is dropped."""
         if not (self.enabled and os.path.exists(self.path)):
             return
+        kept = []
         with open(self.path) as f:
-            lines = [json.loads(x) for x in f if x.strip()]
-        with open(self.path, "w") as f:
-            for r in lines:
-                if r["step"] <= step:
-                    f.write(json.dumps(r) + "\n")
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                if record["step"] <= step:
+                    kept.append(line if line.endswith("\n") else line + "\n")
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(kept)
+        os.replace(tmp, self.path)
 
     def epochs(self) -> list[dict]:
         if not os.path.exists(self.path):
@@ -259,16 +279,26 @@ def _progress(total: int, initial: int, unit_per_step: int, desc: str, enabled: 
 # train_and_evaluate
 # ===================================================================================================
 def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
-    """Train per `config` into `workdir`, resuming from its latest checkpoint when there is one.
+    """Train per `config` into `workdir`, resuming from its latest restorable checkpoint when there is one.
 
-    → {'step', 'epoch', 'best_val_loss', 'val_losses' (this call's epochs), 'trainable' (final params)}.
+    → {'step', 'epoch', 'best_val_loss', 'val_losses' (this call's epochs), 'trainable' (final params),
+    'interrupted' (None, or 'SIGTERM' / 'SIGINT' when a signal stopped the run after saving `latest`)}.
+    The workdir is locked for the run (workdir_lock.WorkdirLockedError when another process holds it).
     """
-    # ---------------------------------------------------------------------------------- logging
     config_utils.validate(config)
     workdir = os.path.abspath(workdir)
     sharding.maybe_initialize_distributed(config)
-    is_main = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
+    with contextlib.ExitStack() as stack:
+        if jax.process_index() == 0:
+            stack.enter_context(workdir_lock.WorkdirLock(workdir))
+        stop = stack.enter_context(signals.GracefulStop())
+        return _train(config, workdir, stop)
+
+
+def _train(config, workdir: str, stop: signals.GracefulStop) -> dict[str, Any]:
+    # ---------------------------------------------------------------------------------- logging
+    is_main = jax.process_index() == 0
     if is_main:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2, sort_keys=True))
@@ -354,8 +384,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
         step, epoch, start_batch = int(saved["step"]), int(saved["epoch"]), int(saved["batch_in_epoch"])
         best_val = float(saved["best_val_loss"])
         epoch_loss_sum, epoch_loss_n = float(saved["epoch_loss_sum"]), int(saved["epoch_loss_n"])
-        metrics_log.truncate_after(step)
         log.info("resumed from step %d (epoch %d, batch %d)", step, epoch, start_batch)
+    metrics_log.truncate_after(step)  # equal to an uninterrupted run's log up to here
 
     def meta() -> dict:
         return {"step": step, "epoch": epoch, "batch_in_epoch": start_batch, "best_val_loss": best_val,
@@ -376,9 +406,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     # ---------------------------------------------------------------------------------- loop
     max_steps = t.max_steps if t.max_steps > 0 else t.epochs * steps_per_epoch
     val_losses: list[float] = []
-    stopped = step >= max_steps
+    interrupted = None
     try:
-        while epoch < t.epochs and not stopped:
+        while epoch < t.epochs and step < max_steps and interrupted is None:
             bar = _progress(steps_per_epoch, start_batch, examples_per_step, f"epoch {epoch + 1}/{t.epochs}",
                             is_main)
             host_batches = pipeline.batches(d.data_dir, "train", global_batch_size=examples_per_step, seed=d.seed,
@@ -390,9 +420,10 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
                                                            root_key)
                 loss = float(metrics["loss"])
                 if not math.isfinite(loss):
+                    ckpt.wait()
                     raise FloatingPointError(
                         f"non-finite training loss {loss} at step {step + 1} (epoch {epoch + 1}, batch "
-                        f"{start_batch + 1}); last good checkpoint: {ckpt.latest.latest_step()}")
+                        f"{start_batch + 1}); last good checkpoint: {ckpt.latest_step()}")
                 step, start_batch = step + 1, start_batch + 1
                 epoch_loss_sum, epoch_loss_n = epoch_loss_sum + loss, epoch_loss_n + 1
                 bar.update(examples_per_step)
@@ -401,17 +432,17 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
                     metrics_log.write(kind="step", epoch=epoch + start_batch / steps_per_epoch, step=step,
                                       train_loss=loss, val_loss=None, lr=float(metrics["lr"]),
                                       **{k: float(metrics[k]) for k in ("mse", "l1", "l2", "cosine", "grad_norm")})
-                if step >= max_steps:
-                    stopped = True
+                if step >= max_steps or stop.requested:
                     break
                 if step % t.checkpoint_every == 0 and start_batch < steps_per_epoch:
                     ckpt.save_latest(step, trainable, opt_state, meta())
             bar.close()
             getattr(host_batches, "close", lambda: None)()  # stop its prefetch thread
-            if stopped and start_batch < steps_per_epoch:
+            if start_batch < steps_per_epoch:  # stopped inside the epoch: max_steps or a signal
                 ckpt.save_latest(step, trainable, opt_state, meta())
+                interrupted = stop.requested
                 break
-            # End of epoch: validation, best and latest checkpoints.
+            # End of epoch: validation, best and latest checkpoints (a signal waits for them).
             val_loss = evaluate()
             train_loss = epoch_loss_sum / max(epoch_loss_n, 1)
             val_losses.append(val_loss)
@@ -424,11 +455,28 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
                 best_val = val_loss
                 ckpt.save_best(step, trainable, {**meta(), "val_loss": val_loss})
             ckpt.save_latest(step, trainable, opt_state, meta())
-    finally:
+            interrupted = stop.requested
         ckpt.wait()
-        ckpt.close()
+    finally:
+        _close_quietly_on_error(ckpt)
+    if interrupted:
+        where = f"epoch {epoch + 1}, batch {start_batch}/{steps_per_epoch}" if start_batch else f"end of epoch {epoch}"
+        log.warning("interrupted at step %d (%s); saved checkpoint %d — rerun the same command to resume", step,
+                    where, step)
     return {"step": step, "epoch": epoch, "best_val_loss": best_val, "val_losses": val_losses,
-            "trainable": trainable}
+            "trainable": trainable, "interrupted": interrupted}
+
+
+def _close_quietly_on_error(ckpt: checkpoints.Checkpointer) -> None:
+    """Close the checkpointer; while another exception propagates, a save error is logged, not raised
+    (the first error is the one the user needs to see)."""
+    if sys.exc_info()[1] is None:
+        ckpt.close()
+        return
+    try:
+        ckpt.close()
+    except checkpoints.CheckpointError as e:
+        log.error("%s", e)
 
 
 def _like_params(opt_shapes: Any, param_sh: Any, default: NamedSharding) -> Any:

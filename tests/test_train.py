@@ -27,19 +27,9 @@ CLIP_SECONDS = 1.0
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory, demo_models):
-    """Tiny demo models (session fixture, real formats) + a 3-label, 1 s dataset built by the real builder."""
-    from mtok_jax.data.builder import build, make_config
-    from mtok_jax.demo.data import write_demo_sources
-
-    root = tmp_path_factory.mktemp("demo")
-    paths = demo_models
-    manual = write_demo_sources(root / "manual", per_label={"train": 2, "validation": 1, "test": 1},
-                                clip_seconds=CLIP_SECONDS, labels=LABELS)
-    data_dir = root / "data"
-    build(manual, data_dir, make_config("folders", clip_seconds=CLIP_SECONDS, image_size=32, labels=LABELS,
-                                        name="tiny"), workers=0, progress=False)
-    return {"sd": paths["sd"], "beats": paths["beats"], "data": str(data_dir)}
+def assets(tiny_assets):
+    """Tiny demo models + the 3-label, 1 s dataset (conftest.tiny_assets)."""
+    return tiny_assets
 
 
 def demo_config(assets, *overrides):
