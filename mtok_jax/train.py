@@ -374,7 +374,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
         return float(total / jnp.maximum(count, 1.0))
 
     # ---------------------------------------------------------------------------------- loop
-    max_steps = t.max_steps if t.max_steps > 0 else t.epochs * steps_per_epoch
+    max_steps = t.max_steps if t.max_steps >= 0 else t.epochs * steps_per_epoch
     val_losses: list[float] = []
     stopped = step >= max_steps
     try:
