@@ -1,4 +1,4 @@
-"""Entry-point error handling shared by train.py, sample.py, metrics.evaluate, data.build and convert.
+"""Entry-point error handling shared by train.py, sample.py, metrics.evaluate / convert, data.build and convert.
 
 An expected error — a bad config value or key, a bad flag, a missing path, bad data — is printed as
 ONE line on stderr (`error: …`) and the process exits with code 2 (:data:`EXIT_USER_ERROR`, as
@@ -23,6 +23,8 @@ from ml_collections import config_flags
 from ml_collections.config_flags.config_flags import ConfigFileFlagParser
 
 from mtok_jax import config_utils, errors
+
+flags.disclaim_key_flags()  # flags defined through this module belong to its caller (train.py --help lists them)
 
 EXIT_USER_ERROR = 2
 VERBOSE_HELP = "on an error, show the full traceback instead of one line"

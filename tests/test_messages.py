@@ -114,11 +114,11 @@ def _run(*args, cwd=REPO):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     res = subprocess.run([sys.executable, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True,
                          timeout=300)
-    return res.returncode, res.stderr
+    return res.returncode, res.stderr, res.stdout
 
 
 def _one_line(args, *expected):
-    code, err = _run(*args)
+    code, err, _ = _run(*args)
     assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, (code, err)
     for text in expected:
         assert text in err, err
@@ -127,7 +127,7 @@ def _one_line(args, *expected):
 def test_train_bad_value_one_line_and_verbose_traceback():
     _one_line(["train.py", "--config", DEMO, "--config.train.batch_size=0"],
               "error: invalid config: train.batch_size=0 must be > 0")
-    code, err = _run("train.py", "--config", DEMO, "--config.train.batch_size=0", "--verbose")
+    code, err, _ = _run("train.py", "--config", DEMO, "--config.train.batch_size=0", "--verbose")
     assert code == 1 and "Traceback" in err and err.strip().splitlines()[-1].endswith(
         "train.batch_size=0 must be > 0"), err
 
@@ -138,6 +138,8 @@ def test_flag_parsing_errors_one_line(tmp_path):
               "did you mean train.batch_size?")
     _one_line(["sample.py", "--config.sample.steps=many"], "--config.sample.steps=many")
     _one_line(["train.py", "--config", tmp_path / "nope.py"], f"--config={tmp_path / 'nope.py'}: config file not found")
+    _, _, out = _run("train.py", "--help")  # the flags defined through mtok_jax.cli belong to train.py (absl exits 1)
+    assert "--config: Config file" in out and "--[no]verbose" in out, out
 
 
 def test_missing_paths_one_line(tmp_path):
