@@ -15,24 +15,22 @@ import os
 import sys
 
 from absl import app, flags
-from ml_collections import config_flags
 
-from mtok_jax import _compat
+from mtok_jax import _compat, cli, config_utils
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "Config file (configs/*.py).",
-                                          lock_config=True)
+_CONFIG = cli.define_config_file("config", "configs/demo.py", "Config file (configs/*.py).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: runs/<config.workdir_name>).")
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    config = config_utils.validate(_CONFIG.value)  # first: a bad value fails in a second, not after imports
     _compat.quiet_third_party_loggers()
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every file it writes at INFO
     logging.getLogger("mtok_jax").setLevel(logging.INFO)
-    from mtok_jax import config_utils, signals, train
+    from mtok_jax import signals, train
 
-    config = config_utils.validate(_CONFIG.value)
     workdir = _WORKDIR.value or os.path.join("runs", config.workdir_name)
     result = train.train_and_evaluate(config, workdir)
     if result["interrupted"]:
@@ -42,4 +40,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run_absl(main)

@@ -69,7 +69,7 @@ def get_config() -> ml_collections.ConfigDict:
         lambda_cl=0.01,  # × (1 − mean_b cos(e, τ_label))^2
         log_every=10,  # steps between metrics.jsonl train lines
         checkpoint_every=500,  # steps between `latest` checkpoints (also at every epoch end)
-        max_steps=-1,  # stop after this many optimizer steps (-1: run all epochs)
+        max_steps=-1,  # stop after this many optimizer steps (-1: run all epochs; 0: load, compile, train nothing)
         fsdp_min_size=2**22,  # leaves with more elements than this are sharded over `fsdp`
     ))
 

@@ -39,6 +39,7 @@ import time
 from typing import Any, Mapping, Sequence
 
 import mtok_jax  # noqa: F401  (USE_TF=0 before transformers loads)
+from mtok_jax import cli, errors
 
 import numpy as np
 
@@ -418,7 +419,7 @@ def evaluate_checkpoint(config, workdir, *, checkpoint="best", num_images: int =
 
 # ------------------------------------------------------------------------------------------ CLI
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m metrics.evaluate", description=__doc__,
+    p = cli.ArgumentParser(prog="python -m metrics.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="experiment config file (configs/*.py); --config.a.b=value overrides")
     p.add_argument("--workdir", help="training workdir holding the checkpoints (generation mode)")
@@ -463,6 +464,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     clip_seconds = args.clip_seconds or (float(config.data.clip_seconds) if config is not None else 30.0)
     paths = [pick(args.clip_path, "clip_path"), pick(args.inception_path, "inception_path"),
              pick(args.wav2clip_path, "wav2clip_path")]
+    for key, path in zip(("clip_path", "inception_path", "wav2clip_path"), paths):  # fail before loading
+        if not os.path.isdir(path):
+            raise errors.UserError(f"metric model folder not found: --{key} / metrics.{key}={path} "
+                                   f"(README, step 4: metric models)")
+    if args.images:
+        read_manifest(args.images)
     if args.images:
         out = args.out or os.path.join(args.images, "eval")
         models = MetricModels.load(*paths)
@@ -482,4 +489,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -38,7 +38,7 @@ import jax
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
-from mtok_jax import sharding
+from mtok_jax import errors, sharding
 
 log = logging.getLogger("mtok_jax.checkpoints")
 
@@ -49,7 +49,7 @@ CHECKSUMS = "mtok_checksums.json"
 TMP_MARK = ".orbax-checkpoint-tmp"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(errors.UserError):
     """A checkpoint could not be written or restored; the message is one line for the user."""
 
 

@@ -13,6 +13,7 @@ import sys
 from typing import Any, Sequence
 
 import mtok_jax  # noqa: F401  (environment setup first)
+from mtok_jax import cli
 
 
 def _torch_load(path: str) -> Any:
@@ -69,7 +70,7 @@ def _cmd_embedder(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         prog="python -m mtok_jax.convert",
         description="Convert reference PyTorch checkpoints into mtok_jax parameter folders "
                     "(params.safetensors + config.json, loadable without torch). Needs torch.")
@@ -79,12 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
                                    "_finetuned_on_AS2M_cpt2.pt). The weight-normed conv-pos kernel is "
                                    "recomposed; a fine-tuned 'predictor' head is dropped, as AudioToken "
                                    "does. Load the result with mtok_jax.models.beats.load_beats(OUT_DIR).")
-    p.add_argument("checkpoint", help="path to the .pt file")
+    p.add_argument("checkpoint", type=cli.existing_file, help="path to the .pt file")
     p.add_argument("out_dir", help="output folder (created)")
     p.set_defaults(func=_cmd_beats)
     p = sub.add_parser("embedder", help="AudioToken embedder state dict (learned_embeds.bin)",
                        description="Convert AudioToken's trained embedder state dict (learned_embeds.bin).")
-    p.add_argument("checkpoint", help="path to learned_embeds.bin")
+    p.add_argument("checkpoint", type=cli.existing_file, help="path to learned_embeds.bin")
     p.add_argument("out_dir", help="output folder (created)")
     p.set_defaults(func=_cmd_embedder)
     return parser
@@ -96,4 +97,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

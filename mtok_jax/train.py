@@ -404,7 +404,7 @@ def _train(config, workdir: str, stop: signals.GracefulStop) -> dict[str, Any]:
         return float(total / jnp.maximum(count, 1.0))
 
     # ---------------------------------------------------------------------------------- loop
-    max_steps = t.max_steps if t.max_steps > 0 else t.epochs * steps_per_epoch
+    max_steps = t.max_steps if t.max_steps >= 0 else t.epochs * steps_per_epoch
     val_losses: list[float] = []
     interrupted = None
     try:

@@ -14,11 +14,13 @@ import os
 import socket
 import time
 
+from mtok_jax import errors
+
 log = logging.getLogger("mtok_jax.workdir_lock")
 LOCK_NAME = ".lock"
 
 
-class WorkdirLockedError(RuntimeError):
+class WorkdirLockedError(errors.UserError):
     """Another live process trains in this workdir."""
 
 

@@ -207,3 +207,14 @@ def test_nan_guard_names_the_step(assets, tmp_path, monkeypatch):
     monkeypatch.setattr(pipeline, "batches", poisoned)
     with pytest.raises(FloatingPointError, match="at step 2 "):
         train.train_and_evaluate(demo_config(assets, *LOOP, "train.max_steps=3"), str(tmp_path / "nan"))
+
+
+def test_max_steps_zero_trains_nothing(assets, tmp_path):
+    """train.max_steps=0 stops before the first step (it used to run every epoch): no step, no
+    validation, no checkpoint; config.json is written."""
+    out = train.train_and_evaluate(demo_config(assets, *LOOP, "train.max_steps=0"), str(tmp_path / "zero"))
+    assert (out["step"], out["epoch"], out["val_losses"]) == (0, 0, [])
+    assert json.loads((tmp_path / "zero" / "config.json").read_text())["train"]["max_steps"] == 0
+    metrics = tmp_path / "zero" / "metrics.jsonl"
+    assert not metrics.exists() or metrics.read_text() == ""
+    assert not [p for p in (tmp_path / "zero").rglob("*") if p.is_dir() and p.name.isdigit()]  # no step saved

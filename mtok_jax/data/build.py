@@ -11,13 +11,12 @@ skipped = audio + image files left out, each listed in OUT/music_image/<config>/
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from collections import Counter
 from pathlib import Path
 
 import mtok_jax  # noqa: F401  (sets USE_TF=0 first)
+from mtok_jax import cli
 from mtok_jax.data.sources import SPLITS, read_label_file
 
 
@@ -51,11 +50,13 @@ def summarize(dataset_dir) -> tuple[list[str], dict]:
 def main(argv=None) -> int:
     from mtok_jax.data.builder import build, make_config
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = cli.ArgumentParser(prog="python -m mtok_jax.data.build", description=__doc__.split("\n")[0])
     p.add_argument("--layout", choices=("folders", "csv"), required=True)
-    p.add_argument("--manual_dir", required=True, help="folder with the source files")
+    p.add_argument("--manual_dir", required=True, type=cli.existing_dir,
+                   help="folder with the source files (audio/ and image/, see docs/data.md)")
     p.add_argument("--data_dir", required=True, help="TFDS data_dir to write the dataset to")
-    p.add_argument("--labels", help="text file, one label per line (default: the 18 thesis labels)")
+    p.add_argument("--labels", type=cli.existing_file,
+                   help="text file, one label per line (default: the 18 thesis labels)")
     p.add_argument("--clip_seconds", type=float, default=30.0)
     p.add_argument("--image_size", type=int, default=512, help="square side (centre crop + bicubic)")
     p.add_argument("--reference_512x320", action="store_true", help="quirk: 512x320 (WxH), no crop")
@@ -79,4 +80,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)
