@@ -152,10 +152,22 @@ class _Commit:
         return self.error
 
 
+class _DropOrbaxErrors(logging.Filter):
+    """Orbax logs each failed write with a traceback (hundreds of lines when a disk fills up); every such
+    failure reaches the user once, as CheckpointError's one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname)
+
+
+_ORBAX_FILTER = _DropOrbaxErrors()
+
+
 class Checkpointer:
     """Writes `latest` and `best` checkpoints of one run (asynchronously); restores `latest`."""
 
     def __init__(self, workdir: str | os.PathLike, keep_latest: int = 2):
+        logging.getLogger("absl").addFilter(_ORBAX_FILTER)  # orbax logs through absl's logger
         self.workdir = os.path.abspath(os.fspath(workdir))
         self._remove_leftover_tmp()
         self.latest = _manager(workdir, LATEST, keep_latest)
@@ -195,6 +207,10 @@ class Checkpointer:
 
     def _fail(self, mgr: ocp.CheckpointManager, step: int, error: BaseException):
         """Remove what the failed save left, raise one line saying why and what it needed."""
+        try:  # let orbax's other writes of this save end before their files are removed
+            mgr.wait_until_finished()
+        except Exception:  # noqa: BLE001 - the same failure again
+            pass
         directory = os.fspath(mgr.directory)
         for name in os.listdir(directory) if os.path.isdir(directory) else ():
             if name.startswith(f"{step}{TMP_MARK}"):
@@ -286,8 +302,11 @@ class Checkpointer:
         try:
             self.wait()
         finally:
-            self.latest.close()
-            self.best.close()
+            for mgr in (self.latest, self.best):
+                try:
+                    mgr.close()
+                except Exception as e:  # noqa: BLE001 - a failed save was already reported by wait()
+                    log.debug("closing %s: %s", mgr.directory, _one_line(e))
 
 
 def restore_trained(workdir: str | os.PathLike, params: Mapping[str, Any], which: str | int = "best") -> dict:
