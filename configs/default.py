@@ -1,4 +1,4 @@
-"""Shared base config: SD v1.4 + converted BEATs iter3+ AS2M, the thesis's losses and data settings.
+"""Shared base config: SD v1.4 + converted BEATs iter3+ AS2M fine-tuned (cpt2), the thesis's losses and data settings.
 
 Every experiment config starts from this one and changes only what differs. On its own it trains the
 embedder like exp1 (DESIGN §2.6):
@@ -22,7 +22,9 @@ def get_config() -> ml_collections.ConfigDict:
     # Models. sd_path: a local HF folder (Flax msgpack or PyTorch-layout safetensors) or a hub id.
     c.model = ml_collections.ConfigDict(dict(
         sd_path="CompVis/stable-diffusion-v1-4",
-        beats_path="checkpoints/beats_iter3_plus_as2m",  # params_io folder from the BEATs converter
+        # params_io folder converted from BEATs_iter3_plus_AS2M_finetuned_on_AS2M_cpt2.pt (what AudioToken and
+        # the thesis load; not the self-supervised BEATs_iter3_plus_AS2M.pt)
+        beats_path="checkpoints/beats_iter3_plus_as2m_cpt2",
         embedder_path="",  # optional initial embedder (params_io folder); "" = PyTorch-style random init
         beats_layers=(3, 7, 11),  # 0-based BEATs blocks whose outputs are concatenated
         dtype="float32",  # compute dtype: float32 | bfloat16 (master params stay float32)

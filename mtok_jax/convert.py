@@ -1,6 +1,6 @@
 """Convert reference PyTorch checkpoints into params_io folders (params.safetensors + config.json).
 
-  python -m mtok_jax.convert beats BEATs_iter3_plus_AS2M.pt OUT_DIR
+  python -m mtok_jax.convert beats BEATs_iter3_plus_AS2M_finetuned_on_AS2M_cpt2.pt OUT_DIR
   python -m mtok_jax.convert embedder learned_embeds.bin OUT_DIR
 
 torch (the optional ``torch`` extra) is imported only here, inside the subcommands.
@@ -9,7 +9,9 @@ torch (the optional ``torch`` extra) is imported only here, inside the subcomman
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import warnings
 from typing import Any, Sequence
 
 import mtok_jax  # noqa: F401  (environment setup first)
@@ -36,7 +38,10 @@ def _to_numpy(state_dict: Any) -> dict[str, Any]:
 
 
 def convert_beats(checkpoint: str, out_dir: str) -> dict[str, Any]:
-    """Official BEATs ``.pt`` (dict with ``cfg`` and ``model``) → params_io folder. Returns the cfg."""
+    """Official BEATs ``.pt`` (dict with ``cfg`` and ``model``) → params_io folder. Returns the cfg.
+
+    The folder's config.json also records the source file name and whether ``predictor.*`` (the
+    AudioSet fine-tuning head, present in the ``…finetuned_on_AS2M_cpt2.pt`` AudioToken uses) was there."""
     from mtok_jax.models import beats
 
     ckpt = _torch_load(checkpoint)
@@ -45,7 +50,11 @@ def convert_beats(checkpoint: str, out_dir: str) -> dict[str, Any]:
         raise SystemExit(f"{checkpoint}: expected the official BEATs layout {{'cfg': ..., 'model': ...}}, got {keys}")
     cfg = beats.beats_config(ckpt["cfg"])
     params = beats.params_from_torch(_to_numpy(ckpt["model"]), cfg)
-    beats.save_beats(out_dir, cfg, params)
+    finetuned = any(k.startswith("predictor.") for k in ckpt["model"])
+    beats.save_beats(out_dir, cfg, params, source_checkpoint=os.path.basename(checkpoint), finetuned_head=finetuned)
+    if not finetuned:
+        print(f"warning: {checkpoint} has no fine-tuning head (predictor.*): it is not {beats.FINETUNED_CHECKPOINT}, "
+              f"the AudioSet-fine-tuned checkpoint AudioToken and the thesis use", file=sys.stderr)
     return cfg
 
 
@@ -57,7 +66,9 @@ def _count(tree: Any) -> int:
 def _cmd_beats(args: argparse.Namespace) -> None:
     cfg = convert_beats(args.checkpoint, args.out_dir)
     from mtok_jax.models.beats import load_beats
-    _, params = load_beats(args.out_dir)
+    with warnings.catch_warnings():  # the provenance warning was printed above
+        warnings.simplefilter("ignore")
+        _, params = load_beats(args.out_dir)
     print(f"BEATs: {cfg['encoder_layers']} layers × {cfg['encoder_embed_dim']} channels, "
           f"{_count(params):,} parameters → {args.out_dir}")
 
@@ -75,10 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
                     "(params.safetensors + config.json, loadable without torch). Needs torch.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{beats,embedder}")
     p = sub.add_parser("beats", help="official BEATs .pt (dict with 'cfg' and 'model')",
-                       description="Convert an official BEATs checkpoint (e.g. BEATs_iter3_plus_AS2M"
-                                   "_finetuned_on_AS2M_cpt2.pt). The weight-normed conv-pos kernel is "
-                                   "recomposed; a fine-tuned 'predictor' head is dropped, as AudioToken "
-                                   "does. Load the result with mtok_jax.models.beats.load_beats(OUT_DIR).")
+                       description="Convert an official BEATs checkpoint: AudioToken and the thesis use "
+                                   "BEATs_iter3_plus_AS2M_finetuned_on_AS2M_cpt2.pt (fine-tuned on AudioSet; "
+                                   "not the self-supervised BEATs_iter3_plus_AS2M.pt, same shapes, different "
+                                   "features). The weight-normed conv-pos kernel is recomposed; the fine-tuned "
+                                   "'predictor' head is dropped, as AudioToken does, and its presence is "
+                                   "recorded in OUT_DIR/config.json with the source file name. Load the result "
+                                   "with mtok_jax.models.beats.load_beats(OUT_DIR).")
     p.add_argument("checkpoint", help="path to the .pt file")
     p.add_argument("out_dir", help="output folder (created)")
     p.set_defaults(func=_cmd_beats)

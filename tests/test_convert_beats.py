@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import warnings
 
 import jax
 import numpy as np
@@ -26,7 +27,11 @@ def test_convert_official_checkpoint_reproduces_golden(golden_dir, tmp_path, cap
     out_dir = tmp_path / "beats"
     convert.main(["beats", str(ckpt), str(out_dir)])
     assert "12 layers" in capsys.readouterr().out
-    model, params = B.load_beats(out_dir)
+    recorded = json.loads((out_dir / "config.json").read_text())
+    assert recorded["source_checkpoint"] == "BEATs_small.pt" and recorded["finetuned_head"] is True
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a fine-tuned source loads without the provenance warning
+        model, params = B.load_beats(out_dir)
     assert model.cfg["encoder_embed_dim"] == 64 and model.cfg["deep_norm"] is True
 
     out = jax.jit(model.apply)({"params": params}, d["wav_3p3s"][None])
@@ -34,6 +39,29 @@ def test_convert_official_checkpoint_reproduces_golden(golden_dir, tmp_path, cap
     np.testing.assert_allclose(np.stack([np.asarray(h) for h in out.hidden_states]), d["b_3p3s/hidden_states"],
                                atol=1e-3, rtol=1e-3)
     np.testing.assert_allclose(np.asarray(out.features), d["b_3p3s/final"], atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.torch
+def test_checkpoint_without_head_warns(golden_dir, tmp_path, capsys):
+    """The self-supervised BEATs_iter3_plus_AS2M.pt (no predictor.*) converts, with a warning at conversion
+    and at every load naming the fine-tuned checkpoint; a folder without any record warns too."""
+    torch = pytest.importorskip("torch")
+    d = np.load(golden_dir / "beats_small.npz")
+    model_sd = {k[3:]: torch.from_numpy(np.array(d[k])) for k in d.files if k.startswith("sd/")}
+    ckpt = tmp_path / "BEATs_iter3_plus_AS2M.pt"
+    torch.save({"cfg": json.loads(str(d["config_json"])), "model": model_sd}, ckpt)
+    out_dir = tmp_path / "beats"
+    convert.main(["beats", str(ckpt), str(out_dir)])
+    assert "no fine-tuning head" in capsys.readouterr().err
+    assert json.loads((out_dir / "config.json").read_text())["finetuned_head"] is False
+    with pytest.warns(UserWarning, match="BEATs_iter3_plus_AS2M.pt, which has no fine-tuning head.*cpt2"):
+        B.load_beats(out_dir)
+    config = json.loads((out_dir / "config.json").read_text())
+    for key in B.PROVENANCE_KEYS:  # a folder converted before the record existed
+        del config[key]
+    (out_dir / "config.json").write_text(json.dumps(config))
+    with pytest.warns(UserWarning, match="no record of its source checkpoint"):
+        B.load_beats(out_dir)
 
 
 @pytest.mark.torch
