@@ -168,3 +168,19 @@ def test_bad_images(tmp_path, kind, reason):
     with pytest.raises(ImageDecodeError) as e:
         load_image(path, 32, 32)
     assert str(e.value).startswith(str(path)) and reason in e.value.reason
+
+
+def test_stretch_build_option_square_without_crop(tmp_path):
+    """--stretch: the whole (non-square) image resized to image_size² (no crop), in the config name."""
+    from mtok_jax.data import builder, jobs
+
+    cfg = builder.make_config("folders", image_size=32, stretch=True, image_format="png")
+    assert cfg.name == "folders-32px-nocrop" and not cfg.center_crop
+    assert builder.make_config("folders", image_size=32).center_crop
+    src = np.random.default_rng(0).integers(0, 256, (40, 64, 3), np.uint8)
+    Image.fromarray(src).save(tmp_path / "wide.png")
+    cache = tmp_path / "cached.png"
+    assert jobs.image_job((str(tmp_path / "wide.png"), str(cache), cfg.image_height, cfg.image_width,
+                           cfg.center_crop, cfg.image_format)) is None
+    stretched = np.asarray(Image.fromarray(src).resize((32, 32), Image.Resampling.BICUBIC))
+    np.testing.assert_array_equal(np.asarray(Image.open(cache)), stretched)

@@ -78,18 +78,21 @@ class MusicImageConfig(tfds.core.BuilderConfig):
 
 def config_name_for(layout: str = "folders", clip_seconds: float = 30.0, image_size: int = 512,
                     reference_512x320: bool = False, audio_44k_as_16k: bool = False,
-                    labels: Optional[Sequence[str]] = None) -> str:
+                    labels: Optional[Sequence[str]] = None, stretch: bool = False) -> str:
     """Config name derived from the parameters: the layout, plus a suffix per non-default value.
 
-    e.g. 'folders', 'csv-512x320nocrop-44k', 'folders-4s-32px', 'folders-labels1a2b3c4d'.
+    e.g. 'folders', 'csv-512x320nocrop-44k', 'folders-4s-32px', 'folders-nocrop', 'folders-labels1a2b3c4d'.
     """
     parts = [layout]
     if float(clip_seconds) != 30.0:
         parts.append(f"{float(clip_seconds):g}s".replace(".", "p"))
     if reference_512x320:
         parts.append("512x320nocrop")
-    elif int(image_size) != 512:
-        parts.append(f"{int(image_size)}px")
+    else:
+        if int(image_size) != 512:
+            parts.append(f"{int(image_size)}px")
+        if stretch:
+            parts.append("nocrop")
     if audio_44k_as_16k:
         parts.append("44k")
     if labels is not None and tuple(labels) != DEFAULT_LABELS:
@@ -100,10 +103,12 @@ def config_name_for(layout: str = "folders", clip_seconds: float = 30.0, image_s
 def make_config(layout: str = "folders", clip_seconds: float = 30.0, image_size: int = 512,
                 reference_512x320: bool = False, audio_44k_as_16k: bool = False,
                 labels: Optional[Sequence[str]] = None, image_format: Optional[str] = None,
-                name: Optional[str] = None) -> MusicImageConfig:
+                name: Optional[str] = None, stretch: bool = False) -> MusicImageConfig:
     """A `MusicImageConfig` from the training-config knobs (name from `config_name_for` unless given).
 
     reference_512x320: 512 wide × 320 high, whole image stretched (no crop), as the reference loader.
+    stretch: the whole image stretched to image_size² without cropping (the reference's no-crop
+    geometry at the square size it samples at); default: centre crop.
     image_format: default 'png' for images ≤ 64 px (lossless, tiny), else 'jpeg'.
     """
     h, w = (320, 512) if reference_512x320 else (int(image_size), int(image_size))
@@ -111,9 +116,9 @@ def make_config(layout: str = "folders", clip_seconds: float = 30.0, image_size:
         image_format = "png" if max(h, w) <= 64 else "jpeg"
     return MusicImageConfig(
         name=name or config_name_for(layout, clip_seconds, image_size, reference_512x320,
-                                     audio_44k_as_16k, labels),
+                                     audio_44k_as_16k, labels, stretch),
         layout=layout, clip_seconds=float(clip_seconds), image_height=h, image_width=w,
-        center_crop=not reference_512x320, audio_44k_as_16k=audio_44k_as_16k,
+        center_crop=not (reference_512x320 or stretch), audio_44k_as_16k=audio_44k_as_16k,
         image_format=image_format, labels=tuple(labels or DEFAULT_LABELS),
         description=f"{layout} layout, {clip_seconds:g} s clips, {w}x{h} images")
 
