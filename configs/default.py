@@ -47,6 +47,7 @@ def get_config() -> ml_collections.ConfigDict:
         image_size=512,  # square side in pixels (bicubic resize); must match the built dataset
         reference_512x320=False,  # dataset built with the reference's 512×320 (W×H) stretched images; samples 512²
         audio_44k_as_16k=False,  # thesis quirk: 44.1 kHz samples fed to the 16 kHz front-end
+        stereo="first",  # multi-channel audio → mono: first | mean; must match the built dataset (reference: first)
         bgr=False,  # thesis quirk: images fed in BGR channel order
         seed=0,  # pairing / shuffling seed (an epoch's order is a function of (seed, epoch))
         prefetch=2,  # host batches prepared ahead

@@ -242,7 +242,7 @@ def sample_files(pipe: Pipeline, audio_paths: Sequence[str], out_dir: str | os.P
     config = pipe.config
     os.makedirs(out_dir, exist_ok=True)
     rate = sample_rate(config)
-    waves = np.stack([load_audio(p, rate, config.data.clip_seconds) for p in audio_paths])
+    waves = np.stack([load_audio(p, rate, config.data.clip_seconds, stereo=config.data.stereo) for p in audio_paths])
     seeds = [int(seed) + (0 if same_seed else i) for i in range(len(audio_paths))]
     t0 = time.time()
     images = pipe.generate(waves, seeds, num_images=num_images, steps=steps, guidance=guidance, scheduler=scheduler)

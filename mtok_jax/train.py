@@ -443,7 +443,8 @@ def _like_params(opt_shapes: Any, param_sh: Any, default: NamedSharding) -> Any:
 
 
 def _check_dataset(config) -> None:
-    """The built dataset must hold what the config's shapes say (clip length, image size)."""
+    """The built dataset must hold what the config's shapes say (clip length, image size) and mix stereo
+    as `data.stereo` says (datasets built before the option averaged the channels)."""
     d = config.data
     ds = pipeline.open_dataset(d.data_dir, d.builder_config or None)
     built = ds.config
@@ -454,3 +455,7 @@ def _check_dataset(config) -> None:
         raise ValueError(f"dataset {ds.path} holds {built['clip_samples']} samples / {got_hw} images, the config "
                          f"asks for {want_samples} / {want_hw} (data.clip_seconds, image_size, audio_44k_as_16k, "
                          f"reference_512x320)")
+    got_stereo = built.get("stereo", "mean")
+    if got_stereo != d.stereo:
+        raise ValueError(f"dataset {ds.path} mixed stereo audio with {got_stereo!r}, the config asks for "
+                         f"data.stereo={d.stereo!r}: rebuild with --stereo {d.stereo} or set data.stereo={got_stereo}")

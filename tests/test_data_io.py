@@ -30,6 +30,20 @@ def test_hires_stereo_wav_resampled_mono(tmp_path):
     assert np.abs(y).max() <= 1.0
 
 
+@pytest.mark.parametrize("stereo", ["first", "mean"])
+def test_stereo_first_or_mean(tmp_path, stereo):
+    """stereo='first' keeps channel 0 (the reference's wav[0]); 'mean' averages the channels (librosa)."""
+    path = tmp_path / "stereo.wav"
+    sf.write(path, _tone(16000, 1.5, freqs=(440.0, 1000.0)), 16000, subtype="FLOAT")
+    raw, _ = sf.read(path, dtype="float32", always_2d=True)
+    y = load_audio(path, 16000, 1.0, stereo=stereo)
+    np.testing.assert_array_equal(y, (raw[:, 0] if stereo == "first" else raw.mean(axis=1))[:16000])
+    other = load_audio(path, 16000, 1.0, stereo="mean" if stereo == "first" else "first")
+    assert np.abs(y - other).max() > 0.1
+    with pytest.raises(ValueError, match="stereo"):
+        load_audio(path, 16000, 1.0, stereo="left")
+
+
 @pytest.mark.parametrize("fmt", ["FLAC", "OGG", "MP3"])
 def test_compressed_formats(tmp_path, fmt):
     x = _tone(44100, 2.0)

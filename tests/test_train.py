@@ -217,3 +217,13 @@ def test_nan_guard_names_the_step(assets, tmp_path, monkeypatch):
     monkeypatch.setattr(pipeline, "batches", poisoned)
     with pytest.raises(FloatingPointError, match="at step 2 "):
         train.train_and_evaluate(demo_config(assets, *LOOP, "train.max_steps=3"), str(tmp_path / "nan"))
+
+
+def test_dataset_stereo_mismatch_refused(assets):
+    """The built dataset records its stereo mixing (builder default 'first'); a config asking for another
+    is refused before training, like the shape checks."""
+    meta = pipeline.open_dataset(assets["data"], "tiny").config
+    assert meta["stereo"] == "first"
+    train._check_dataset(demo_config(assets))
+    with pytest.raises(ValueError, match="data.stereo='mean'.*--stereo mean"):
+        train._check_dataset(demo_config(assets, "data.stereo=mean"))
