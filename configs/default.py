@@ -61,8 +61,11 @@ def get_config() -> ml_collections.ConfigDict:
         val_batch_size=1,
         lr=8e-5,
         schedule="cosine",  # cosine | constant
-        warmup_steps=0,
-        scale_lr=False,  # reference: lr × batch × accum × devices; thesis reports the base lr
+        warmup_steps=500,  # linear warm-up updates: the script's lr_warmup_steps=500 (its cosine uses it)
+        schedule_sized_in_micro_batches=False,  # prelim2 script: warm-up/length × grad_accum, stepped per update
+        # The lr here is the effective one (no scaling). The script's scale_lr=True multiplied its base lr
+        # by batch × accum × devices: exp1's 8e-5 = its default base 1e-5 × batch 8.
+        scale_lr=False,
         b1=0.9,
         b2=0.999,
         eps=1e-8,

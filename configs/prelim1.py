@@ -17,6 +17,7 @@ def get_config():
     c.train.epochs = 8
     c.train.lr = 8e-5
     c.train.schedule = "constant"
+    c.train.warmup_steps = 0  # diffusers' "constant" ignores the script's lr_warmup_steps
     c.train.batch_size = 1
     c.train.grad_accum = 4
     c.train.val_batch_size = 1

@@ -41,15 +41,21 @@ EVAL_SEED = 0x5EED  # folded into the root key for validation noise (the same ev
 # Optimizer
 # ===================================================================================================
 def learning_rate(train_config, steps_per_epoch: int) -> optax.Schedule:
-    """lr schedule over all epochs: linear warmup, then cosine decay to 0 or constant.
+    """lr of optimizer update k (optax's count; diffusers' LambdaLR after k scheduler steps).
 
+    `cosine`: linear warm-up 0 → peak over `warmup_steps`, then cosine decay to 0 at the end of the run
+    (diffusers' get_cosine_schedule_with_warmup). `constant`: the peak, after a linear warm-up when
+    `warmup_steps` > 0 (diffusers' `constant` ignores its warm-up: the thesis configs set 0 there).
     With `scale_lr` the base lr is multiplied by the examples per update (global batch × accumulation),
     which is the reference's lr × per-device batch × accumulation × devices.
+    `schedule_sized_in_micro_batches` (prelim2's script): warm-up and length are counted in micro-batches
+    (× grad_accum) while the schedule advances once per update, so the cosine never finishes.
     """
     t = train_config
     peak = t.lr * (t.batch_size * t.grad_accum if t.scale_lr else 1)
-    total = max(t.epochs * steps_per_epoch, 1)
-    warmup = min(t.warmup_steps, total - 1)
+    scale = t.grad_accum if t.get("schedule_sized_in_micro_batches", False) else 1
+    total = max(t.epochs * steps_per_epoch, 1) * scale
+    warmup = min(t.warmup_steps * scale, total - 1)
     if t.schedule == "cosine":
         return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, total, end_value=0.0) if warmup else \
             optax.cosine_decay_schedule(peak, total)
