@@ -58,6 +58,7 @@ def get_config() -> ml_collections.ConfigDict:
         epochs=25,
         batch_size=8,  # examples per micro-batch (global, over all devices)
         grad_accum=1,  # micro-batches per optimizer step (update == the big batch's update)
+        faithful_accumulation=False,  # reference: Σ of per-micro-batch gradients (own cosine term each, no ÷ accum)
         val_batch_size=1,
         lr=8e-5,
         schedule="cosine",  # cosine | constant

@@ -146,7 +146,7 @@ def system_eval_loss(system: conditioning.System, trainable: Mapping, frozen: Ma
 # Steps
 # ===================================================================================================
 def make_train_step(loss_fn: Callable, cosine_fn: Callable | None, optimizer: optax.GradientTransformation,
-                    schedule: optax.Schedule):
+                    schedule: optax.Schedule, faithful_accumulation: bool = False):
     """train_step(trainable, opt_state, frozen, batch, step, root_key) → (trainable, opt_state, metrics).
 
     batch: arrays [accum, B, ...] (micro-batches on the leading axis). The gradient is the mean of the
@@ -156,13 +156,16 @@ def make_train_step(loss_fn: Callable, cosine_fn: Callable | None, optimizer: op
     micro-batch uses the exact linearisation around it (losses.label_cosine_term).
     loss_fn(trainable, frozen, micro_batch, keys [B], batch_mean_cos) → (loss, terms);
     cosine_fn(trainable, frozen, batch, keys [B]) → cos [B].
+    faithful_accumulation (the reference's `loss.backward()` per micro-batch): the gradient is the *sum*
+    of the micro-batch gradients, each with its own cosine term, i.e. of Σᵢ Lᵢ (with batch 1 × 4 the
+    cosine part is Σᵢ (1 − cosᵢ)²); no pre-pass, no division by the accumulation count.
     """
 
     def train_step(trainable, opt_state, frozen, batch, step, root_key):
         accum, micro = jax.tree.leaves(batch)[0].shape[:2]
         keys = example_keys(jax.random.fold_in(root_key, step), accum * micro)
         mean_cos = None
-        if cosine_fn is not None and accum > 1:
+        if cosine_fn is not None and accum > 1 and not faithful_accumulation:
             flat = jax.tree.map(lambda x: x.reshape(accum * micro, *x.shape[2:]), batch)
             mean_cos = jnp.mean(cosine_fn(trainable, frozen, flat, keys))
 
@@ -173,7 +176,7 @@ def make_train_step(loss_fn: Callable, cosine_fn: Callable | None, optimizer: op
 
         zeros = jax.tree.map(jnp.zeros_like, trainable)
         grad_sum, (loss, terms) = jax.lax.scan(micro_step, zeros, (batch, keys.reshape(accum, micro)))
-        grads = jax.tree.map(lambda g: g / accum, grad_sum)
+        grads = grad_sum if faithful_accumulation else jax.tree.map(lambda g: g / accum, grad_sum)
         updates, opt_state = optimizer.update(grads, opt_state, trainable)
         trainable = optax.apply_updates(trainable, updates)
         metrics = {"loss": jnp.mean(loss), "grad_norm": optax.tree.norm(grads), "lr": schedule(step),
@@ -331,7 +334,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     # ---------------------------------------------------------------------------------- step
     train_step = jax.jit(
         make_train_step(lambda *a: system_loss(system, *a), lambda *a: system_cosines(system, *a), optimizer,
-                        schedule),
+                        schedule, t.faithful_accumulation),
         in_shardings=(trainable_sh, opt_sh, frozen_sh, train_batch_sh, repl, repl),
         out_shardings=(trainable_sh, opt_sh, repl), donate_argnums=(0, 1))
     eval_step = jax.jit(make_eval_step(lambda *a: system_eval_loss(system, *a)),
