@@ -2,6 +2,7 @@
 
   python -m mtok_jax.convert beats BEATs_iter3_plus_AS2M_finetuned_on_AS2M_cpt2.pt OUT_DIR
   python -m mtok_jax.convert embedder learned_embeds.bin OUT_DIR
+  python -m mtok_jax.convert embedder model_<timestamp>_<epoch> OUT_DIR [--beats_from DIR] [--sd_path DIR]
 
 torch (the optional ``torch`` extra) is imported only here, inside the subcommands.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import warnings
 from typing import Any, Sequence
@@ -73,10 +75,65 @@ def _cmd_beats(args: argparse.Namespace) -> None:
           f"{_count(params):,} parameters → {args.out_dir}")
 
 
+def convert_wrapper_parts(state_dict: dict[str, Any], source: str, out_dir: str, *, beats_from: str | None = None,
+                          sd_path: str | None = None) -> dict[str, str]:
+    """The trained BEATs and UNet of a thesis wrapper state dict (exp2) → folders the configs load.
+
+    ``aud_encoder.*`` → ``OUT_DIR/beats`` (params_io, cfg and provenance from the converted BEATs folder
+    ``beats_from``); ``unet.*`` → ``OUT_DIR/sd``: an SD folder whose ``unet/`` holds these weights as
+    ``diffusion_pytorch_model.safetensors`` with ``sd_path``'s UNet config, every other entry linked to
+    ``sd_path``. → {part: folder written}."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    from mtok_jax.models import beats
+    from mtok_jax.models.embedder import WRAPPER_PARTS, wrapper_part
+    from mtok_jax.params_io import load_params
+
+    written = {}
+    part = {p: wrapper_part(state_dict, p) for p in ("beats", "unet")}
+    if beats_from:
+        if not part["beats"]:
+            raise SystemExit(f"{source}: no {WRAPPER_PARTS['beats']}* keys to convert with --beats_from")
+        _, recorded = load_params(beats_from)
+        cfg = {k: v for k, v in recorded.items() if k not in beats.PROVENANCE_KEYS}
+        written["beats"] = os.path.join(out_dir, "beats")
+        beats.save_beats(written["beats"], cfg, beats.params_from_torch(_to_numpy(part["beats"]), cfg),
+                         source_checkpoint=f"{source} ({WRAPPER_PARTS['beats']}*, from "
+                                           f"{recorded.get('source_checkpoint')})",
+                         finetuned_head=recorded.get("finetuned_head"))
+    if sd_path:
+        if not part["unet"]:
+            raise SystemExit(f"{source}: no {WRAPPER_PARTS['unet']}* keys to convert with --sd_path")
+        sd_out = os.path.join(out_dir, "sd")
+        os.makedirs(os.path.join(sd_out, "unet"), exist_ok=True)
+        save_file({k: np.ascontiguousarray(v) for k, v in _to_numpy(part["unet"]).items()},
+                  os.path.join(sd_out, "unet", "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
+        shutil.copy(os.path.join(sd_path, "unet", "config.json"), os.path.join(sd_out, "unet", "config.json"))
+        for name in os.listdir(sd_path):
+            if name != "unet" and not os.path.lexists(os.path.join(sd_out, name)):
+                os.symlink(os.path.abspath(os.path.join(sd_path, name)), os.path.join(sd_out, name))
+        written["unet"] = sd_out
+    return written
+
+
 def _cmd_embedder(args: argparse.Namespace) -> None:
-    from mtok_jax.models.embedder import convert_checkpoint
-    convert_checkpoint(args.checkpoint, args.out_dir)
-    print(f"embedder → {args.out_dir}")
+    from mtok_jax.models.embedder import WRAPPER_PARTS, convert_state_dict, load_state_dict, wrapper_part
+
+    state_dict = load_state_dict(args.checkpoint)
+    out = args.out_dir
+    written = convert_wrapper_parts(state_dict, os.path.basename(args.checkpoint), args.out_dir,
+                                    beats_from=args.beats_from, sd_path=args.sd_path)
+    if written:  # a wrapper with parts: the embedder goes next to them
+        out = os.path.join(args.out_dir, "embedder")
+    convert_state_dict(state_dict, out)
+    print(f"embedder → {out}")
+    for part, folder in written.items():
+        print(f"{part} → {folder}")
+    others = [p for p in ("beats", "unet") if p not in written and wrapper_part(state_dict, p)]
+    if others:
+        print(f"note: the checkpoint also holds {', '.join(WRAPPER_PARTS[p] + '*' for p in others)} (trained in "
+              f"exp2); --beats_from / --sd_path convert them", file=sys.stderr)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,10 +153,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="path to the .pt file")
     p.add_argument("out_dir", help="output folder (created)")
     p.set_defaults(func=_cmd_beats)
-    p = sub.add_parser("embedder", help="AudioToken embedder state dict (learned_embeds.bin)",
-                       description="Convert AudioToken's trained embedder state dict (learned_embeds.bin).")
-    p.add_argument("checkpoint", help="path to learned_embeds.bin")
+    p = sub.add_parser("embedder", help="AudioToken embedder state dict (learned_embeds.bin) or thesis wrapper",
+                       description="Convert AudioToken's trained embedder state dict (learned_embeds.bin), or the "
+                                   "thesis's best-epoch file model_<timestamp>_<epoch> (the whole wrapper state "
+                                   "dict: embedder.*, aud_encoder.*, unet.*, text_encoder.*, vae.*), of which the "
+                                   "embedder.* part is converted. For exp2 (BEATs and UNet trained) also pass "
+                                   "--beats_from and --sd_path: OUT_DIR then gets embedder/, beats/ and sd/.")
+    p.add_argument("checkpoint", help="path to learned_embeds.bin or model_<timestamp>_<epoch>")
     p.add_argument("out_dir", help="output folder (created)")
+    p.add_argument("--beats_from", help="converted BEATs folder (its cfg): convert the wrapper's aud_encoder.* "
+                                        "into OUT_DIR/beats")
+    p.add_argument("--sd_path", help="SD folder: write OUT_DIR/sd with the wrapper's unet.* as its UNet (other "
+                                     "parts linked)")
     p.set_defaults(func=_cmd_embedder)
     return parser
 

@@ -83,3 +83,45 @@ def test_cli_help(capsys):
         convert.main(["--help"])
     assert e.value.code == 0
     assert "beats" in capsys.readouterr().out
+
+
+@pytest.mark.torch
+def test_exp2_wrapper_beats_and_unet_parts(golden_dir, tmp_path):
+    """An exp2 wrapper state dict: aud_encoder.* → OUT/beats equal to the official-layout conversion of
+    the same weights (cfg and provenance from --beats_from); unet.* → OUT/sd whose UNet loads equal to
+    the torch UNet's own saved folder, the other SD parts linked."""
+    import diffusers
+
+    from test_diffusion import TINY_UNET
+    from mtok_jax.models import diffusion
+    from mtok_jax.models.embedder import WRAPPER_PARTS
+
+    torch = pytest.importorskip("torch")
+    d = np.load(golden_dir / "beats_small.npz")
+    beats_sd = {k[3:]: torch.from_numpy(np.array(d[k])) for k in d.files if k.startswith("sd/")}
+    torch.save({"cfg": json.loads(str(d["config_json"])), "model": {**beats_sd, "predictor.weight": torch.zeros(2, 64),
+                                                                    "predictor.bias": torch.zeros(2)}},
+               tmp_path / "cpt2.pt")
+    convert.main(["beats", str(tmp_path / "cpt2.pt"), str(tmp_path / "beats_ref")])
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(**TINY_UNET)
+    sd = tmp_path / "sd"
+    unet.save_pretrained(sd / "unet", safe_serialization=True)
+    (sd / "vae").mkdir()
+    wrapper = {**{f"aud_encoder.{k}": v for k, v in beats_sd.items()},
+               **{f"unet.{k}": v for k, v in unet.state_dict().items()}}
+    assert {k.split(".")[0] + "." for k in wrapper} == {WRAPPER_PARTS["beats"], WRAPPER_PARTS["unet"]}
+    out = tmp_path / "out"
+    written = convert.convert_wrapper_parts(wrapper, "model_x_36", str(out), beats_from=str(tmp_path / "beats_ref"),
+                                            sd_path=str(sd))
+    assert written == {"beats": str(out / "beats"), "unet": str(out / "sd")}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # provenance (fine-tuned head) carried over from --beats_from
+        m1, p1 = B.load_beats(out / "beats")
+        m0, p0 = B.load_beats(tmp_path / "beats_ref")
+    assert m1.cfg == m0.cfg
+    jax.tree.map(np.testing.assert_array_equal, p1, p0)
+    _, u1 = diffusion.load_unet(out / "sd")
+    _, u0 = diffusion.load_unet(sd)
+    jax.tree.map(np.testing.assert_array_equal, u1, u0)
+    assert (out / "sd" / "vae").is_symlink()
