@@ -43,6 +43,10 @@ import mtok_jax  # noqa: F401  (USE_TF=0 before transformers loads)
 import numpy as np
 
 MANIFEST = "manifest.jsonl"
+# metrics.generated_format → (file suffix, PIL save options, description). The thesis saved its generated
+# images as .jpg with PIL's default quality 75 and computed the CLIP features on those files.
+GENERATED_FORMATS = {"png": (".png", {"format": "PNG"}, "PNG (lossless)"),
+                     "jpeg75": (".jpg", {"format": "JPEG", "quality": 75}, "JPEG quality 75 (as the thesis)")}
 AUDIO_BATCH, CLIP_BATCH, INCEPTION_BATCH = 8, 64, 50  # embedding batch sizes (one compile each)
 
 # Published figures (thesis Tables 5.1–5.4; 335 generated test images, 10 per label for GIILS).
@@ -215,7 +219,8 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     lines = [f"# Evaluation: {method}", "",
              f"{report['num_images']} generated images; AIS/IIS against the paired test audios / ground-truth "
              f"images, FID against the ground-truth images, GIILS over {report['per_label']} images per label "
-             f"within the pool of all {report['num_images']}. Checkpoint: `{report.get('checkpoint', '–')}`.", "",
+             f"within the pool of all {report['num_images']}. Checkpoint: `{report.get('checkpoint', '–')}`. "
+             f"Generated images scored as: {report.get('generated_format', '–')}.", "",
              "## AIS, IIS and FID (Tables 5.1 / 5.3)", "",
              "| METHOD | AIS ↑ | IIS ↑ | FID ↓ |", "|---|---|---|---|",
              f"| {method} | {_fmt(m['ais']['score'])} | {_fmt(m.get('iis', {}).get('score'))} | {_fmt(m.get('fid'))} |",
@@ -278,6 +283,32 @@ def _load_rgb(path: str) -> np.ndarray:
         return np.asarray(im.convert("RGB"), np.uint8)
 
 
+def save_generated(rgb: np.ndarray, path_stem: str, generated_format: str) -> str:
+    """Write uint8 [H, W, 3] as ``path_stem`` + the format's suffix (GENERATED_FORMATS) → the file path."""
+    from PIL import Image
+
+    if generated_format not in GENERATED_FORMATS:
+        raise ValueError(f"metrics.generated_format must be one of {sorted(GENERATED_FORMATS)}, got {generated_format!r}")
+    suffix, options, _ = GENERATED_FORMATS[generated_format]
+    Image.fromarray(rgb).save(path_stem + suffix, **options)
+    return path_stem + suffix
+
+
+def _generated_format(rows: Sequence[Mapping[str, Any]]) -> str:
+    """How the generated images were stored: the manifest's ``generated_format`` (generation mode), else
+    the file format(s) read from the images."""
+    from PIL import Image
+
+    recorded = {r.get("generated_format") for r in rows}
+    if len(recorded) == 1 and None not in recorded and next(iter(recorded)) in GENERATED_FORMATS:
+        return GENERATED_FORMATS[next(iter(recorded))][2]
+    found = set()
+    for r in rows:
+        with Image.open(r["image"]) as im:
+            found.add(im.format or "unknown")
+    return " + ".join(sorted(found)) + " files (format not recorded)"
+
+
 def _stack(images: list[np.ndarray], what: str) -> np.ndarray:
     shapes = {im.shape for im in images}
     if len(shapes) != 1:
@@ -323,6 +354,7 @@ def score_images(images_dir: str, models: MetricModels, out_dir: str, *, per_lab
     os.makedirs(out_dir, exist_ok=True)
     np.savez(os.path.join(out_dir, "embeddings.npz"), labels=np.asarray(labels), **emb)
     report = {"method": "This run", **(extra or {}), "images_dir": os.fspath(images_dir),
+              "generated_format": _generated_format(rows),
               "num_images": len(rows), "per_label": per_label, "clip_seconds": clip_seconds,
               "metrics": metrics, "models": models.paths, "timings": timings, "thesis": THESIS,
               "seeds": [r.get("seed") for r in rows],
@@ -347,8 +379,9 @@ def select_test_items(labels: Sequence[int], num_images: int) -> np.ndarray:
 def generate_test_images(config, workdir, images_dir: str, *, checkpoint="best", num_images: int = 335,
                          batch: int = 8) -> dict[str, Any]:
     """Generate one image per selected test-split audio with ``mtok_jax.sample`` and write the --images
-    layout (generated PNG, ground-truth PNG, the stored audio clip as FLAC, manifest.jsonl with seeds and
-    every sampling setting) into ``images_dir``. Image i uses seed ``config.sample.seed + i``.
+    layout (generated image as ``metrics.generated_format``: PNG or the thesis's JPEG quality 75,
+    ground-truth PNG, the stored audio clip as FLAC, manifest.jsonl with seeds and every sampling
+    setting) into ``images_dir``. Image i uses seed ``config.sample.seed + i``.
     Returns the generation settings and timing."""
     import soundfile as sf
     from PIL import Image
@@ -372,7 +405,11 @@ def generate_test_images(config, workdir, images_dir: str, *, checkpoint="best",
     rate = sample.sample_rate(config)
     settings = dict(scheduler=s.scheduler, steps=int(s.steps), guidance=float(s.guidance),
                     prompt=config.prompt.inference, checkpoint=None if checkpoint is None else str(checkpoint),
-                    config=config.workdir_name, workdir=os.fspath(workdir) if workdir else None)
+                    config=config.workdir_name, workdir=os.fspath(workdir) if workdir else None,
+                    generated_format=config.metrics.get("generated_format", "png"))
+    if settings["generated_format"] not in GENERATED_FORMATS:
+        raise ValueError(f"metrics.generated_format must be one of {sorted(GENERATED_FORMATS)}, "
+                         f"got {settings['generated_format']!r}")
     for sub in ("generated", "ground_truth", "audio"):
         os.makedirs(os.path.join(images_dir, sub), exist_ok=True)
     rows, seconds = [], 0.0
@@ -387,11 +424,12 @@ def generate_test_images(config, workdir, images_dir: str, *, checkpoint="best",
         seconds += time.perf_counter() - t
         for k, (i, rec) in enumerate(zip(chunk, recs)):
             n = start + k
-            row = {"image": f"generated/{n:04d}.png", "ground_truth": f"ground_truth/{n:04d}.png",
+            image = save_generated(images[k, 0], os.path.join(images_dir, "generated", f"{n:04d}"),
+                                   settings["generated_format"])
+            row = {"image": os.path.relpath(image, images_dir), "ground_truth": f"ground_truth/{n:04d}.png",
                    "audio": f"audio/{n:04d}.flac", "label": int(rec["label"]), "label_name": names[int(rec["label"])],
                    "seed": seeds[k], "test_index": int(i), "audio_id": rec["audio_id"].decode("utf-8"),
                    "image_id": rec["image_id"].decode("utf-8"), **settings}
-            Image.fromarray(images[k, 0]).save(os.path.join(images_dir, row["image"]))
             Image.fromarray(decode_image(rec["image"])).save(os.path.join(images_dir, row["ground_truth"]))
             sf.write(os.path.join(images_dir, row["audio"]), to_pcm16(waves[k]), rate, subtype="PCM_16")
             rows.append(row)

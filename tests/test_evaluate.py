@@ -73,7 +73,8 @@ def test_files_written(report):
     assert on_disk["metrics"] == r["metrics"] and on_disk["num_images"] == 9
     assert on_disk["seeds"] == list(range(100, 109))
     md = (out / "report.md").read_text()
-    for needle in ("| METHOD | AIS ↑ | IIS ↑ | FID ↓ |", "50.15", "179.16", "Renaissance symbolism", "58.70"):
+    for needle in ("| METHOD | AIS ↑ | IIS ↑ | FID ↓ |", "50.15", "179.16", "Renaissance symbolism", "58.70",
+                   "Generated images scored as: PNG files (format not recorded)"):
         assert needle in md
     from PIL import Image
 
@@ -181,3 +182,26 @@ def test_generation_mode_demo(tmp_path, metric_models, demo_models):
     again = pipe.generate(wav[None], [rows[2]["seed"]], num_images=1, steps=2, guidance=config.sample.guidance,
                           scheduler=config.sample.scheduler)[0, 0]
     np.testing.assert_array_equal(np.asarray(Image.open(out / "images" / rows[2]["image"])), again)
+
+
+def test_generated_format_jpeg75(tmp_path):
+    """metrics.generated_format='jpeg75' writes what PIL's default JPEG save (quality 75, as the thesis's
+    .jpg files) writes; the manifest's record names it in the report."""
+    import io
+
+    from PIL import Image
+
+    from metrics.evaluate import GENERATED_FORMATS, _generated_format, save_generated
+
+    rgb = np.random.default_rng(0).integers(0, 256, (32, 32, 3), np.uint8)
+    path = save_generated(rgb, str(tmp_path / "0000"), "jpeg75")
+    assert path.endswith(".jpg")
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, "JPEG")  # PIL default quality 75
+    assert (tmp_path / "0000.jpg").read_bytes() == buf.getvalue()
+    png = save_generated(rgb, str(tmp_path / "0001"), "png")
+    np.testing.assert_array_equal(np.asarray(Image.open(png)), rgb)
+    assert _generated_format([{"image": path, "generated_format": "jpeg75"}]) == GENERATED_FORMATS["jpeg75"][2]
+    assert _generated_format([{"image": path}]) == "JPEG files (format not recorded)"
+    with pytest.raises(ValueError, match="generated_format"):
+        save_generated(rgb, str(tmp_path / "x"), "webp")
