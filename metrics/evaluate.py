@@ -21,7 +21,8 @@ thesis-script "faithful" variants, the thesis's figures, timings), ``report.md``
 label, as Figures 5.2–5.33) and ``embeddings.npz`` (every embedding, to recompute without the models).
 
 Metrics (DESIGN §2.8): AIS = Wav2CLIP(audio) vs CLIP(generated); IIS = CLIP(ground truth) vs
-CLIP(generated); GIILS per label over the first ``per_label`` images of each label within the pool of all
+CLIP(generated), baselines over the M generated pairs and (generation mode, or ``--reference_sets``) over
+the whole test split as the thesis defines them (default exact means, and the scripts' divisors); GIILS per label over the first ``per_label`` images of each label within the pool of all
 generated images; FID = Inception pool3 of generated vs ground-truth images. Wav2CLIP normalises each clip
 on its own (``normalization="item"``), as the thesis embedded one file at a time.
 """
@@ -170,9 +171,19 @@ def compute_metrics(emb: Mapping[str, np.ndarray], labels: Sequence[int], label_
     gen = emb["generated_clip"]
     out["ais"] = sim(ais(emb["audio_wav2clip"], gen))
     out["ais_faithful"] = sim(ais(emb["audio_wav2clip"], gen, faithful=True))
+    if "reference_audio_wav2clip" in emb:  # baselines over the whole test split (the thesis's T)
+        ref = emb["reference_audio_wav2clip"]
+        out["ais_reference"] = {**sim(ais(emb["audio_wav2clip"], gen, reference=ref)), "T": len(ref)}
+        out["ais_reference_faithful"] = {**sim(ais(emb["audio_wav2clip"], gen, reference=ref, faithful=True)),
+                                         "T": len(ref)}
     if "ground_truth_clip" in emb:
         out["iis"] = sim(iis(gen, emb["ground_truth_clip"]))
         out["iis_faithful"] = sim(iis(gen, emb["ground_truth_clip"], faithful=True))
+        if "reference_image_clip" in emb:
+            ref = emb["reference_image_clip"]
+            out["iis_reference"] = {**sim(iis(gen, emb["ground_truth_clip"], reference=ref)), "T": len(ref)}
+            out["iis_reference_faithful"] = {**sim(iis(gen, emb["ground_truth_clip"], reference=ref,
+                                                       faithful=True)), "T": len(ref)}
         out["fid"] = fid(emb["generated_inception"], emb["ground_truth_inception"])
     groups = giils_groups(labels, per_label)
     counts = {int(k): int(np.sum(groups == k)) for k in np.unique(groups) if k >= 0}
@@ -226,6 +237,12 @@ def render_markdown(report: Mapping[str, Any]) -> str:
              f"| {method} | {_fmt(m['ais']['score'])} | {_fmt(m.get('iis', {}).get('score'))} | {_fmt(m.get('fid'))} |",
              f"| {method}, thesis-script variants | {_fmt(m['ais_faithful']['score'])} | "
              f"{_fmt(m.get('iis_faithful', {}).get('score'))} | {_fmt(m.get('fid'))} |"]
+    if "ais_reference" in m:
+        for key, what in (("reference", "baselines over the test split"),
+                          ("reference_faithful", "baselines over the test split, thesis-script divisors")):
+            ais_r, iis_r = m[f"ais_{key}"], m.get(f"iis_{key}", {})
+            lines.append(f"| {method}, {what} (T = {ais_r['T']} audios / {iis_r.get('T', '–')} images) | "
+                         f"{_fmt(ais_r['score'])} | {_fmt(iis_r.get('score'))} | {_fmt(m.get('fid'))} |")
     for t in THESIS.values():
         lines.append(f"| {t['name']} (thesis) | {_fmt(t['ais'])} | {_fmt(t['iis'])} | {_fmt(t['fid'])} |")
     lines += ["", "## GIILS per label (Tables 5.2 / 5.4), ordered", "",
@@ -334,8 +351,12 @@ def _label_table(rows: Sequence[Mapping[str, Any]]) -> tuple[list[int], dict[int
 
 
 def score_images(images_dir: str, models: MetricModels, out_dir: str, *, per_label: int = 10,
-                 clip_seconds: float = 30.0, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Score a manifest folder; writes report.json / report.md / grids / embeddings.npz into out_dir."""
+                 clip_seconds: float = 30.0, extra: Mapping[str, Any] | None = None,
+                 reference: Mapping[str, np.ndarray] | None = None) -> dict[str, Any]:
+    """Score a manifest folder; writes report.json / report.md / grids / embeddings.npz into out_dir.
+
+    reference: {'reference_audio_wav2clip' [T, d], 'reference_image_clip' [T', d]} (:func:`reference_embeddings`)
+    adds AIS/IIS with baselines over those sets."""
     from mtok_jax.audio.io import load_audio
 
     rows = read_manifest(images_dir)
@@ -347,6 +368,7 @@ def score_images(images_dir: str, models: MetricModels, out_dir: str, *, per_lab
     labels, names = _label_table(rows)
     t = time.perf_counter()
     emb, timings = embed_all(models, generated, ground_truth, waveforms)
+    emb.update(reference or {})
     timings["embed_total_seconds"] = time.perf_counter() - t
     t = time.perf_counter()
     metrics = compute_metrics(emb, labels, names, per_label)
@@ -440,6 +462,34 @@ def generate_test_images(config, workdir, images_dir: str, *, checkpoint="best",
                            "images_per_second": len(rows) / seconds if seconds > 0 else None}}
 
 
+def reference_embeddings(models: MetricModels, config, batch: int = 64) -> dict[str, np.ndarray]:
+    """The AIS/IIS reference sets as the thesis defines them: Wav2CLIP of every test-split clip (stored
+    audio, resampled to 16 kHz, ``data.clip_seconds``) → 'reference_audio_wav2clip' [T, d], and CLIP of every
+    test-split image (``test_images``) → 'reference_image_clip' [T', d]. Read and embedded in chunks."""
+    from metrics.clip_image import embed_images
+    from mtok_jax import sample
+    from mtok_jax.audio.io import fit_length, from_pcm16, resample
+    from mtok_jax.data import pipeline
+    from mtok_jax.data.images import decode_image
+
+    ds = pipeline.open_dataset(config.data.data_dir, config.data.builder_config or None)
+    rate, n_out = sample.sample_rate(config), int(round(float(config.data.clip_seconds) * 16000))
+    out = {}
+    for split, key, read, embed in (
+            ("test", "reference_audio_wav2clip",
+             lambda r: fit_length(resample(from_pcm16(r["audio"]), rate, 16000), n_out),
+             lambda x: embed_audio_batched(models, np.stack(x), AUDIO_BATCH)),
+            ("test_images", "reference_image_clip", lambda r: decode_image(r["image"]),
+             lambda x: embed_images(models.clip, np.stack(x), CLIP_BATCH))):
+        if not ds.has_split(split):
+            continue
+        src = ds.source(split)
+        n = len(ds.labels(split))
+        out[key] = np.concatenate([np.asarray(embed([read(src[i]) for i in range(s, min(n, s + batch))]), np.float32)
+                                   for s in range(0, n, batch)])
+    return out
+
+
 def evaluate_checkpoint(config, workdir, *, checkpoint="best", num_images: int = 335, per_label: int = 10,
                         out_dir: str, metric_paths: Sequence[str] | None = None) -> dict[str, Any]:
     """Generate from the test split (:func:`generate_test_images` into ``out_dir/images``) and score it
@@ -451,7 +501,8 @@ def evaluate_checkpoint(config, workdir, *, checkpoint="best", num_images: int =
     gen = generate_test_images(config, workdir, images_dir, checkpoint=checkpoint, num_images=num_images)
     extra = {"method": f"{config.workdir_name} (this port)", "checkpoint": gen["generation"]["checkpoint"], **gen}
     return score_images(images_dir, models, out_dir, per_label=per_label,
-                        clip_seconds=float(config.data.clip_seconds), extra=extra)
+                        clip_seconds=float(config.data.clip_seconds), extra=extra,
+                        reference=reference_embeddings(models, config))
 
 
 # ------------------------------------------------------------------------------------------ CLI
@@ -470,6 +521,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--inception_path", help="Inception folder (default config.metrics.inception_path)")
     p.add_argument("--wav2clip_path", help="Wav2CLIP folder (default config.metrics.wav2clip_path)")
     p.add_argument("--clip_seconds", type=float, help="audio clip length (default config.data.clip_seconds or 30)")
+    p.add_argument("--reference_sets", action="store_true",
+                   help="--images mode: also score AIS/IIS with baselines over the --config dataset's whole test "
+                        "split (generation mode always does)")
     return p
 
 
@@ -504,7 +558,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.images:
         out = args.out or os.path.join(args.images, "eval")
         models = MetricModels.load(*paths)
-        report = score_images(args.images, models, out, per_label=per_label, clip_seconds=clip_seconds)
+        if args.reference_sets and config is None:
+            _parser().error("--reference_sets needs --config (its dataset's test split)")
+        reference = reference_embeddings(models, config) if args.reference_sets else None
+        report = score_images(args.images, models, out, per_label=per_label, clip_seconds=clip_seconds,
+                              reference=reference)
     else:
         if config is None or not args.workdir:
             _parser().error("generation mode needs --config and --workdir (or use --images DIR)")

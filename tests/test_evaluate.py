@@ -10,7 +10,14 @@ import os
 import numpy as np
 import pytest
 
-from test_metrics_scores import np_giils, np_iis_script, np_paired, np_score
+from test_metrics_scores import (
+    np_giils,
+    np_iis_script,
+    np_iis_script_reference,
+    np_paired,
+    np_reference_exact,
+    np_score,
+)
 
 LABELS = ["Heavy metal", "Electronic music", "Renaissance symbolism"]
 
@@ -205,3 +212,24 @@ def test_generated_format_jpeg75(tmp_path):
     assert _generated_format([{"image": path}]) == "JPEG files (format not recorded)"
     with pytest.raises(ValueError, match="generated_format"):
         save_generated(rgb, str(tmp_path / "x"), "webp")
+
+
+def test_reference_sets_in_metrics_and_report(report):
+    """With reference-set embeddings (test split: T audios, T' images), compute_metrics adds the AIS/IIS
+    variants over them and the report shows them with T."""
+    from metrics.evaluate import compute_metrics, render_markdown
+
+    r, out = report
+    emb = dict(np.load(out / "embeddings.npz"))
+    labels = emb.pop("labels")
+    rng = np.random.default_rng(1)
+    emb["reference_audio_wav2clip"] = np.concatenate([emb["audio_wav2clip"], rng.normal(size=(4, emb["audio_wav2clip"].shape[1]))]).astype(np.float32)
+    emb["reference_image_clip"] = np.concatenate([rng.normal(size=(3, emb["ground_truth_clip"].shape[1])), emb["ground_truth_clip"]]).astype(np.float32)
+    m = compute_metrics(emb, labels, {0: "a", 1: "b", 2: "c"}, 3)
+    a, g, x = emb["audio_wav2clip"], emb["generated_clip"], emb["ground_truth_clip"]
+    np.testing.assert_allclose(m["ais_reference"]["mean"], np_reference_exact(a, g, emb["reference_audio_wav2clip"]), atol=2e-6)
+    np.testing.assert_allclose(m["iis_reference_faithful"]["mean"],
+                               np_iis_script_reference(g, x, emb["reference_image_clip"]), atol=2e-6)
+    assert (m["ais_reference"]["T"], m["iis_reference"]["T"]) == (13, 12)
+    md = render_markdown({**r, "metrics": m})
+    assert "baselines over the test split (T = 13 audios / 12 images)" in md
