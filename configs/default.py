@@ -97,6 +97,7 @@ def get_config() -> ml_collections.ConfigDict:
         wav2clip_path="checkpoints/wav2clip",
         num_images=335,
         per_label=10,
+        seed=0,  # random draw of the evaluated test clips within each label (ids recorded in the manifest)
         generated_format="jpeg75",  # generated images scored from: png | jpeg75 (the thesis: PIL's JPEG quality 75)
     ))
 

@@ -1,12 +1,13 @@
 """Evaluation command: AIS / IIS / FID and per-label GIILS on generated test images (thesis Tables 5.1–5.4).
 
   python -m metrics.evaluate --config configs/exp1.py --workdir runs/exp1 [--checkpoint best]
-      [--num_images 335] [--per_label 10] [--out DIR] [--config.metrics.clip_path=...]
+      [--num_images 335] [--per_label 10] [--out DIR] [--items FILE] [--config.metrics.clip_path=...]
   python -m metrics.evaluate --images DIR [--config CONFIG] [--out DIR] [--per_label 10]
       [--clip_path P --inception_path P --wav2clip_path P] [--clip_seconds 30]
 
-Generation mode samples one image per selected test-split audio (labels interleaved, so every label
-gets ≥ per_label images when num_images ≥ 18·per_label), writes them with their audio clip, ground-truth
+Generation mode samples one image per selected test-split audio (a random draw seeded by ``metrics.seed``
+within each label, labels interleaved, so every label gets ≥ per_label images when num_images ≥
+18·per_label; ``--items FILE`` fixes the records), writes them with their audio clip, ground-truth
 image and seed into ``OUT/images/`` (the ``--images`` layout below) and scores that folder.
 
 ``--images DIR`` layout: ``DIR/manifest.jsonl``, one JSON object per generated image:
@@ -379,7 +380,7 @@ def score_images(images_dir: str, models: MetricModels, out_dir: str, *, per_lab
               "generated_format": _generated_format(rows),
               "num_images": len(rows), "per_label": per_label, "clip_seconds": clip_seconds,
               "metrics": metrics, "models": models.paths, "timings": timings, "thesis": THESIS,
-              "seeds": [r.get("seed") for r in rows],
+              "seeds": [r.get("seed") for r in rows], "audio_ids": [r.get("audio_id") for r in rows],
               "grids": write_grids(out_dir, generated, labels, names)}
     with open(os.path.join(out_dir, "report.json"), "w") as f:
         json.dump(report, f, indent=2)
@@ -389,21 +390,55 @@ def score_images(images_dir: str, models: MetricModels, out_dir: str, *, per_lab
 
 
 # ------------------------------------------------------------------------------------------ generation mode
-def select_test_items(labels: Sequence[int], num_images: int) -> np.ndarray:
-    """Indices of ``num_images`` test records, labels interleaved round-robin (record order within a label),
-    so every label is represented as evenly as the split allows."""
+def select_test_items(labels: Sequence[int], num_images: int, seed: int | None = 0) -> np.ndarray:
+    """Indices of ``num_images`` test records, labels interleaved round-robin so every label is represented
+    as evenly as the split allows; within a label a random draw seeded by ``seed`` (``metrics.seed``).
+
+    Records are stored sorted by (label, path) and audio ids are ``<recording>segmentN``, so record order
+    would pick consecutive segments of few recordings (the reference's test loader shuffles).
+    ``seed=None``: record order."""
     labels = np.asarray(labels)
-    by_label = [list(np.flatnonzero(labels == lab)) for lab in np.unique(labels)]
+    rng = None if seed is None else np.random.default_rng(seed)
+    by_label = [list(idx if rng is None else rng.permutation(idx))
+                for idx in (np.flatnonzero(labels == lab) for lab in np.unique(labels))]
     order = [idx[r] for r in range(max(map(len, by_label), default=0)) for idx in by_label if r < len(idx)]
     return np.asarray(order[:num_images], np.int64)
 
 
+def read_items(path: str) -> list[int | str]:
+    """``--items FILE``: a manifest.jsonl of an earlier evaluation (its ``test_index`` per row), or one test
+    record per line (an integer index into the test split, or an ``audio_id``)."""
+    with open(path, encoding="utf-8") as f:
+        lines = [line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")]
+    if lines and lines[0].startswith("{"):
+        return [int(json.loads(line)["test_index"]) for line in lines]
+    return [int(x) if x.lstrip("-").isdigit() else x for x in lines]
+
+
+def item_indices(items: Sequence[int | str], source) -> np.ndarray:
+    """Test-split indices of ``items`` (indices, or audio ids looked up in ``source``'s records)."""
+    n = len(source)
+    ids = [x for x in items if isinstance(x, str)]
+    by_id = {}
+    if ids:
+        by_id = {source[i]["audio_id"].decode("utf-8"): i for i in range(n)}
+    out = []
+    for x in items:
+        i = by_id.get(x, -1) if isinstance(x, str) else int(x)
+        if not 0 <= i < n:
+            raise ValueError(f"--items: {x!r} is not a test record (the split has {n})")
+        out.append(i)
+    return np.asarray(out, np.int64)
+
+
 def generate_test_images(config, workdir, images_dir: str, *, checkpoint="best", num_images: int = 335,
-                         batch: int = 8) -> dict[str, Any]:
+                         batch: int = 8, items: Sequence[int | str] | None = None) -> dict[str, Any]:
     """Generate one image per selected test-split audio with ``mtok_jax.sample`` and write the --images
     layout (generated image as ``metrics.generated_format``: PNG or the thesis's JPEG quality 75,
     ground-truth PNG, the stored audio clip as FLAC, manifest.jsonl with seeds and every sampling
-    setting) into ``images_dir``. Image i uses seed ``config.sample.seed + i``.
+    setting) into ``images_dir``. Image i uses seed ``config.sample.seed + i``. The test records are
+    ``items`` (indices or audio ids) when given, else :func:`select_test_items` with ``metrics.seed``; the
+    manifest records each one's ``test_index`` and ``audio_id``.
     Returns the generation settings and timing."""
     import soundfile as sf
     from PIL import Image
@@ -418,17 +453,22 @@ def generate_test_images(config, workdir, images_dir: str, *, checkpoint="best",
     test_labels = ds.labels("test")
     if test_labels.shape[0] == 0:
         raise ValueError(f"{ds.path}: the test split is empty")
-    items = select_test_items(test_labels, num_images)
-    if len(items) < num_images:
-        print(f"note: the test split has {len(items)} clips, fewer than --num_images {num_images}", file=sys.stderr)
     src = ds.source("test")
+    if items is not None:
+        items, selection = item_indices(items, src), {"selection": "given items"}
+    else:
+        seed = int(config.metrics.get("seed", 0))
+        items, selection = select_test_items(test_labels, num_images, seed), {"selection": "random", "selection_seed": seed}
+        if len(items) < num_images:
+            print(f"note: the test split has {len(items)} clips, fewer than --num_images {num_images}",
+                  file=sys.stderr)
     names = ds.label_names
     pipe = sample.load_pipeline(config, workdir, checkpoint)
     rate = sample.sample_rate(config)
     settings = dict(scheduler=s.scheduler, steps=int(s.steps), guidance=float(s.guidance),
                     prompt=config.prompt.inference, checkpoint=None if checkpoint is None else str(checkpoint),
                     config=config.workdir_name, workdir=os.fspath(workdir) if workdir else None,
-                    generated_format=config.metrics.get("generated_format", "png"))
+                    generated_format=config.metrics.get("generated_format", "png"), **selection)
     if settings["generated_format"] not in GENERATED_FORMATS:
         raise ValueError(f"metrics.generated_format must be one of {sorted(GENERATED_FORMATS)}, "
                          f"got {settings['generated_format']!r}")
@@ -491,14 +531,15 @@ def reference_embeddings(models: MetricModels, config, batch: int = 64) -> dict[
 
 
 def evaluate_checkpoint(config, workdir, *, checkpoint="best", num_images: int = 335, per_label: int = 10,
-                        out_dir: str, metric_paths: Sequence[str] | None = None) -> dict[str, Any]:
+                        out_dir: str, metric_paths: Sequence[str] | None = None,
+                        items: Sequence[int | str] | None = None) -> dict[str, Any]:
     """Generate from the test split (:func:`generate_test_images` into ``out_dir/images``) and score it
     (:func:`score_images`); metric models from ``metric_paths`` or ``config.metrics``."""
     m = config.metrics
     paths = metric_paths or (m.clip_path, m.inception_path, m.wav2clip_path)
     models = MetricModels.load(*paths)  # fail on a bad metric model before spending time generating
     images_dir = os.path.join(out_dir, "images")
-    gen = generate_test_images(config, workdir, images_dir, checkpoint=checkpoint, num_images=num_images)
+    gen = generate_test_images(config, workdir, images_dir, checkpoint=checkpoint, num_images=num_images, items=items)
     extra = {"method": f"{config.workdir_name} (this port)", "checkpoint": gen["generation"]["checkpoint"], **gen}
     return score_images(images_dir, models, out_dir, per_label=per_label,
                         clip_seconds=float(config.data.clip_seconds), extra=extra,
@@ -514,6 +555,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default="best",
                    help="best | latest | a step | none (untrained init; smoke tests) (generation mode)")
     p.add_argument("--images", help="score an existing manifest folder instead of generating")
+    p.add_argument("--items", help="generation mode: the test records to generate from (a manifest.jsonl of an "
+                                   "earlier run, or one test index / audio id per line) instead of the "
+                                   "metrics.seed random draw")
     p.add_argument("--num_images", type=int, help="generated test images (default config.metrics.num_images)")
     p.add_argument("--per_label", type=int, help="GIILS images per label (default config.metrics.per_label)")
     p.add_argument("--out", help="output folder (default <workdir>/eval or <images>/eval)")
@@ -571,7 +615,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         checkpoint = None if args.checkpoint.lower() == "none" else args.checkpoint
         checkpoint = int(checkpoint) if checkpoint is not None and checkpoint.isdigit() else checkpoint
         report = evaluate_checkpoint(config, args.workdir, checkpoint=checkpoint, num_images=num_images,
-                                     per_label=per_label, out_dir=out, metric_paths=paths)
+                                     per_label=per_label, out_dir=out, metric_paths=paths,
+                                     items=read_items(args.items) if args.items else None)
     print(render_markdown(report))
     print(f"\nwrote {os.path.join(out, 'report.md')}", file=sys.stderr)
     return report

@@ -180,6 +180,14 @@ def test_generation_mode_demo(tmp_path, metric_models, demo_models):
     rows = [json.loads(line) for line in (out / "images" / "manifest.jsonl").read_text().splitlines()]
     assert [row["label"] for row in rows] == [0, 1, 2, 3]  # labels interleaved
     assert [row["seed"] for row in rows] == [0, 1, 2, 3] and rows[0]["steps"] == 2
+    assert rows[0]["selection"] == "random" and r["audio_ids"] == [row["audio_id"] for row in rows]
+    assert r["metrics"]["ais_reference"]["T"] == 18 * 2  # the demo's whole test split
+    # --items with another metrics.seed: the same records again
+    again = main(["--config", "configs/demo.py", "--workdir", str(tmp_path / "run"), "--checkpoint", "none",
+                  "--items", str(out / "images" / "manifest.jsonl"), "--per_label", "2", "--out", str(tmp_path / "e2"),
+                  "--clip_path", metric_models["clip"], "--inception_path", metric_models["inception"],
+                  "--wav2clip_path", metric_models["wav2clip"], *overrides, "--config.metrics.seed=5"])
+    assert again["audio_ids"] == r["audio_ids"] and again["metrics"]["ais"] == r["metrics"]["ais"]
     import soundfile as sf
     from PIL import Image
 
@@ -233,3 +241,34 @@ def test_reference_sets_in_metrics_and_report(report):
     assert (m["ais_reference"]["T"], m["iis_reference"]["T"]) == (13, 12)
     md = render_markdown({**r, "metrics": m})
     assert "baselines over the test split (T = 13 audios / 12 images)" in md
+
+
+def test_seeded_selection_of_test_items():
+    """Records sorted by (label, path), 5 consecutive segments per recording: the seeded draw picks other
+    records than record order, covers more recordings, keeps labels balanced and interleaved, differs
+    between seeds and repeats for one seed."""
+    from metrics.evaluate import select_test_items
+
+    labels = np.repeat(np.arange(3), 20)  # record k of a label belongs to recording k // 5
+    recording = np.tile(np.arange(20) // 5, 3)
+    first = select_test_items(labels, 30, seed=None)
+    a, b = select_test_items(labels, 30, seed=0), select_test_items(labels, 30, seed=1)
+    np.testing.assert_array_equal(a, select_test_items(labels, 30, seed=0))
+    assert set(a.tolist()) != set(b.tolist()) and set(a.tolist()) != set(first.tolist())
+    for sel in (first, a, b):
+        assert labels[sel].tolist() == [0, 1, 2] * 10
+    per_label_recordings = lambda sel: np.mean([len(set(recording[sel[labels[sel] == l]])) for l in range(3)])  # noqa: E731
+    assert per_label_recordings(first) == 2 and per_label_recordings(a) > 3
+
+
+def test_items_file_and_ids(tmp_path):
+    from metrics.evaluate import item_indices, read_items
+
+    (tmp_path / "manifest.jsonl").write_text("".join(json.dumps({"test_index": i, "image": "x"}) + "\n"
+                                                     for i in (4, 0, 2)))
+    assert read_items(str(tmp_path / "manifest.jsonl")) == [4, 0, 2]
+    (tmp_path / "items.txt").write_text("# chosen clips\n3\naudio/Heavy metal/b.wav\n")
+    source = [{"audio_id": f"audio/Heavy metal/{c}.wav".encode()} for c in "abcde"]
+    np.testing.assert_array_equal(item_indices(read_items(str(tmp_path / "items.txt")), source), [3, 1])
+    with pytest.raises(ValueError, match="not a test record"):
+        item_indices([9], source)
