@@ -10,6 +10,9 @@ import pytest
 
 from mtok_jax import convert
 from mtok_jax.models import beats as B
+from mtok_jax.models import diffusion
+from mtok_jax.models.embedder import WRAPPER_PARTS
+from test_diffusion import TINY_UNET
 
 
 @pytest.mark.torch
@@ -90,13 +93,9 @@ def test_exp2_wrapper_beats_and_unet_parts(golden_dir, tmp_path):
     """An exp2 wrapper state dict: aud_encoder.* → OUT/beats equal to the official-layout conversion of
     the same weights (cfg and provenance from --beats_from); unet.* → OUT/sd whose UNet loads equal to
     the torch UNet's own saved folder, the other SD parts linked."""
+    torch = pytest.importorskip("torch")
     import diffusers
 
-    from test_diffusion import TINY_UNET
-    from mtok_jax.models import diffusion
-    from mtok_jax.models.embedder import WRAPPER_PARTS
-
-    torch = pytest.importorskip("torch")
     d = np.load(golden_dir / "beats_small.npz")
     beats_sd = {k[3:]: torch.from_numpy(np.array(d[k])) for k in d.files if k.startswith("sd/")}
     torch.save({"cfg": json.loads(str(d["config_json"])), "model": {**beats_sd, "predictor.weight": torch.zeros(2, 64),

@@ -10,6 +10,7 @@ import soxr
 from PIL import Image
 
 from mtok_jax.audio.io import AudioDecodeError, load_audio
+from mtok_jax.data import builder, jobs
 from mtok_jax.data.images import ImageDecodeError, load_image
 
 
@@ -186,8 +187,6 @@ def test_bad_images(tmp_path, kind, reason):
 
 def test_stretch_build_option_square_without_crop(tmp_path):
     """--stretch: the whole (non-square) image resized to image_size² (no crop), in the config name."""
-    from mtok_jax.data import builder, jobs
-
     cfg = builder.make_config("folders", image_size=32, stretch=True, image_format="png")
     assert cfg.name == "folders-32px-nocrop" and not cfg.center_crop
     assert builder.make_config("folders", image_size=32).center_crop

@@ -8,12 +8,14 @@ import numpy as np
 import pytest
 
 from conftest import torch_or_skip
+from mtok_jax import convert
 from mtok_jax.models.embedder import (
     AudioTokenEmbedder,
     convert_checkpoint,
     load_embedder,
     params_from_torch,
 )
+from mtok_jax.params_io import load_params
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 CASES = ("beats10s", "rand")
@@ -166,9 +168,6 @@ def test_convert_checkpoint_reproduces_golden(golden, state_dict, tmp_path):
 def test_thesis_wrapper_state_dict_converts_its_embedder_part(state_dict, tmp_path, capsys):
     """The thesis's best-epoch file (whole wrapper state dict) converts to the same embedder as its
     embedder.* part alone; the other trained parts are named on stderr."""
-    from mtok_jax import convert
-    from mtok_jax.params_io import load_params
-
     torch = torch_or_skip()
     rng = np.random.default_rng(0)
     wrapper = {f"embedder.{k}": torch.from_numpy(v.copy()) for k, v in state_dict.items()}

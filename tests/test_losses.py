@@ -3,9 +3,11 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
-from mtok_jax import losses
+from conftest import torch_or_skip
+from mtok_jax import losses, train
 
 
 def _np_reference(pred, target, e, tau, l1, l2, cl):
@@ -83,11 +85,6 @@ def test_faithful_accumulation_equals_pytorch_per_micro_batch_backward(faithful)
     one SGD step of lr 1 (so the step *is* the gradient): faithful_accumulation equals PyTorch calling
     loss.backward() per micro-batch with no division (Σᵢ Lᵢ, cosine (1 − cosᵢ)² per micro-batch); the
     default equals backward of the big batch's loss (cosine of the mean over all 4) instead."""
-    import optax
-
-    from conftest import torch_or_skip
-    from mtok_jax import train
-
     torch = torch_or_skip()
     rng = np.random.default_rng(3)
     accum, micro, d_in, d, c = 4, 1, 5, 6, 3

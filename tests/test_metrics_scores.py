@@ -287,32 +287,18 @@ def test_frechet_distance_equals_pytorch_fid(capsys):
         np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-9)
 
 
-def np_ais_script_reference(audio, gen, ref):
-    """AIS_complete.py over a reference folder R (the test audios): for each generated image, loop over
-    all of R skipping audios equal to the paired one, divide by the last loop index T − 1."""
-    T = len(ref)
+def np_script_reference(paired, gen, ref, skip_equal_to):
+    """AIS_complete.py / IIS_complete.py over a reference folder R (the test audios / images): for each
+    generated image g_j loop over all of R, skip items equal to skip_equal_to[j] (AIS: the paired audio;
+    IIS: the generated image itself), divide by the last loop index T − 1."""
     total = 0.0
-    for j in range(len(audio)):
+    for j in range(len(paired)):
         s2 = 0.0
-        for i in range(T):
-            if not np.array_equal(ref[i], audio[j]):
+        for i in range(len(ref)):
+            if not np.array_equal(ref[i], skip_equal_to[j]):
                 s2 += np_cos(ref[i], gen[j])
-        total += np_cos(audio[j], gen[j]) - s2 / i
-    return total / len(audio)
-
-
-def np_iis_script_reference(gen, gt, ref):
-    """IIS_complete.py over a reference folder R (the test images): the skip compares with the generated
-    image, the sum is divided by T − 1."""
-    T = len(ref)
-    total = 0.0
-    for j in range(len(gen)):
-        s2 = 0.0
-        for i in range(T):
-            if not np.array_equal(ref[i], gen[j]):
-                s2 += np_cos(ref[i], gen[j])
-        total += np_cos(gt[j], gen[j]) - s2 / i
-    return total / len(gen)
+        total += np_cos(paired[j], gen[j]) - s2 / i
+    return total / len(paired)
 
 
 def np_reference_exact(paired, gen, ref):
@@ -335,10 +321,10 @@ def test_ais_iis_with_reference_set_vs_script_loops():
         gen = emb(rng, 5, d, 0.3) + 0.5 * paired
         if kind == "ais":
             got, got_f = ais(paired, gen, reference=ref), ais(paired, gen, reference=ref, faithful=True)
-            want_f = np_ais_script_reference(paired, gen, ref)
+            want_f = np_script_reference(paired, gen, ref, skip_equal_to=paired)
         else:
             got, got_f = iis(gen, paired, reference=ref), iis(gen, paired, reference=ref, faithful=True)
-            want_f = np_iis_script_reference(gen, paired, ref)
+            want_f = np_script_reference(paired, gen, ref, skip_equal_to=gen)
         np.testing.assert_allclose(float(got_f.mean), want_f, atol=2e-6, err_msg=kind)
         np.testing.assert_allclose(float(got.mean), np_reference_exact(paired, gen, ref), atol=2e-6, err_msg=kind)
         np.testing.assert_allclose(float(got.score), np_score(np_reference_exact(paired, gen, ref)), atol=2e-4)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mtok_jax import config_utils, sample
+from mtok_jax import conditioning, config_utils, sample
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +72,6 @@ def test_sample_files_writes_pngs_grid_and_manifest(pipe, waves, tmp_path):
 def test_reference_512x320_samples_square(demo_models, waves):
     """data.reference_512x320 trains on W×H = 512×320 images but samples square data.image_size images,
     as the reference pipeline samples at 512×512."""
-    from mtok_jax import conditioning
-
     config = config_utils.load_config("configs/demo.py", [f"model.sd_path={demo_models['sd']}",
                                                           f"model.beats_path={demo_models['beats']}",
                                                           "data.reference_512x320=True"])
