@@ -51,8 +51,8 @@ def unconditional_states(system: conditioning.System, text_params: Mapping[str, 
 
 
 def latent_shape(system: conditioning.System) -> tuple[int, int, int]:
-    """(C, h, w) of the UNet latents for the configured image size."""
-    h, w = conditioning.image_hw(system.config)
+    """(C, h, w) of the UNet latents for the sampled image size (conditioning.sample_hw)."""
+    h, w = conditioning.sample_hw(system.config)
     factor = 2 ** (len(system.vae.block_out_channels) - 1)
     return int(system.unet.in_channels), h // factor, w // factor
 
@@ -242,14 +242,14 @@ def sample_files(pipe: Pipeline, audio_paths: Sequence[str], out_dir: str | os.P
     config = pipe.config
     os.makedirs(out_dir, exist_ok=True)
     rate = sample_rate(config)
-    waves = np.stack([load_audio(p, rate, config.data.clip_seconds) for p in audio_paths])
+    waves = np.stack([load_audio(p, rate, config.data.clip_seconds, stereo=config.data.stereo) for p in audio_paths])
     seeds = [int(seed) + (0 if same_seed else i) for i in range(len(audio_paths))]
     t0 = time.time()
     images = pipe.generate(waves, seeds, num_images=num_images, steps=steps, guidance=guidance, scheduler=scheduler)
     seconds = time.time() - t0
     settings = dict(scheduler=scheduler, steps=int(steps), guidance=float(guidance), num_images=int(num_images),
                     prompt=config.prompt.inference, unconditional_prompt=UNCONDITIONAL_PROMPT,
-                    image_size=list(conditioning.image_hw(config)), checkpoint=pipe.checkpoint,
+                    image_size=list(conditioning.sample_hw(config)), checkpoint=pipe.checkpoint,
                     sd_path=config.model.sd_path, beats_path=config.model.beats_path,
                     unary_dropout_at_inference=bool(config.model.unary_dropout_at_inference),
                     dtype=config.model.dtype, config=config.workdir_name, workdir=pipe.workdir)
