@@ -17,12 +17,10 @@ import logging
 import os
 
 from absl import app, flags
-from ml_collections import config_flags
 
-from mtok_jax import _compat
+from mtok_jax import _compat, cli, config_utils, errors
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "Config file (configs/*.py).",
-                                          lock_config=True)
+_CONFIG = cli.define_config_file("config", "configs/demo.py", "Config file (configs/*.py).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: runs/<config.workdir_name>).")
 _AUDIO = flags.DEFINE_string("audio", None, "Audio file or folder (default: the dataset's held-out test audio "
                                             "in <data_dir>/../manual).")
@@ -50,36 +48,36 @@ def _checkpoint(value: str):
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    config = config_utils.validate(_CONFIG.value)  # first: a bad value fails in a second, not after imports
     _compat.quiet_third_party_loggers()
     logging.getLogger("absl").setLevel(logging.WARNING)
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # "Unable to initialize backend 'tpu'"
     logging.getLogger("mtok_jax").setLevel(logging.INFO)
-    from mtok_jax import config_utils, sample
-
-    config = config_utils.validate(_CONFIG.value)
+    from mtok_jax import checkpoints, sample
     s = config.sample
     workdir = _WORKDIR.value or os.path.join("runs", config.workdir_name)
-    pipe = sample.load_pipeline(config, workdir, _checkpoint(_CHECKPOINT.value), max_batch=_BATCH.value)
-    if _AUDIO.value:
-        audio = sample.find_audio(_AUDIO.value)
-    else:
-        manual = os.path.join(os.path.dirname(os.path.normpath(config.data.data_dir)), "manual")
-        if not os.path.isdir(manual):
-            raise app.UsageError(f"no --audio given and no demo manual dir at {manual} (run `make demo`)")
+    checkpoint = _checkpoint(_CHECKPOINT.value)
+    # Input errors first, before minutes of model loading.
+    if checkpoint is not None and not os.path.isdir(checkpoints.checkpoint_dir(workdir)):
+        raise errors.UserError(f"--workdir={workdir} has no checkpoints (train it first, or pass "
+                               f"--checkpoint none for the untrained model)")
+    audio = sample.find_audio(_AUDIO.value) if _AUDIO.value else None
+    manual = os.path.join(os.path.dirname(os.path.normpath(config.data.data_dir)), "manual")
+    if audio is None and not os.path.isdir(manual):
+        raise app.UsageError(f"no --audio given and no demo manual dir at {manual} (run `make demo`)")
+    pipe = sample.load_pipeline(config, workdir, checkpoint, max_batch=_BATCH.value)
+    if audio is None:
         audio = sample.held_out_audio(manual, pipe.system.labels, _PER_LABEL.value)
     out = _OUT.value or os.path.join(workdir, "samples")
-    try:
-        records, skipped = sample.sample_files(
-            pipe, audio, out, num_images=_NUM_IMAGES.value if _NUM_IMAGES.value is not None else s.num_images,
-            steps=_STEPS.value if _STEPS.value is not None else s.steps,
-            guidance=_GUIDANCE.value if _GUIDANCE.value is not None else s.guidance,
-            scheduler=_SCHEDULER.value or s.scheduler,
-            seed=_SEED.value if _SEED.value is not None else s.seed, same_seed=_SAME_SEED.value)
-    except sample.NoImages as e:
-        raise SystemExit(f"error: {e}") from None
+    records, skipped = sample.sample_files(
+        pipe, audio, out, num_images=_NUM_IMAGES.value if _NUM_IMAGES.value is not None else s.num_images,
+        steps=_STEPS.value if _STEPS.value is not None else s.steps,
+        guidance=_GUIDANCE.value if _GUIDANCE.value is not None else s.guidance,
+        scheduler=_SCHEDULER.value or s.scheduler,
+        seed=_SEED.value if _SEED.value is not None else s.seed, same_seed=_SAME_SEED.value)
     note = f"; {len(skipped)} of {len(audio)} audio files skipped (skipped.jsonl)" if skipped else ""
     print(f"wrote {len(records)} images to {out}/ (grid.png, samples.jsonl){note}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run_absl(main)

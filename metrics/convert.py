@@ -15,7 +15,8 @@ import argparse
 from typing import Sequence
 
 import mtok_jax  # noqa: F401  (environment setup first)
-from mtok_jax.convert import add_trusted_flag, run
+from mtok_jax import cli
+from mtok_jax.convert import add_trusted_flag
 
 
 def _count(directory: str) -> int:
@@ -42,21 +43,22 @@ def _cmd_wav2clip(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         prog="python -m metrics.convert", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="model", required=True)
     p = sub.add_parser("inception", help="pytorch-fid's FID Inception weights (pt_inception-2015-12-05-*.pth)")
-    p.add_argument("checkpoint")
+    p.add_argument("checkpoint", type=cli.existing_file)
     p.add_argument("out_dir")
     add_trusted_flag(p)
     p.set_defaults(func=_cmd_inception)
     p = sub.add_parser("wav2clip", help="official Wav2CLIP.pt (audio_encoder.*, audio_transform.*)")
-    p.add_argument("checkpoint")
+    p.add_argument("checkpoint", type=cli.existing_file)
     p.add_argument("out_dir")
     add_trusted_flag(p)
     p.set_defaults(func=_cmd_wav2clip)
-    run(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    args.func(args)
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

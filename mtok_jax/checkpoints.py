@@ -1,24 +1,56 @@
 """Orbax checkpoints of a training run: WORKDIR/checkpoints/{latest,best}/<step>/.
 
 * `latest` (resume): the trainable params, the optimizer state and `meta` (step, epoch, the data
-  position within the epoch, the best validation loss so far, the trained leaf paths).
+  position within the epoch, the best validation loss so far, the trained leaf paths). The newest
+  two are kept; when the newest cannot be restored (truncated, bit-flipped, half-written) the run
+  falls back to the older one with one log line, and the broken step is moved to
+  `checkpoints/corrupt/`.
 * `best` (by validation loss): the trainable params and `meta`.
 Frozen weights are never written: they come back from the model folders named in the config.
+
+Safety rules (what a preempted 30-hour run needs):
+* Saving a step that already exists replaces it (a resumed run that reaches a step again, e.g. a
+  `best` step written just before a kill, never fails with "step already exists"); saving `best` at
+  step S first removes `best` steps ≥ S, which belong to an abandoned continuation.
+* Every committed step gets `mtok_checksums.json` (CRC-32 and size of each file), written once its
+  asynchronous save has finished; `restore_latest` verifies it, so a corrupted file is detected at
+  restore and never trained on. (A step committed by orbax whose checksum file was not yet written —
+  a kill in the milliseconds between — is restored unverified: orbax's tmp-dir + rename commit makes
+  it complete.)
+* Orbax's leftover `*.orbax-checkpoint-tmp*` directories are removed at start. A failed save (disk
+  full, I/O error) raises `CheckpointError` with one line; its tmp directory is removed and the
+  previous checkpoint stays intact.
 """
 
 from __future__ import annotations
 
+import errno
+import json
+import logging
 import os
+import shutil
+import threading
+import time
+import zlib
 from typing import Any, Mapping
 
 import jax
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
-from mtok_jax import sharding
+from mtok_jax import errors, sharding
+
+log = logging.getLogger("mtok_jax.checkpoints")
 
 LATEST = "latest"
 BEST = "best"
+CORRUPT = "corrupt"
+CHECKSUMS = "mtok_checksums.json"
+TMP_MARK = ".orbax-checkpoint-tmp"
+
+
+class CheckpointError(errors.UserError):
+    """A checkpoint could not be written or restored; the message is one line for the user."""
 
 
 def checkpoint_dir(workdir: str | os.PathLike) -> str:
@@ -26,7 +58,8 @@ def checkpoint_dir(workdir: str | os.PathLike) -> str:
 
 
 def _manager(workdir, which: str, max_to_keep: int | None = 1, read_only: bool = False) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only)
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only, read_only=read_only,
+                                           cleanup_tmp_directories=not read_only)
     return ocp.CheckpointManager(os.path.join(checkpoint_dir(workdir), which), options=options,
                                  item_names=("params", "opt_state", "meta"))
 
@@ -36,47 +69,244 @@ def _abstract(tree: Any) -> Any:
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree)
 
 
-class Checkpointer:
-    """Writes `latest` and `best` checkpoints of one run; restores `latest` for resuming."""
+# ------------------------------------------------------------------------------------------ checksums
+def _file_digests(step_dir: str) -> dict[str, list[int]]:
+    """{relative path: [size in bytes, CRC-32]} of every file below a step directory (checksum file excluded)."""
+    out = {}
+    for root, _, files in os.walk(step_dir):
+        for name in files:
+            path = os.path.join(root, name)
+            rel = os.path.relpath(path, step_dir)
+            if rel.startswith(CHECKSUMS):  # the checksum file and its tmp twin
+                continue
+            crc = 0
+            with open(path, "rb") as f:
+                while chunk := f.read(1 << 22):
+                    crc = zlib.crc32(chunk, crc)
+            out[rel] = [os.path.getsize(path), crc]
+    return out
 
-    def __init__(self, workdir: str | os.PathLike, keep_latest: int = 1):
+
+def write_checksums(step_dir: str) -> None:
+    tmp = os.path.join(step_dir, CHECKSUMS + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(_file_digests(step_dir), f, sort_keys=True)
+    os.replace(tmp, os.path.join(step_dir, CHECKSUMS))
+
+
+def verify_checksums(step_dir: str) -> bool:
+    """Raise CheckpointError when a file of the step differs from its recorded size/CRC-32 (or is
+    missing). → False when no checksum file was written (unverified), True when verified."""
+    path = os.path.join(step_dir, CHECKSUMS)
+    if not os.path.exists(path):
+        return False
+    with open(path) as f:
+        want = json.load(f)
+    have = _file_digests(step_dir)
+    for rel, (size, crc) in sorted(want.items()):
+        if rel not in have:
+            raise CheckpointError(f"{rel} is missing")
+        if have[rel][0] != size:
+            raise CheckpointError(f"{rel} has {have[rel][0]} bytes, {size} were written")
+        if have[rel][1] != crc:
+            raise CheckpointError(f"{rel} does not match its checksum (corrupted)")
+    return True
+
+
+def _dir_bytes(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs)
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:300]}" if text else type(e).__name__
+
+
+def _is_out_of_space(e: BaseException) -> bool:
+    text = str(e)
+    return (isinstance(e, OSError) and e.errno == errno.ENOSPC) or "No space left" in text or \
+        "RESOURCE_EXHAUSTED" in text
+
+
+# ------------------------------------------------------------------------------------------ writer
+class _Commit:
+    """A save in flight: a thread waits for orbax's asynchronous commit and then writes the step's
+    checksums at once (so a kill -9 soon after leaves a verifiable newest step)."""
+
+    def __init__(self, mgr: ocp.CheckpointManager, step: int):
+        self.mgr, self.step = mgr, step
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name=f"checkpoint-{step}", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.mgr.wait_until_finished()
+            if jax.process_index() == 0:
+                write_checksums(os.path.join(os.fspath(self.mgr.directory), str(self.step)))
+        except BaseException as e:  # noqa: BLE001 - handed to the main thread by join()
+            self.error = e
+
+    def join(self) -> BaseException | None:
+        self._thread.join()
+        return self.error
+
+
+class _DropOrbaxErrors(logging.Filter):
+    """Orbax logs each failed write with a traceback (hundreds of lines when a disk fills up); every such
+    failure reaches the user once, as CheckpointError's one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname)
+
+
+_ORBAX_FILTER = _DropOrbaxErrors()
+
+
+class Checkpointer:
+    """Writes `latest` and `best` checkpoints of one run (asynchronously); restores `latest`."""
+
+    def __init__(self, workdir: str | os.PathLike, keep_latest: int = 2):
+        logging.getLogger("absl").addFilter(_ORBAX_FILTER)  # orbax logs through absl's logger
+        self.workdir = os.path.abspath(os.fspath(workdir))
+        self._remove_leftover_tmp()
         self.latest = _manager(workdir, LATEST, keep_latest)
         self.best = _manager(workdir, BEST, 1)
+        self._pending: _Commit | None = None  # the save in flight
 
+    # -------------------------------------------------------------------- saving
     def save_latest(self, step: int, params: Any, opt_state: Any, meta: Mapping[str, Any]) -> None:
-        self.latest.save(step, args=ocp.args.Composite(
+        self._save(self.latest, step, ocp.args.Composite(
             params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
-            meta=ocp.args.JsonSave(dict(meta))), force=True)
+            meta=ocp.args.JsonSave(dict(meta))))
 
     def save_best(self, step: int, params: Any, meta: Mapping[str, Any]) -> None:
-        self.best.save(step, args=ocp.args.Composite(
-            params=ocp.args.StandardSave(params), meta=ocp.args.JsonSave(dict(meta))), force=True)
+        self.wait()
+        for old in self.best.all_steps():
+            if old >= step:  # from a continuation that was abandoned (killed before its `latest`)
+                self.best.delete(old)
+        self._save(self.best, step, ocp.args.Composite(
+            params=ocp.args.StandardSave(params), meta=ocp.args.JsonSave(dict(meta))))
 
-    def restore_latest(self, params_like: Any, opt_state_like: Any) -> tuple[Any, Any, dict] | None:
-        """→ (params, opt_state, meta) of the newest `latest` checkpoint, placed like the given trees
-        (arrays or ShapeDtypeStructs with shardings), or None when there is none."""
-        self.latest.wait_until_finished()
-        step = self.latest.latest_step()
-        if step is None:
-            return None
-        meta = self.latest.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-        have = sorted(traverse_util.flatten_dict(sharding._plain(params_like), sep="/"))
-        if list(meta["trainable_paths"]) != have:
-            raise ValueError(f"{self.latest.directory}/{step} trained {len(meta['trainable_paths'])} leaves, the "
-                             f"config trains {len(have)} other ones (train.trainable changed?): use a new workdir")
-        out = self.latest.restore(step, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(_abstract(params_like)),
-            opt_state=ocp.args.StandardRestore(_abstract(opt_state_like)),
-            meta=ocp.args.JsonRestore()))
-        return out["params"], out["opt_state"], dict(out["meta"])
+    def _save(self, mgr: ocp.CheckpointManager, step: int, args: ocp.args.Composite) -> None:
+        self.wait()  # one save in flight at a time
+        if step in mgr.all_steps():
+            mgr.delete(step)
+        try:
+            mgr.save(step, args=args, force=True)
+        except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise ValueError, OSError, ...
+            self._fail(mgr, step, e)
+        self._pending = _Commit(mgr, step)
 
     def wait(self) -> None:
-        self.latest.wait_until_finished()
-        self.best.wait_until_finished()
+        """Block until the save in flight is committed and checksummed.
+        Raises CheckpointError (one line) when it failed."""
+        pending, self._pending = self._pending, None
+        if pending is not None and (error := pending.join()) is not None:
+            self._fail(pending.mgr, pending.step, error)
+
+    def _fail(self, mgr: ocp.CheckpointManager, step: int, error: BaseException):
+        """Remove what the failed save left, raise one line saying why and what it needed."""
+        try:  # let orbax's other writes of this save end before their files are removed
+            mgr.wait_until_finished()
+        except Exception:  # noqa: BLE001 - the same failure again
+            pass
+        directory = os.fspath(mgr.directory)
+        for name in os.listdir(directory) if os.path.isdir(directory) else ():
+            if name.startswith(f"{step}{TMP_MARK}"):
+                shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+        mgr.reload()
+        kept = mgr.latest_step()
+        kept_text = f"; {os.path.basename(directory)}/{kept} is intact" if kept is not None else ""
+        which = f"{os.path.basename(directory)} checkpoint {step}"
+        if _is_out_of_space(error):
+            sizes = [_dir_bytes(os.path.join(directory, str(s))) for s in mgr.all_steps()]
+            need = f" (needs ≈{max(sizes) / 2 ** 20:.1f} MB)" if sizes else ""
+            raise CheckpointError(f"{which} not saved: no space left on {self.workdir}{need}{kept_text}") from error
+        raise CheckpointError(f"{which} not saved: {_one_line(error)}{kept_text}") from error
+
+    # -------------------------------------------------------------------- restoring
+    def latest_step(self) -> int | None:
+        """Newest `latest` step on disk (after the saves in flight are committed)."""
+        return self.latest.latest_step()
+
+    def restore_latest(self, params_like: Any, opt_state_like: Any) -> tuple[Any, Any, dict] | None:
+        """→ (params, opt_state, meta) of the newest restorable `latest` checkpoint, placed like the given
+        trees (arrays or ShapeDtypeStructs with shardings), or None when there is none.
+
+        A step that fails its checksum or cannot be read is moved to checkpoints/corrupt/ (one warning)
+        and the next older one is tried; CheckpointError when steps exist but none restores."""
+        self.wait()
+        steps = sorted(self.latest.all_steps(), reverse=True)
+        problems = []
+        for i, step in enumerate(steps):
+            step_dir = os.path.join(os.fspath(self.latest.directory), str(step))
+            try:
+                verified = verify_checksums(step_dir)
+                meta = self.latest.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+            except Exception as e:  # noqa: BLE001 - unreadable or corrupted step
+                problems.append((step, e))
+                continue
+            self._check_paths(meta, params_like, step)
+            try:
+                out = self.latest.restore(step, args=ocp.args.Composite(
+                    params=ocp.args.StandardRestore(_abstract(params_like)),
+                    opt_state=ocp.args.StandardRestore(_abstract(opt_state_like)),
+                    meta=ocp.args.JsonRestore()))
+            except Exception as e:  # noqa: BLE001
+                problems.append((step, e))
+                continue
+            for bad, e in problems:
+                log.warning("checkpoint latest/%d cannot be restored (%s); falling back to latest/%d", bad,
+                            _one_line(e), step)
+                self._quarantine(bad)
+            if not verified:
+                log.info("checkpoint latest/%d has no checksum file (killed right after its commit): "
+                         "restored unverified", step)
+            return out["params"], out["opt_state"], dict(out["meta"])
+        if problems:
+            listed = "; ".join(f"latest/{s}: {_one_line(e)}" for s, e in problems)
+            raise CheckpointError(f"no checkpoint under {self.latest.directory} can be restored ({listed}); "
+                                  f"move {checkpoint_dir(self.workdir)} away to start over")
+        return None
+
+    def _check_paths(self, meta: Mapping, params_like: Any, step: int) -> None:
+        have = sorted(traverse_util.flatten_dict(sharding._plain(params_like), sep="/"))
+        if list(meta["trainable_paths"]) != have:
+            raise CheckpointError(f"{self.latest.directory}/{step} trained {len(meta['trainable_paths'])} leaves, "
+                                  f"the config trains {len(have)} other ones (train.trainable changed?): use a "
+                                  f"new workdir")
+
+    def _quarantine(self, step: int) -> None:
+        """Move a broken `latest` step out of orbax's sight (kept for inspection)."""
+        if jax.process_index() != 0:
+            return
+        target = os.path.join(checkpoint_dir(self.workdir), CORRUPT, f"latest_{step}_{int(time.time())}")
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        shutil.move(os.path.join(os.fspath(self.latest.directory), str(step)), target)
+        self.latest.reload()
+
+    def _remove_leftover_tmp(self) -> None:
+        """Orbax's uncommitted `<step>.orbax-checkpoint-tmp-*` directories from an interrupted save."""
+        if jax.process_index() != 0:
+            return
+        for which in (LATEST, BEST):
+            directory = os.path.join(checkpoint_dir(self.workdir), which)
+            for name in os.listdir(directory) if os.path.isdir(directory) else ():
+                if TMP_MARK in name:
+                    log.info("removing unfinished checkpoint %s/%s", which, name)
+                    shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
 
     def close(self) -> None:
-        self.latest.close()
-        self.best.close()
+        """Commit what is in flight (errors are raised) and release the managers."""
+        try:
+            self.wait()
+        finally:
+            for mgr in (self.latest, self.best):
+                try:
+                    mgr.close()
+                except Exception as e:  # noqa: BLE001 - a failed save was already reported by wait()
+                    log.debug("closing %s: %s", mgr.directory, _one_line(e))
 
 
 def restore_trained(workdir: str | os.PathLike, params: Mapping[str, Any], which: str | int = "best") -> dict:

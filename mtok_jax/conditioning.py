@@ -77,6 +77,12 @@ def image_hw(config) -> tuple[int, int]:
     return int(config.data.image_size), int(config.data.image_size)
 
 
+def sample_hw(config) -> tuple[int, int]:
+    """(height, width) of sampled images: square `data.image_size` (512), also under
+    `data.reference_512x320`, which trains on 512×320 but samples at the UNet's default 512×512."""
+    return int(config.data.image_size), int(config.data.image_size)
+
+
 # ---------------------------------------------------------------------------------------------------
 # The path
 # ---------------------------------------------------------------------------------------------------
@@ -162,9 +168,9 @@ def _embedder_input_dim(config, beats_cfg: Mapping[str, Any]) -> int:
 def _check(config, beats_cfg: Mapping[str, Any], text_hidden: int, cross_dim: int,
            unet_cfg: Mapping[str, Any], vae_cfg: Mapping[str, Any]) -> None:
     factor = 2 ** (len(vae_cfg["block_out_channels"]) - 1) * 2 ** (len(unet_cfg["block_out_channels"]) - 1)
-    if any(s % factor for s in image_hw(config)):
-        raise ValueError(f"image size {image_hw(config)} must be a multiple of {factor} for this VAE + UNet "
-                         f"(data.image_size)")
+    for hw in (image_hw(config), sample_hw(config)):
+        if any(s % factor for s in hw):
+            raise ValueError(f"image size {hw} must be a multiple of {factor} for this VAE + UNet (data.image_size)")
     n_layers = int(beats_lib.beats_config(beats_cfg)["encoder_layers"])
     if max(config.model.beats_layers) >= n_layers:
         raise ValueError(f"model.beats_layers={tuple(config.model.beats_layers)} but BEATs has {n_layers} layers")

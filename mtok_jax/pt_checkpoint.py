@@ -14,8 +14,10 @@ import pickle
 import re
 from typing import Any
 
+from mtok_jax import errors
 
-class UntrustedCheckpoint(ValueError):
+
+class UntrustedCheckpoint(errors.UserError, ValueError):
     """A checkpoint that ``weights_only=True`` refuses; ``str(err)`` is one line naming the file."""
 
 

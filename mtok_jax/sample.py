@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mtok_jax import checkpoints, conditioning, sharding
+from mtok_jax import checkpoints, conditioning, errors, sharding
 from mtok_jax.audio.io import AudioDecodeError, load_audio
 from mtok_jax.models import diffusion
 
@@ -52,7 +52,7 @@ UNCONDITIONAL_PROMPT = ""
 IMAGES_PER_DEVICE = 1
 
 
-class NoImages(ValueError):
+class NoImages(errors.UserError, ValueError):
     """`sample_files` could decode none of its audio files (each is listed in skipped.jsonl)."""
 
 
@@ -68,8 +68,8 @@ def unconditional_states(system: conditioning.System, text_params: Mapping[str, 
 
 
 def latent_shape(system: conditioning.System) -> tuple[int, int, int]:
-    """(C, h, w) of the UNet latents for the configured image size."""
-    h, w = conditioning.image_hw(system.config)
+    """(C, h, w) of the UNet latents for the sampled image size (conditioning.sample_hw)."""
+    h, w = conditioning.sample_hw(system.config)
     factor = 2 ** (len(system.vae.block_out_channels) - 1)
     return int(system.unet.in_channels), h // factor, w // factor
 
@@ -270,7 +270,7 @@ def sample_files(pipe: Pipeline, audio_paths: Sequence[str], out_dir: str | os.P
     kept, waves, skipped = [], [], []
     for i, path in enumerate(audio_paths):
         try:
-            waves.append(load_audio(path, rate, config.data.clip_seconds))
+            waves.append(load_audio(path, rate, config.data.clip_seconds, stereo=config.data.stereo))
             kept.append(i)
         except (AudioDecodeError, OSError) as e:
             reason = e.reason if isinstance(e, AudioDecodeError) else f"{type(e).__name__}: {e}"
@@ -287,7 +287,7 @@ def sample_files(pipe: Pipeline, audio_paths: Sequence[str], out_dir: str | os.P
     seconds = time.time() - t0
     settings = dict(scheduler=scheduler, steps=int(steps), guidance=float(guidance), num_images=int(num_images),
                     prompt=config.prompt.inference, unconditional_prompt=UNCONDITIONAL_PROMPT,
-                    image_size=list(conditioning.image_hw(config)), checkpoint=pipe.checkpoint,
+                    image_size=list(conditioning.sample_hw(config)), checkpoint=pipe.checkpoint,
                     sd_path=config.model.sd_path, beats_path=config.model.beats_path,
                     unary_dropout_at_inference=bool(config.model.unary_dropout_at_inference),
                     dtype=config.model.dtype, config=config.workdir_name, workdir=pipe.workdir)

@@ -9,16 +9,23 @@ micro-batches; the update equals the big batch's), `fold_in(rng, step)` randomne
 resume with the data order continuing where it stopped.
 
 Workdir contents: config.json, metrics.jsonl (one object per log step and per epoch: kind, epoch,
-step, train_loss, val_loss, lr), loss.png (train/val loss per epoch, like thesis Fig. 5.1),
-checkpoints/{latest,best}/<step>/.
+step, train_loss, val_loss, lr; cut back to the resumed step at every start, so it always equals an
+uninterrupted run's), loss.png (train/val loss per epoch, like thesis Fig. 5.1),
+checkpoints/{latest,best}/<step>/ (mtok_jax.checkpoints: newest two `latest` kept, checksummed,
+fallback to the older), checkpoints/corrupt/ (steps that failed to restore), .lock (the running
+process's PID and host). SIGTERM / SIGINT stop the run at the next step boundary after saving `latest`
+(mtok_jax.signals).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import math
 import os
+import sys
 import time
 from typing import Any, Callable, Mapping
 
@@ -28,7 +35,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding
 
-from mtok_jax import checkpoints, conditioning, config_utils, losses, sharding
+from mtok_jax import checkpoints, conditioning, config_utils, losses, sharding, signals, workdir_lock
 from mtok_jax.data import pipeline
 from mtok_jax.models import diffusion
 
@@ -41,15 +48,21 @@ EVAL_SEED = 0x5EED  # folded into the root key for validation noise (the same ev
 # Optimizer
 # ===================================================================================================
 def learning_rate(train_config, steps_per_epoch: int) -> optax.Schedule:
-    """lr schedule over all epochs: linear warmup, then cosine decay to 0 or constant.
+    """lr of optimizer update k (optax's count; diffusers' LambdaLR after k scheduler steps).
 
+    `cosine`: linear warm-up 0 → peak over `warmup_steps`, then cosine decay to 0 at the end of the run
+    (diffusers' get_cosine_schedule_with_warmup). `constant`: the peak, after a linear warm-up when
+    `warmup_steps` > 0 (diffusers' `constant` ignores its warm-up: the thesis configs set 0 there).
     With `scale_lr` the base lr is multiplied by the examples per update (global batch × accumulation),
     which is the reference's lr × per-device batch × accumulation × devices.
+    `schedule_sized_in_micro_batches` (prelim2's script): warm-up and length are counted in micro-batches
+    (× grad_accum) while the schedule advances once per update, so the cosine never finishes.
     """
     t = train_config
     peak = t.lr * (t.batch_size * t.grad_accum if t.scale_lr else 1)
-    total = max(t.epochs * steps_per_epoch, 1)
-    warmup = min(t.warmup_steps, total - 1)
+    scale = t.grad_accum if t.get("schedule_sized_in_micro_batches", False) else 1
+    total = max(t.epochs * steps_per_epoch, 1) * scale
+    warmup = min(t.warmup_steps * scale, total - 1)
     if t.schedule == "cosine":
         return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, total, end_value=0.0) if warmup else \
             optax.cosine_decay_schedule(peak, total)
@@ -140,7 +153,7 @@ def system_eval_loss(system: conditioning.System, trainable: Mapping, frozen: Ma
 # Steps
 # ===================================================================================================
 def make_train_step(loss_fn: Callable, cosine_fn: Callable | None, optimizer: optax.GradientTransformation,
-                    schedule: optax.Schedule):
+                    schedule: optax.Schedule, faithful_accumulation: bool = False):
     """train_step(trainable, opt_state, frozen, batch, step, root_key) → (trainable, opt_state, metrics).
 
     batch: arrays [accum, B, ...] (micro-batches on the leading axis). The gradient is the mean of the
@@ -150,13 +163,16 @@ def make_train_step(loss_fn: Callable, cosine_fn: Callable | None, optimizer: op
     micro-batch uses the exact linearisation around it (losses.label_cosine_term).
     loss_fn(trainable, frozen, micro_batch, keys [B], batch_mean_cos) → (loss, terms);
     cosine_fn(trainable, frozen, batch, keys [B]) → cos [B].
+    faithful_accumulation (the reference's `loss.backward()` per micro-batch): the gradient is the *sum*
+    of the micro-batch gradients, each with its own cosine term, i.e. of Σᵢ Lᵢ (with batch 1 × 4 the
+    cosine part is Σᵢ (1 − cosᵢ)²); no pre-pass, no division by the accumulation count.
     """
 
     def train_step(trainable, opt_state, frozen, batch, step, root_key):
         accum, micro = jax.tree.leaves(batch)[0].shape[:2]
         keys = example_keys(jax.random.fold_in(root_key, step), accum * micro)
         mean_cos = None
-        if cosine_fn is not None and accum > 1:
+        if cosine_fn is not None and accum > 1 and not faithful_accumulation:
             flat = jax.tree.map(lambda x: x.reshape(accum * micro, *x.shape[2:]), batch)
             mean_cos = jnp.mean(cosine_fn(trainable, frozen, flat, keys))
 
@@ -167,7 +183,7 @@ def make_train_step(loss_fn: Callable, cosine_fn: Callable | None, optimizer: op
 
         zeros = jax.tree.map(jnp.zeros_like, trainable)
         grad_sum, (loss, terms) = jax.lax.scan(micro_step, zeros, (batch, keys.reshape(accum, micro)))
-        grads = jax.tree.map(lambda g: g / accum, grad_sum)
+        grads = grad_sum if faithful_accumulation else jax.tree.map(lambda g: g / accum, grad_sum)
         updates, opt_state = optimizer.update(grads, opt_state, trainable)
         trainable = optax.apply_updates(trainable, updates)
         metrics = {"loss": jnp.mean(loss), "grad_norm": optax.tree.norm(grads), "lr": schedule(step),
@@ -205,19 +221,32 @@ class MetricsLog:
 
     def write(self, **record) -> None:
         if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            try:
+                with open(self.path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            except OSError as e:
+                space = "no space left on the device" if e.errno == errno.ENOSPC else e.strerror
+                raise checkpoints.CheckpointError(f"cannot write {self.path}: {space}") from e
 
     def truncate_after(self, step: int) -> None:
-        """Drop lines logged after `step` (a resumed run repeats them)."""
+        """Keep only lines of steps ≤ `step` (called at every start with the resumed step, 0 when fresh:
+        lines a killed run wrote after its last checkpoint are repeated by this run). A torn last line
+        (killed mid-write) is dropped."""
         if not (self.enabled and os.path.exists(self.path)):
             return
+        kept = []
         with open(self.path) as f:
-            lines = [json.loads(x) for x in f if x.strip()]
-        with open(self.path, "w") as f:
-            for r in lines:
-                if r["step"] <= step:
-                    f.write(json.dumps(r) + "\n")
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                if record["step"] <= step:
+                    kept.append(line if line.endswith("\n") else line + "\n")
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(kept)
+        os.replace(tmp, self.path)
 
     def epochs(self) -> list[dict]:
         if not os.path.exists(self.path):
@@ -259,16 +288,26 @@ def _progress(total: int, initial: int, unit_per_step: int, desc: str, enabled: 
 # train_and_evaluate
 # ===================================================================================================
 def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
-    """Train per `config` into `workdir`, resuming from its latest checkpoint when there is one.
+    """Train per `config` into `workdir`, resuming from its latest restorable checkpoint when there is one.
 
-    → {'step', 'epoch', 'best_val_loss', 'val_losses' (this call's epochs), 'trainable' (final params)}.
+    → {'step', 'epoch', 'best_val_loss', 'val_losses' (this call's epochs), 'trainable' (final params),
+    'interrupted' (None, or 'SIGTERM' / 'SIGINT' when a signal stopped the run after saving `latest`)}.
+    The workdir is locked for the run (workdir_lock.WorkdirLockedError when another process holds it).
     """
-    # ---------------------------------------------------------------------------------- logging
     config_utils.validate(config)
     workdir = os.path.abspath(workdir)
     sharding.maybe_initialize_distributed(config)
-    is_main = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
+    with contextlib.ExitStack() as stack:
+        if jax.process_index() == 0:
+            stack.enter_context(workdir_lock.WorkdirLock(workdir))
+        stop = stack.enter_context(signals.GracefulStop())
+        return _train(config, workdir, stop)
+
+
+def _train(config, workdir: str, stop: signals.GracefulStop) -> dict[str, Any]:
+    # ---------------------------------------------------------------------------------- logging
+    is_main = jax.process_index() == 0
     if is_main:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2, sort_keys=True))
@@ -325,7 +364,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     # ---------------------------------------------------------------------------------- step
     train_step = jax.jit(
         make_train_step(lambda *a: system_loss(system, *a), lambda *a: system_cosines(system, *a), optimizer,
-                        schedule),
+                        schedule, t.faithful_accumulation),
         in_shardings=(trainable_sh, opt_sh, frozen_sh, train_batch_sh, repl, repl),
         out_shardings=(trainable_sh, opt_sh, repl), donate_argnums=(0, 1))
     eval_step = jax.jit(make_eval_step(lambda *a: system_eval_loss(system, *a)),
@@ -354,8 +393,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
         step, epoch, start_batch = int(saved["step"]), int(saved["epoch"]), int(saved["batch_in_epoch"])
         best_val = float(saved["best_val_loss"])
         epoch_loss_sum, epoch_loss_n = float(saved["epoch_loss_sum"]), int(saved["epoch_loss_n"])
-        metrics_log.truncate_after(step)
         log.info("resumed from step %d (epoch %d, batch %d)", step, epoch, start_batch)
+    metrics_log.truncate_after(step)  # equal to an uninterrupted run's log up to here
 
     def meta() -> dict:
         return {"step": step, "epoch": epoch, "batch_in_epoch": start_batch, "best_val_loss": best_val,
@@ -374,11 +413,11 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
         return float(total / jnp.maximum(count, 1.0))
 
     # ---------------------------------------------------------------------------------- loop
-    max_steps = t.max_steps if t.max_steps > 0 else t.epochs * steps_per_epoch
+    max_steps = t.max_steps if t.max_steps >= 0 else t.epochs * steps_per_epoch
     val_losses: list[float] = []
-    stopped = step >= max_steps
+    interrupted = None
     try:
-        while epoch < t.epochs and not stopped:
+        while epoch < t.epochs and step < max_steps and interrupted is None:
             bar = _progress(steps_per_epoch, start_batch, examples_per_step, f"epoch {epoch + 1}/{t.epochs}",
                             is_main)
             host_batches = pipeline.batches(d.data_dir, "train", global_batch_size=examples_per_step, seed=d.seed,
@@ -390,9 +429,10 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
                                                            root_key)
                 loss = float(metrics["loss"])
                 if not math.isfinite(loss):
+                    ckpt.wait()
                     raise FloatingPointError(
                         f"non-finite training loss {loss} at step {step + 1} (epoch {epoch + 1}, batch "
-                        f"{start_batch + 1}); last good checkpoint: {ckpt.latest.latest_step()}")
+                        f"{start_batch + 1}); last good checkpoint: {ckpt.latest_step()}")
                 step, start_batch = step + 1, start_batch + 1
                 epoch_loss_sum, epoch_loss_n = epoch_loss_sum + loss, epoch_loss_n + 1
                 bar.update(examples_per_step)
@@ -401,17 +441,17 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
                     metrics_log.write(kind="step", epoch=epoch + start_batch / steps_per_epoch, step=step,
                                       train_loss=loss, val_loss=None, lr=float(metrics["lr"]),
                                       **{k: float(metrics[k]) for k in ("mse", "l1", "l2", "cosine", "grad_norm")})
-                if step >= max_steps:
-                    stopped = True
+                if step >= max_steps or stop.requested:
                     break
                 if step % t.checkpoint_every == 0 and start_batch < steps_per_epoch:
                     ckpt.save_latest(step, trainable, opt_state, meta())
             bar.close()
             getattr(host_batches, "close", lambda: None)()  # stop its prefetch thread
-            if stopped and start_batch < steps_per_epoch:
+            if start_batch < steps_per_epoch:  # stopped inside the epoch: max_steps or a signal
                 ckpt.save_latest(step, trainable, opt_state, meta())
+                interrupted = stop.requested
                 break
-            # End of epoch: validation, best and latest checkpoints.
+            # End of epoch: validation, best and latest checkpoints (a signal waits for them).
             val_loss = evaluate()
             train_loss = epoch_loss_sum / max(epoch_loss_n, 1)
             val_losses.append(val_loss)
@@ -424,11 +464,28 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
                 best_val = val_loss
                 ckpt.save_best(step, trainable, {**meta(), "val_loss": val_loss})
             ckpt.save_latest(step, trainable, opt_state, meta())
-    finally:
+            interrupted = stop.requested
         ckpt.wait()
-        ckpt.close()
+    finally:
+        _close_quietly_on_error(ckpt)
+    if interrupted:
+        where = f"epoch {epoch + 1}, batch {start_batch}/{steps_per_epoch}" if start_batch else f"end of epoch {epoch}"
+        log.warning("interrupted at step %d (%s); saved checkpoint %d — rerun the same command to resume", step,
+                    where, step)
     return {"step": step, "epoch": epoch, "best_val_loss": best_val, "val_losses": val_losses,
-            "trainable": trainable}
+            "trainable": trainable, "interrupted": interrupted}
+
+
+def _close_quietly_on_error(ckpt: checkpoints.Checkpointer) -> None:
+    """Close the checkpointer; while another exception propagates, a save error is logged, not raised
+    (the first error is the one the user needs to see)."""
+    if sys.exc_info()[1] is None:
+        ckpt.close()
+        return
+    try:
+        ckpt.close()
+    except checkpoints.CheckpointError as e:
+        log.error("%s", e)
 
 
 def _like_params(opt_shapes: Any, param_sh: Any, default: NamedSharding) -> Any:
@@ -443,7 +500,8 @@ def _like_params(opt_shapes: Any, param_sh: Any, default: NamedSharding) -> Any:
 
 
 def _check_dataset(config) -> None:
-    """The built dataset must hold what the config's shapes say (clip length, image size)."""
+    """The built dataset must hold what the config's shapes say (clip length, image size) and mix stereo
+    as `data.stereo` says (datasets built before the option averaged the channels)."""
     d = config.data
     ds = pipeline.open_dataset(d.data_dir, d.builder_config or None)
     built = ds.config
@@ -454,3 +512,7 @@ def _check_dataset(config) -> None:
         raise ValueError(f"dataset {ds.path} holds {built['clip_samples']} samples / {got_hw} images, the config "
                          f"asks for {want_samples} / {want_hw} (data.clip_seconds, image_size, audio_44k_as_16k, "
                          f"reference_512x320)")
+    got_stereo = built.get("stereo", "mean")
+    if got_stereo != d.stereo:
+        raise ValueError(f"dataset {ds.path} mixed stereo audio with {got_stereo!r}, the config asks for "
+                         f"data.stereo={d.stereo!r}: rebuild with --stereo {d.stereo} or set data.stereo={got_stereo}")

@@ -49,3 +49,25 @@ def torch_or_skip():
     torch = pytest.importorskip("torch")
     torch.set_num_threads(1)
     return torch
+
+
+TINY_LABELS_N = 3  # labels of the tiny dataset
+TINY_CLIP_SECONDS = 1.0
+
+
+@pytest.fixture(scope="session")
+def tiny_assets(tmp_path_factory, demo_models) -> dict[str, str]:
+    """Tiny demo models (real formats) + a 3-label, 1 s, 32 px dataset built by the real TFDS builder:
+    6 train / 3 validation / 3 test clips → {'sd', 'beats', 'data'} (builder config 'tiny')."""
+    from mtok_jax.data import sources
+    from mtok_jax.data.builder import build, make_config
+    from mtok_jax.demo.data import write_demo_sources
+
+    labels = sources.DEFAULT_LABELS[:TINY_LABELS_N]
+    root = tmp_path_factory.mktemp("tiny")
+    manual = write_demo_sources(root / "manual", per_label={"train": 2, "validation": 1, "test": 1},
+                                clip_seconds=TINY_CLIP_SECONDS, labels=labels)
+    data_dir = root / "data"
+    build(manual, data_dir, make_config("folders", clip_seconds=TINY_CLIP_SECONDS, image_size=32, labels=labels,
+                                        name="tiny"), workers=0, progress=False)
+    return {"sd": demo_models["sd"], "beats": demo_models["beats"], "data": str(data_dir)}

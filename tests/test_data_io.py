@@ -10,6 +10,7 @@ import soxr
 from PIL import Image
 
 from mtok_jax.audio.io import AudioDecodeError, load_audio, rms_dbfs
+from mtok_jax.data import builder, jobs
 from mtok_jax.data.images import ImageDecodeError, load_image
 
 
@@ -28,6 +29,20 @@ def test_hires_stereo_wav_resampled_mono(tmp_path):
     assert y.shape == (32000,) and y.dtype == np.float32
     np.testing.assert_allclose(y, ref, atol=1e-6)
     assert np.abs(y).max() <= 1.0
+
+
+@pytest.mark.parametrize("stereo", ["first", "mean"])
+def test_stereo_first_or_mean(tmp_path, stereo):
+    """stereo='first' keeps channel 0 (the reference's wav[0]); 'mean' averages the channels (librosa)."""
+    path = tmp_path / "stereo.wav"
+    sf.write(path, _tone(16000, 1.5, freqs=(440.0, 1000.0)), 16000, subtype="FLOAT")
+    raw, _ = sf.read(path, dtype="float32", always_2d=True)
+    y = load_audio(path, 16000, 1.0, stereo=stereo)
+    np.testing.assert_array_equal(y, (raw[:, 0] if stereo == "first" else raw.mean(axis=1))[:16000])
+    other = load_audio(path, 16000, 1.0, stereo="mean" if stereo == "first" else "first")
+    assert np.abs(y - other).max() > 0.1
+    with pytest.raises(ValueError, match="stereo"):
+        load_audio(path, 16000, 1.0, stereo="left")
 
 
 @pytest.mark.parametrize("fmt", ["FLAC", "OGG", "MP3"])
@@ -191,3 +206,17 @@ def test_bad_images(tmp_path, kind, reason):
     with pytest.raises(ImageDecodeError) as e:
         load_image(path, 32, 32)
     assert str(e.value).startswith(str(path)) and reason in e.value.reason
+
+
+def test_stretch_build_option_square_without_crop(tmp_path):
+    """--stretch: the whole (non-square) image resized to image_size² (no crop), in the config name."""
+    cfg = builder.make_config("folders", image_size=32, stretch=True, image_format="png")
+    assert cfg.name == "folders-32px-nocrop" and not cfg.center_crop
+    assert builder.make_config("folders", image_size=32).center_crop
+    src = np.random.default_rng(0).integers(0, 256, (40, 64, 3), np.uint8)
+    Image.fromarray(src).save(tmp_path / "wide.png")
+    cache = tmp_path / "cached.png"
+    assert jobs.image_job((str(tmp_path / "wide.png"), str(cache), cfg.image_height, cfg.image_width,
+                           cfg.center_crop, cfg.image_format)) is None
+    stretched = np.asarray(Image.fromarray(src).resize((32, 32), Image.Resampling.BICUBIC))
+    np.testing.assert_array_equal(np.asarray(Image.open(cache)), stretched)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mtok_jax import config_utils, sample, sharding
+from mtok_jax import conditioning, config_utils, sample, sharding
 from mtok_jax.audio.io import load_audio
 
 
@@ -118,3 +118,14 @@ def test_sample_files_skips_undecodable_audio(pipe, waves, tmp_path, caplog):
     assert (tmp_path / "none" / "samples.jsonl").read_text() == ""
     assert len((tmp_path / "none" / "skipped.jsonl").read_text().splitlines()) == 1
     assert not (tmp_path / "none" / "grid.png").exists()
+
+
+def test_reference_512x320_samples_square(demo_models, waves):
+    """data.reference_512x320 trains on W×H = 512×320 images but samples square data.image_size images,
+    as the reference pipeline samples at 512×512."""
+    config = config_utils.load_config("configs/demo.py", [f"model.sd_path={demo_models['sd']}",
+                                                          f"model.beats_path={demo_models['beats']}",
+                                                          "data.reference_512x320=True"])
+    assert conditioning.image_hw(config) == (320, 512)
+    p = sample.load_pipeline(config, None, checkpoint=None, max_batch=8)
+    assert p.generate(waves[:1], [0], num_images=1, steps=1, guidance=7.5).shape == (1, 1, 32, 32, 3)

@@ -27,19 +27,9 @@ CLIP_SECONDS = 1.0
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory, demo_models):
-    """Tiny demo models (session fixture, real formats) + a 3-label, 1 s dataset built by the real builder."""
-    from mtok_jax.data.builder import build, make_config
-    from mtok_jax.demo.data import write_demo_sources
-
-    root = tmp_path_factory.mktemp("demo")
-    paths = demo_models
-    manual = write_demo_sources(root / "manual", per_label={"train": 2, "validation": 1, "test": 1},
-                                clip_seconds=CLIP_SECONDS, labels=LABELS)
-    data_dir = root / "data"
-    build(manual, data_dir, make_config("folders", clip_seconds=CLIP_SECONDS, image_size=32, labels=LABELS,
-                                        name="tiny"), workers=0, progress=False)
-    return {"sd": paths["sd"], "beats": paths["beats"], "data": str(data_dir)}
+def assets(tiny_assets):
+    """Tiny demo models + the 3-label, 1 s dataset (conftest.tiny_assets)."""
+    return tiny_assets
 
 
 def demo_config(assets, *overrides):
@@ -217,3 +207,24 @@ def test_nan_guard_names_the_step(assets, tmp_path, monkeypatch):
     monkeypatch.setattr(pipeline, "batches", poisoned)
     with pytest.raises(FloatingPointError, match="at step 2 "):
         train.train_and_evaluate(demo_config(assets, *LOOP, "train.max_steps=3"), str(tmp_path / "nan"))
+
+
+def test_max_steps_zero_trains_nothing(assets, tmp_path):
+    """train.max_steps=0 stops before the first step (it used to run every epoch): no step, no
+    validation, no checkpoint; config.json is written."""
+    out = train.train_and_evaluate(demo_config(assets, *LOOP, "train.max_steps=0"), str(tmp_path / "zero"))
+    assert (out["step"], out["epoch"], out["val_losses"]) == (0, 0, [])
+    assert json.loads((tmp_path / "zero" / "config.json").read_text())["train"]["max_steps"] == 0
+    metrics = tmp_path / "zero" / "metrics.jsonl"
+    assert not metrics.exists() or metrics.read_text() == ""
+    assert not [p for p in (tmp_path / "zero").rglob("*") if p.is_dir() and p.name.isdigit()]  # no step saved
+
+
+def test_dataset_stereo_mismatch_refused(assets):
+    """The built dataset records its stereo mixing (builder default 'first'); a config asking for another
+    is refused before training, like the shape checks."""
+    meta = pipeline.open_dataset(assets["data"], "tiny").config
+    assert meta["stereo"] == "first"
+    train._check_dataset(demo_config(assets))
+    with pytest.raises(ValueError, match="data.stereo='mean'.*--stereo mean"):
+        train._check_dataset(demo_config(assets, "data.stereo=mean"))

@@ -2,7 +2,8 @@
 
 `load_audio` is the one decoder used by the dataset builder and by sampling on user files:
 decode (libsndfile: wav/flac/ogg/mp3/aiff/...; librosa/audioread only as a fallback when installed),
-average channels to mono, resample with soxr "HQ" (the resampler `librosa.load` uses; bit-identical
+mix to mono (`stereo="mean"` averages the channels as librosa does; `"first"` keeps channel 0 as the
+reference's `wav[0]`), resample with soxr "HQ" (the resampler `librosa.load` uses; bit-identical
 to `librosa.load(path, sr=16000, mono=True)`), keep the first `clip_seconds`, repeat-pad short clips.
 Bad input raises `AudioDecodeError` whose message starts with the file path.
 """
@@ -14,6 +15,8 @@ import os
 from typing import Optional
 
 import numpy as np
+
+STEREO_MODES = ("first", "mean")  # multi-channel → mono: channel 0 (the reference) | channel average (librosa)
 
 # A clip whose RMS level is at or below this counts as silence (dBFS: 20·log10(RMS), 1.0 = full scale,
 # so a full-scale sine is −3 dBFS). −60 dBFS catches digital zeros and codec/dither noise floors
@@ -77,6 +80,16 @@ def decode_audio(path, max_seconds: Optional[float] = None) -> tuple[np.ndarray,
     return x, sr
 
 
+def to_mono(x: np.ndarray, stereo: str = "mean") -> np.ndarray:
+    """float32 [frames, channels] → [frames]: channel 0 (`"first"`, the reference's `wav[0]`) or the
+    channel mean (`"mean"`, librosa's mono)."""
+    if stereo not in STEREO_MODES:
+        raise ValueError(f"stereo must be one of {STEREO_MODES}, got {stereo!r}")
+    if x.shape[1] == 1 or stereo == "first":
+        return x[:, 0]
+    return x.mean(axis=1, dtype=np.float32)
+
+
 def resample(x: np.ndarray, sr_in: int, sr_out: int) -> np.ndarray:
     """soxr HQ resampling of float32 [frames] (what librosa.load uses by default)."""
     if sr_in == sr_out:
@@ -107,10 +120,11 @@ def load_audio(
     *,
     min_seconds: float = 1.0,
     silence_dbfs: Optional[float] = SILENCE_DBFS,
+    stereo: str = "mean",
 ) -> np.ndarray:
     """Decode `path` to a mono float32 clip of exactly round(clip_seconds · sample_rate) samples.
 
-    Channels are averaged; the source is resampled (soxr HQ) to `sample_rate`; the first
+    Channels are mixed per `stereo` (:func:`to_mono`); the source is resampled (soxr HQ) to `sample_rate`; the first
     `clip_seconds` are kept and a shorter clip is repeat-padded. Samples are clipped to [-1, 1].
     Raises `AudioDecodeError` ('<path>: <reason>') for empty, unreadable, non-finite, shorter than
     `min_seconds`, or silent input: RMS level (`rms_dbfs`) of the decoded mono part ≤ `silence_dbfs`
@@ -122,7 +136,7 @@ def load_audio(
     duration = x.shape[0] / sr
     if duration < min_seconds:
         raise AudioDecodeError(path, f"too short ({duration:.2f} s < {min_seconds:g} s)")
-    mono = x.mean(axis=1, dtype=np.float32) if x.shape[1] > 1 else x[:, 0]
+    mono = to_mono(x, stereo)
     if silence_dbfs is not None:
         level = rms_dbfs(mono)
         if level <= silence_dbfs:

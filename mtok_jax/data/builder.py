@@ -66,6 +66,7 @@ class MusicImageConfig(tfds.core.BuilderConfig):
     image_width: int = 512
     center_crop: bool = True  # False: stretch the whole image (the reference's 512×320 loader)
     audio_44k_as_16k: bool = False  # thesis quirk: store 44.1 kHz samples (fed as if 16 kHz)
+    stereo: str = "first"  # multi-channel → mono: first channel (the reference's wav[0]) | mean
     image_format: str = "jpeg"  # jpeg (q95, 4:2:0) | png
     labels: tuple = DEFAULT_LABELS
     pairing_seed: int = 0  # fixed validation/test pairing
@@ -83,7 +84,7 @@ class MusicImageConfig(tfds.core.BuilderConfig):
     def params(self) -> dict:
         """JSON-able parameters (stored in metadata.json)."""
         keys = ("layout", "clip_seconds", "image_height", "image_width", "center_crop",
-                "audio_44k_as_16k", "image_format", "pairing_seed", "silence_dbfs")
+                "audio_44k_as_16k", "stereo", "image_format", "pairing_seed", "silence_dbfs")
         out = {k: getattr(self, k) for k in keys}
         out.update(name=self.name, labels=list(self.labels), sample_rate=self.sample_rate,
                    clip_samples=self.clip_samples)
@@ -92,21 +93,27 @@ class MusicImageConfig(tfds.core.BuilderConfig):
 
 def config_name_for(layout: str = "folders", clip_seconds: float = 30.0, image_size: int = 512,
                     reference_512x320: bool = False, audio_44k_as_16k: bool = False,
-                    labels: Optional[Sequence[str]] = None, silence_dbfs: float = SILENCE_DBFS) -> str:
+                    labels: Optional[Sequence[str]] = None, silence_dbfs: float = SILENCE_DBFS,
+                    stretch: bool = False, stereo: str = "first") -> str:
     """Config name derived from the parameters: the layout, plus a suffix per non-default value.
 
-    e.g. 'folders', 'csv-512x320nocrop-44k', 'folders-4s-32px', 'folders-labels1a2b3c4d',
-    'folders-silm50dB' (silence threshold −50 dBFS).
+    e.g. 'folders', 'csv-512x320nocrop-44k', 'folders-4s-32px', 'folders-nocrop', 'folders-stereomean',
+    'folders-labels1a2b3c4d', 'folders-silm50dB' (silence threshold −50 dBFS).
     """
     parts = [layout]
     if float(clip_seconds) != 30.0:
         parts.append(f"{float(clip_seconds):g}s".replace(".", "p"))
     if reference_512x320:
         parts.append("512x320nocrop")
-    elif int(image_size) != 512:
-        parts.append(f"{int(image_size)}px")
+    else:
+        if int(image_size) != 512:
+            parts.append(f"{int(image_size)}px")
+        if stretch:
+            parts.append("nocrop")
     if audio_44k_as_16k:
         parts.append("44k")
+    if stereo != "first":
+        parts.append(f"stereo{stereo}")
     if labels is not None and tuple(labels) != DEFAULT_LABELS:
         parts.append("labels" + hashlib.sha1("\n".join(labels).encode("utf-8")).hexdigest()[:8])
     if float(silence_dbfs) != SILENCE_DBFS:
@@ -117,10 +124,14 @@ def config_name_for(layout: str = "folders", clip_seconds: float = 30.0, image_s
 def make_config(layout: str = "folders", clip_seconds: float = 30.0, image_size: int = 512,
                 reference_512x320: bool = False, audio_44k_as_16k: bool = False,
                 labels: Optional[Sequence[str]] = None, image_format: Optional[str] = None,
-                name: Optional[str] = None, silence_dbfs: float = SILENCE_DBFS) -> MusicImageConfig:
+                name: Optional[str] = None, silence_dbfs: float = SILENCE_DBFS, stretch: bool = False,
+                stereo: str = "first") -> MusicImageConfig:
     """A `MusicImageConfig` from the training-config knobs (name from `config_name_for` unless given).
 
     reference_512x320: 512 wide × 320 high, whole image stretched (no crop), as the reference loader.
+    stretch: the whole image stretched to image_size² without cropping (the reference's no-crop
+    geometry at the square size it samples at); default: centre crop.
+    stereo: 'first' (channel 0, the reference) or 'mean' (channel average) for multi-channel audio.
     image_format: default 'png' for images ≤ 64 px (lossless, tiny), else 'jpeg'.
     silence_dbfs: audio whose RMS level is at or below this many dBFS is skipped as silence.
     """
@@ -133,9 +144,9 @@ def make_config(layout: str = "folders", clip_seconds: float = 30.0, image_size:
         image_format = "png" if max(h, w) <= 64 else "jpeg"
     return MusicImageConfig(
         name=name or config_name_for(layout, clip_seconds, image_size, reference_512x320,
-                                     audio_44k_as_16k, labels, silence_dbfs),
+                                     audio_44k_as_16k, labels, silence_dbfs, stretch, stereo),
         layout=layout, clip_seconds=float(clip_seconds), image_height=h, image_width=w,
-        center_crop=not reference_512x320, audio_44k_as_16k=audio_44k_as_16k,
+        center_crop=not (reference_512x320 or stretch), audio_44k_as_16k=audio_44k_as_16k, stereo=stereo,
         image_format=image_format, labels=tuple(labels or DEFAULT_LABELS), silence_dbfs=float(silence_dbfs),
         description=f"{layout} layout, {clip_seconds:g} s clips, {w}x{h} images")
 
@@ -324,7 +335,8 @@ class MusicImage(tfds.core.GeneratorBasedBuilder):
         info = meta["splits"].setdefault(split, {"labels": [], "image_index": []})
         info["labels"].clear()
         info["image_index"].clear()
-        audio_jobs = [(str(manual / a.rel), cfg.sample_rate, cfg.clip_seconds, cfg.silence_dbfs) for a, _ in items]
+        audio_jobs = [(str(manual / a.rel), cfg.sample_rate, cfg.clip_seconds, cfg.stereo, cfg.silence_dbfs)
+                      for a, _ in items]
         key = 0
         for (a, pick), (pcm, reason) in zip(items, self._map(jobs.audio_job, audio_jobs)):
             if pcm is None:

@@ -30,11 +30,12 @@ def image_job(job: tuple) -> Optional[str]:
 
 
 def audio_job(job: tuple):
-    """job = (path, sample_rate, clip_seconds, silence_dbfs) → (int16 PCM [clip samples], None) or
+    """job = (path, sample_rate, clip_seconds, stereo, silence_dbfs) → (int16 PCM [clip samples], None) or
     (None, reason)."""
-    src, sample_rate, clip_seconds, silence_dbfs = job
+    src, sample_rate, clip_seconds, stereo, silence_dbfs = job
     try:
-        pcm = load_audio(src, sample_rate=sample_rate, clip_seconds=clip_seconds, silence_dbfs=silence_dbfs)
+        pcm = load_audio(src, sample_rate=sample_rate, clip_seconds=clip_seconds, stereo=stereo,
+                         silence_dbfs=silence_dbfs)
         return to_pcm16(pcm), None
     except AudioDecodeError as e:
         return None, e.reason

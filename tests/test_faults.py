@@ -1,0 +1,240 @@
+"""Fault injection on the real entry point: `train.py` processes on the tiny dataset are killed, stopped
+by signals, have their newest checkpoint damaged, run out of disk or meet a locked workdir — and every
+run that is restarted ends bit-identical (params, optimizer state, `best`, metrics.jsonl) to one that
+never was interrupted.
+
+Faults are injected by tests/fault_harness.py (MTOK_FAULT=ACTION@POINT:N). Each process costs ~20 s
+(imports, model load, a cached compile), so one lineage carries all the kills, in a seeded order.
+"""
+
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from mtok_jax import checkpoints, workdir_lock
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+HARNESS = REPO / "tests" / "fault_harness.py"
+EPOCHS, STEPS_PER_EPOCH = 4, 3  # 6 train clips, batch 2
+
+
+def train_args(assets, workdir, *extra) -> list[str]:
+    return ["--config", str(REPO / "configs" / "demo.py"), "--workdir", str(workdir),
+            f"--config.model.sd_path={assets['sd']}", f"--config.model.beats_path={assets['beats']}",
+            f"--config.data.data_dir={assets['data']}", "--config.data.builder_config=tiny",
+            "--config.data.clip_seconds=1.0", "--config.train.trainable=embedder",
+            f"--config.train.epochs={EPOCHS}", "--config.train.batch_size=2", "--config.train.val_batch_size=1",
+            "--config.train.log_every=1", "--config.train.checkpoint_every=2", "--config.train.warmup_steps=0",
+            "--config.mesh.data=2", "--config.mesh.fsdp=1", *extra]
+
+
+def run(assets, workdir, fault: str | None = None, *extra, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env.pop("MTOK_FAULT", None)
+    cmd = [sys.executable, str(REPO / "train.py")]
+    if fault:
+        env["MTOK_FAULT"] = fault
+        cmd = [sys.executable, str(HARNESS)]
+    return subprocess.run(cmd + train_args(assets, workdir, *extra), env=env, capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO)
+
+
+def restore_dir(path: pathlib.Path) -> dict:
+    """Every array of a committed step (params, opt_state) as numpy, by flattened key."""
+    out = {}
+    for item in ("params", "opt_state"):
+        if (path / item).is_dir():
+            tree = ocp.StandardCheckpointer().restore(path / item)
+            leaves = __import__("jax").tree_util.tree_flatten_with_path(tree)[0]
+            out.update({f"{item}{__import__('jax').tree_util.keystr(k)}": np.asarray(v) for k, v in leaves})
+    return out
+
+
+def assert_same_run(a: pathlib.Path, b: pathlib.Path) -> None:
+    """Same final latest and best checkpoints (bit for bit) and the same metrics.jsonl."""
+    for which in ("latest", "best"):
+        sa = max(int(p.name) for p in (a / "checkpoints" / which).iterdir() if p.name.isdigit())
+        sb = max(int(p.name) for p in (b / "checkpoints" / which).iterdir() if p.name.isdigit())
+        assert sa == sb, which
+        ta, tb = restore_dir(a / "checkpoints" / which / str(sa)), restore_dir(b / "checkpoints" / which / str(sb))
+        assert ta.keys() == tb.keys() and ta
+        for k in ta:
+            assert np.array_equal(ta[k], tb[k]), (which, k)
+    assert (a / "metrics.jsonl").read_text() == (b / "metrics.jsonl").read_text()
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_assets, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("faults") / "uninterrupted"
+    proc = run(tiny_assets, workdir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert lines[-1]["step"] == EPOCHS * STEPS_PER_EPOCH
+    return workdir
+
+
+# ---------------------------------------------------------------------------------------------------
+# Damage done to the newest `latest` step between two processes
+# ---------------------------------------------------------------------------------------------------
+def newest_latest(workdir: pathlib.Path) -> pathlib.Path:
+    return max(((workdir / "checkpoints" / "latest").iterdir()), key=lambda p: int(p.name) if p.name.isdigit() else -1)
+
+
+def biggest_data_file(step_dir: pathlib.Path) -> pathlib.Path:
+    files = [p for p in step_dir.rglob("*") if p.is_file() and "/d/" in str(p) and "params" in str(p)]
+    return max(files, key=lambda p: p.stat().st_size)
+
+
+def truncate(workdir):
+    f = biggest_data_file(newest_latest(workdir))
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+
+
+def bitflip(workdir):
+    f = biggest_data_file(newest_latest(workdir))
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    f.write_bytes(bytes(data))
+
+
+def half_written(workdir):
+    """A step directory without orbax's tmp suffix whose files stopped half-way (no atomic rename, e.g. a
+    copy or a network file system): the newest step copied to step + 1, its array data cut."""
+    src = newest_latest(workdir)
+    dst = src.parent / str(int(src.name) + 1)
+    shutil.copytree(src, dst)
+    (dst / checkpoints.CHECKSUMS).unlink(missing_ok=True)
+    f = biggest_data_file(dst)
+    f.write_bytes(f.read_bytes()[:10])
+
+
+DAMAGE = {"truncate": truncate, "bitflip": bitflip, "half_written": half_written}
+
+
+def lineage_plan(seed: int = 20261201) -> list[tuple[str, str | None]]:
+    """(fault, damage before the next start): ≥ 10 kill -9 at seeded moments (steps, during validation,
+    between `best` and `latest`, while `latest` is being written, at random times), SIGTERM, SIGINT,
+    a double SIGINT, and the three kinds of damaged newest checkpoint."""
+    rng = np.random.default_rng(seed)
+    n = lambda lo, hi: int(rng.integers(lo, hi + 1))  # noqa: E731
+    return [
+        (f"kill@step:{n(1, 2)}", None),
+        ("kill@after_best:1", None),  # best/3 committed, latest/3 not: the old crash loop
+        ("kill@after_best:1", None),  # ... and again: best/3 exists when the run reaches step 3
+        (f"kill@validation:{n(1, 3)}", None),
+        (f"term@step:{n(1, 2)}", None),
+        ("kill@latest_inflight:1", None),
+        (f"kill@seconds:{n(3, 15)}", None),
+        ("kill@latest_committed:1", "truncate"),
+        (f"kill@step:{n(1, 3)}", "bitflip"),
+        (f"int@step:{n(1, 2)}", None),
+        ("int2@step:1", None),
+        (f"kill@seconds:{n(3, 15)}", "half_written"),
+        (f"kill@validation:{n(1, 3)}", None),
+        (f"kill@step:{n(2, 4)}", None),
+        (f"kill@seconds:{n(3, 15)}", None),
+    ]
+
+
+def test_kills_signals_and_damage_resume_bit_identical(tiny_assets, reference, tmp_path):
+    workdir = tmp_path / "interrupted"
+    outcomes, kills = [], 0
+    damage_pending = None
+    for fault, damage in lineage_plan():
+        proc = run(tiny_assets, workdir, fault)
+        fired = f"FAULT {fault}" in proc.stderr
+        if damage_pending:  # the process after a damaged checkpoint fell back to the older step
+            assert "falling back to latest/" in proc.stderr, (damage_pending, proc.stderr[-3000:])
+            assert list((workdir / "checkpoints" / "corrupt").iterdir())
+        assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        action = fault.split("@")[0]
+        if not fired:  # the run ended before the fault point: nothing left to interrupt
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            outcomes.append((fault, "finished"))
+            break
+        expected = {"kill": -9, "term": 0, "int": 130, "int2": 130}[action]
+        assert proc.returncode == expected, (fault, proc.returncode, proc.stderr[-3000:])
+        if action in ("term", "int"):
+            # Saved at the step boundary: no step lost — latest is the last step that was logged.
+            assert "interrupted at step" in proc.stderr and "rerun the same command" in proc.stderr
+            last = json.loads((workdir / "metrics.jsonl").read_text().splitlines()[-1])["step"]
+            assert int(newest_latest(workdir).name) == last, fault
+        kills += action == "kill"
+        outcomes.append((fault, proc.returncode))
+        damage_pending = damage
+        if damage:
+            DAMAGE[damage](workdir)
+    assert kills >= 10, outcomes
+    final = run(tiny_assets, workdir)
+    assert final.returncode == 0, final.stderr[-3000:]
+    assert "Traceback" not in final.stderr
+    assert_same_run(workdir, reference)
+    print("fault outcomes:", outcomes)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Disk full
+# ---------------------------------------------------------------------------------------------------
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    mount = tmp_path / "tmpfs"
+    mount.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True)
+    if proc.returncode:
+        pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.decode().strip()})")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def test_disk_full_is_one_line_and_keeps_the_previous_checkpoint(tiny_assets, small_tmpfs):
+    workdir = small_tmpfs / "run"
+    first = run(tiny_assets, workdir, None, "--config.train.max_steps=2")
+    assert first.returncode == 0, first.stderr[-3000:]
+    step_dir = workdir / "checkpoints" / "latest" / "2"
+    size = sum(p.stat().st_size for p in step_dir.rglob("*") if p.is_file())
+    # Leave room for the logs but not for another checkpoint.
+    free = os.statvfs(small_tmpfs).f_bavail * os.statvfs(small_tmpfs).f_frsize
+    (small_tmpfs / "filler").write_bytes(b"\0" * max(free - size // 3, 0))
+    full = run(tiny_assets, workdir)
+    assert full.returncode != 0
+    errors = [line for line in full.stderr.splitlines() if "no space left" in line]
+    assert errors and "not saved" in errors[0] and str(workdir) in errors[0], full.stderr[-3000:]
+    assert full.stderr.count("Traceback") <= 1 and len(full.stderr.splitlines()) < 200, full.stderr[-3000:]
+    assert not [p for p in (workdir / "checkpoints" / "latest").iterdir() if checkpoints.TMP_MARK in p.name]
+    assert checkpoints.verify_checksums(str(step_dir))  # the previous checkpoint is intact
+    (small_tmpfs / "filler").unlink()
+    resumed = run(tiny_assets, workdir, None, "--config.train.max_steps=4")
+    assert resumed.returncode == 0 and "resumed from step 2" in resumed.stderr, resumed.stderr[-3000:]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Workdir lock
+# ---------------------------------------------------------------------------------------------------
+def test_second_run_on_a_locked_workdir_is_refused(tiny_assets, tmp_path):
+    workdir = tmp_path / "locked"
+    with workdir_lock.WorkdirLock(workdir):
+        proc = run(tiny_assets, workdir, None, timeout=120)
+    assert proc.returncode != 0
+    assert f"PID {os.getpid()}" in proc.stderr and "in use" in proc.stderr, proc.stderr[-2000:]
+    assert not (workdir / "metrics.jsonl").exists() and not (workdir / "checkpoints").exists()
+
+
+def test_stale_lock_is_taken_over_with_a_warning(tmp_path, caplog):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (tmp_path / workdir_lock.LOCK_NAME).write_text(json.dumps({"pid": int(dead.stdout), "host": "h", "time": 0}))
+    with caplog.at_level("WARNING", logger="mtok_jax.workdir_lock"):
+        with workdir_lock.WorkdirLock(tmp_path):
+            holder = json.loads((tmp_path / workdir_lock.LOCK_NAME).read_text())
+            assert holder["pid"] == os.getpid()
+            with pytest.raises(workdir_lock.WorkdirLockedError, match=f"PID {os.getpid()}"):
+                workdir_lock.WorkdirLock(tmp_path).acquire()
+    assert "stale lock of PID" in caplog.text
+    with workdir_lock.WorkdirLock(tmp_path):  # released cleanly: no warning the second time
+        pass
