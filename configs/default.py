@@ -91,6 +91,7 @@ def get_config() -> ml_collections.ConfigDict:
         guidance=7.5,
         scheduler="pndm",  # pndm | ddim | dpm | euler
         seed=0,
+        images_per_device=1,  # compiled images per device and call: 1 = images independent of batch/devices
     ))
 
     c.metrics = ml_collections.ConfigDict(dict(

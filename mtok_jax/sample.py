@@ -7,14 +7,16 @@
 One jit per (scheduler, steps): audio token (embedder dropout per the config), text states of the
 inference prompt, the unconditional states of "" (classifier-free guidance), initial noise, the whole
 denoising loop (`lax.fori_loop`, mtok_jax.models.diffusion.denoise_latents) and the VAE decode. It is
-compiled for one batch shape only, IMAGES_PER_DEVICE (1) image per device, the example axis sharded
-over the mesh (`config.mesh`); `max_batch` only sets how many such calls are dispatched per host round
-trip. Image j of an audio with seed s uses the key fold_in(key(s), j) for both its audio-token dropout
-and its noise, so an image depends only on (audio, seed, j, settings), never on the batch it was
-generated in or on `max_batch` (XLA's float summation order follows the compiled shape, so a batched
-shape would change ≈1e-4 of the uint8 values by one LSB). Measured byte-identical for max_batch 1/3/8
-and 1 vs 8 devices (CPU). Cost on the shared 2-core CPU demo (18 images, 20 steps, interleaved runs):
-9.4–9.6 s vs 6.2–9.6 s when each device computes 8 images per call.
+compiled for one batch shape only, `config.sample.images_per_device` (default 1) images per device,
+the example axis sharded over the mesh (`config.mesh`); `max_batch` only sets how many such calls are
+dispatched per host round trip. Image j of an audio with seed s uses the key fold_in(key(s), j) for
+both its audio-token dropout and its noise, so an image depends only on (audio, seed, j, settings),
+never on the batch it was generated in or on `max_batch` (XLA's float summation order follows the
+compiled shape, so another shape changes ≈1e-4 of the uint8 values by one LSB). With 1 image per
+device: measured byte-identical for max_batch 1/3/8 and 1 vs 8 devices (CPU); cost on the shared
+2-core CPU demo (18 images, 20 steps, interleaved runs) 9.4–9.6 s vs 6.2–9.6 s with 8 per device.
+On an accelerator a larger `images_per_device` fills the chip better; images then depend on that
+value (recorded in samples.jsonl) but still not on `max_batch` or the device count.
 
 `sample_files` adds file handling: audio decode (any format `mtok_jax.audio.io` reads), labels from
 the folder names, PNG per image, a captioned grid and `samples.jsonl` (one line per image with the
@@ -47,9 +49,6 @@ from mtok_jax.models import diffusion
 
 log = logging.getLogger("mtok_jax.sample")
 UNCONDITIONAL_PROMPT = ""
-# Images each device computes at once: a fixed compiled shape, so an image never depends on max_batch
-# (XLA picks its matmul/conv blocking, hence the float summation order, from the batch shape).
-IMAGES_PER_DEVICE = 1
 
 
 class NoImages(errors.UserError, ValueError):
@@ -117,7 +116,7 @@ class Pipeline:
     _compiled: dict = dataclasses.field(default_factory=dict)
 
     def _sampler(self, kind: str, steps: int):
-        """(jitted generate_images for IMAGES_PER_DEVICE × devices images, scheduler state)."""
+        """(jitted generate_images for sample.images_per_device × devices images, scheduler state)."""
         key = (kind, steps)
         if key not in self._compiled:
             sched, state = diffusion.sampler_from_config(
@@ -139,7 +138,8 @@ class Pipeline:
         waves = np.repeat(waveforms, num_images, axis=0)
         keys = image_keys(seeds, num_images)
         total = waves.shape[0]
-        chunk = IMAGES_PER_DEVICE * sharding.num_batch_shards(self.mesh)  # the one compiled batch shape
+        # The one compiled batch shape (XLA picks its blocking, hence float summation order, from it).
+        chunk = int(self.config.sample.images_per_device) * sharding.num_batch_shards(self.mesh)
         fn, state = self._sampler(scheduler, int(steps))
         data = sharding.batch_sharding(self.mesh)
         idx = np.minimum(np.arange(int(math.ceil(total / chunk)) * chunk), total - 1)  # pad by repetition
@@ -286,6 +286,7 @@ def sample_files(pipe: Pipeline, audio_paths: Sequence[str], out_dir: str | os.P
                            guidance=guidance, scheduler=scheduler)
     seconds = time.time() - t0
     settings = dict(scheduler=scheduler, steps=int(steps), guidance=float(guidance), num_images=int(num_images),
+                    images_per_device=int(config.sample.images_per_device),
                     prompt=config.prompt.inference, unconditional_prompt=UNCONDITIONAL_PROMPT,
                     image_size=list(conditioning.sample_hw(config)), checkpoint=pipe.checkpoint,
                     sd_path=config.model.sd_path, beats_path=config.model.beats_path,
