@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from mtok_jax import convert
+from mtok_jax import convert, pt_checkpoint
 from mtok_jax.models import beats as B
 from mtok_jax.models import diffusion
 from mtok_jax.models.embedder import WRAPPER_PARTS
@@ -76,7 +76,7 @@ def test_convert_rejects_other_layouts(tmp_path, capsys):
         convert.main(["beats", str(bad), str(tmp_path / "out")])
     pickled = tmp_path / "pickled.pt"                  # not loadable with weights_only=True: needs --trusted
     torch.save({"args": argparse.Namespace(a=1)}, pickled)
-    with pytest.raises(SystemExit, match="holds non-tensor objects"):
+    with pytest.raises(pt_checkpoint.UntrustedCheckpoint, match="holds non-tensor objects"):
         convert.main(["beats", str(pickled), str(tmp_path / "out")])
     with pytest.raises(SystemExit, match="official BEATs layout"):
         convert.main(["beats", str(pickled), str(tmp_path / "out"), "--trusted"])

@@ -8,7 +8,7 @@ import pytest
 
 from conftest import torch_or_skip
 from metrics import convert as metrics_convert
-from mtok_jax import convert, pt_checkpoint
+from mtok_jax import cli, convert, pt_checkpoint
 from mtok_jax.models import beats as B
 
 # every converter subcommand: (main, subcommand)
@@ -28,15 +28,16 @@ class _Evil:
 
 @pytest.mark.torch
 @pytest.mark.parametrize("main,command", CONVERTERS, ids=[c for _, c in CONVERTERS])
-def test_crafted_pickle_refused_without_trusted(tmp_path, main, command):
+def test_crafted_pickle_refused_without_trusted(tmp_path, capsys, main, command):
     torch = torch_or_skip()
     marker = tmp_path / "pwned"
     evil = tmp_path / "evil.pt"
     torch.save({"x": _Evil(marker)}, evil)
-    with pytest.raises(SystemExit) as e:
-        main([command, str(evil), str(tmp_path / "out")])
-    msg = str(e.value.code)
-    assert "\n" not in msg and msg.startswith(f"error: {evil}: holds non-tensor objects (io.open), refused")
+    with pytest.raises(SystemExit) as e:  # as the entry point runs it: one line, exit code 2
+        cli.run(main, [command, str(evil), str(tmp_path / "out")])
+    assert e.value.code == cli.EXIT_USER_ERROR
+    msg = capsys.readouterr().err
+    assert msg.count("\n") == 1 and msg.startswith(f"error: {evil}: holds non-tensor objects (io.open), refused")
     assert "--trusted" in msg
     assert not marker.exists() and not (tmp_path / "out").exists()
     # the file really runs code when fully unpickled: --trusted creates the marker
@@ -56,7 +57,7 @@ def test_trusted_loads_a_legit_checkpoint_with_training_args(golden_dir, tmp_pat
     torch.save({"cfg": cfg, "model": model_sd, "args": argparse.Namespace(lr=5e-4)}, ckpt)
     with pytest.raises(pt_checkpoint.UntrustedCheckpoint, match=r"argparse\.Namespace"):
         pt_checkpoint.load(ckpt)
-    with pytest.raises(SystemExit, match="holds non-tensor objects"):
+    with pytest.raises(pt_checkpoint.UntrustedCheckpoint, match="holds non-tensor objects"):
         convert.main(["beats", str(ckpt), str(tmp_path / "refused")])
     convert.main(["beats", str(ckpt), str(tmp_path / "beats"), "--trusted"])
     assert "12 layers" in capsys.readouterr().out
