@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -52,8 +53,8 @@ def restore_dir(path: pathlib.Path) -> dict:
     for item in ("params", "opt_state"):
         if (path / item).is_dir():
             tree = ocp.StandardCheckpointer().restore(path / item)
-            leaves = __import__("jax").tree_util.tree_flatten_with_path(tree)[0]
-            out.update({f"{item}{__import__('jax').tree_util.keystr(k)}": np.asarray(v) for k, v in leaves})
+            leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+            out.update({f"{item}{jax.tree_util.keystr(k)}": np.asarray(v) for k, v in leaves})
     return out
 
 
