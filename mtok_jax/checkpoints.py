@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import threading
 import time
 import zlib
@@ -168,11 +169,40 @@ class _DropOrbaxErrors(logging.Filter):
 _ORBAX_FILTER = _DropOrbaxErrors()
 
 
+def _from_orbax_cleanup(unraisable) -> bool:
+    """An exception Python cannot raise anywhere ("Exception ignored in ...") left behind by a failed
+    orbax read: its asyncio loop closes with reads still pending, whose coroutines then raise when they are
+    garbage-collected and whose tensorstore callbacks hit the closed loop. The read's failure itself
+    reaches the caller (restore_latest falls back with one warning)."""
+    exc = unraisable.exc_value
+    if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+        return True
+    code = getattr(unraisable.object, "cr_code", None)
+    return code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename
+
+
+def _quiet_orbax_cleanup() -> None:
+    """Install (once) a sys.unraisablehook that drops orbax's clean-up noise and passes the rest on."""
+    previous = sys.unraisablehook
+    if getattr(previous, "_mtok_orbax", False):
+        return
+
+    def hook(unraisable):
+        if _from_orbax_cleanup(unraisable):
+            log.debug("dropped orbax clean-up error: %r", unraisable.exc_value)
+        else:
+            previous(unraisable)
+
+    hook._mtok_orbax = True
+    sys.unraisablehook = hook
+
+
 class Checkpointer:
     """Writes `latest` and `best` checkpoints of one run (asynchronously); restores `latest`."""
 
     def __init__(self, workdir: str | os.PathLike, keep_latest: int = 2):
         logging.getLogger("absl").addFilter(_ORBAX_FILTER)  # orbax logs through absl's logger
+        _quiet_orbax_cleanup()
         self.workdir = os.path.abspath(os.fspath(workdir))
         self._remove_leftover_tmp()
         self.latest = _manager(workdir, LATEST, keep_latest)
