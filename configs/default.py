@@ -80,6 +80,10 @@ def get_config() -> ml_collections.ConfigDict:
         checkpoint_every=500,  # steps between `latest` checkpoints (also at every epoch end)
         max_steps=-1,  # stop after this many optimizer steps (-1: run all epochs; 0: load, compile, train nothing)
         fsdp_min_size=2**22,  # leaves with more elements than this are sharded over `fsdp`
+        report_to=("jsonl", "tensorboard"),  # metrics.jsonl (+ loss.png) and/or WORKDIR/tensorboard/ event files
+        sample_every_epochs=5,  # validation images (one held-out clip per label) every N epochs; 0 = off
+        sample_steps=20,  # denoising steps of the validation images
+        profile_steps=(0, 0),  # jax.profiler trace of steps [start, stop) into WORKDIR/profile/; (0, 0) = off
     ))
 
     # Mesh axis sizes; one may be -1 (all remaining devices).

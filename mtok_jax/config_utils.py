@@ -127,6 +127,12 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     sizes = (config.mesh.data, config.mesh.fsdp)
     need(all(s == -1 or s > 0 for s in sizes) and sizes.count(-1) <= 1,
          f"mesh.data={sizes[0]}, mesh.fsdp={sizes[1]}: sizes must be positive, with at most one -1")
+    bad = sorted(set(t.report_to) - {"jsonl", "tensorboard"})
+    need(not bad, f"train.report_to={tuple(t.report_to)!r}: unknown {bad} (choose from 'jsonl', 'tensorboard')")
+    need(t.sample_every_epochs >= 0 and t.sample_steps > 0,
+         f"train.sample_every_epochs={t.sample_every_epochs} must be >= 0 and train.sample_steps={t.sample_steps} > 0")
+    need(len(t.profile_steps) == 2 and 0 <= t.profile_steps[0] <= t.profile_steps[1],
+         f"train.profile_steps={tuple(t.profile_steps)!r} must be (start, stop) with 0 <= start <= stop")
     s = config.sample
     need(s.scheduler in _SAMPLERS, f"sample.scheduler={s.scheduler!r} not in {_SAMPLERS}")
     return config

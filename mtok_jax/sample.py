@@ -127,6 +127,11 @@ class Pipeline:
             self._compiled[key] = (jax.jit(fn, out_shardings=data), state)
         return self._compiled[key]
 
+    def with_params(self, params: Mapping[str, Any]) -> "Pipeline":
+        """The same pipeline (sharing its compiled samplers) with other params, e.g. the current
+        training params for validation images."""
+        return dataclasses.replace(self, params=params, _uncond=None)
+
     def generate(self, waveforms, seeds: Sequence[int], *, num_images: int, steps: int, guidance: float,
                  scheduler: str = "pndm") -> np.ndarray:
         """waveforms float32 [B, N] (16 kHz, [-1, 1]), one seed per waveform → uint8 [B, num_images, H, W, 3]."""
