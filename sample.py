@@ -3,6 +3,7 @@
   python sample.py --config configs/X.py --workdir DIR --audio FILE_OR_DIR \
       [--num_images 4 --steps 50 --guidance 7.5 --scheduler pndm|ddim|dpm|euler --seed S --out DIR \
        --checkpoint best|latest|STEP|none --per_label K] [--config.a.b=value ...]
+  python sample.py --model DIR --audio FILE_OR_DIR [...]    # a folder written by python -m mtok_jax.export
 
 Defaults work after `make demo`: configs/demo.py, runs/demo, the held-out (test split) demo audio of
 demo_assets/manual, settings from `config.sample`, output WORKDIR/samples/ (one PNG per image,
@@ -15,6 +16,7 @@ import mtok_jax  # noqa: F401  (first: sets USE_TF=0 before transformers loads)
 
 import logging
 import os
+import sys
 
 from absl import app, flags
 
@@ -33,6 +35,8 @@ _SEED = flags.DEFINE_integer("seed", None, "Seed of the first audio file; file i
                                            "(default: config.sample.seed).")
 _OUT = flags.DEFINE_string("out", None, "Output folder (default: WORKDIR/samples).")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", "best", "best | latest | a step number | none (untrained).")
+_MODEL = flags.DEFINE_string("model", None, "Exported model folder (python -m mtok_jax.export): its config.json and "
+                                            "weights, no workdir or checkpoint (output default: DIR/samples).")
 _PER_LABEL = flags.DEFINE_integer("per_label", 0, "With the default audio: files per label (0 = all).")
 _SAME_SEED = flags.DEFINE_bool("same_seed", False, "Use --seed for every audio file (images differ by audio only).")
 _BATCH = flags.DEFINE_integer("batch", 8, "Images dispatched per host round trip (each jitted call makes one image "
@@ -54,9 +58,13 @@ def main(argv):
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # "Unable to initialize backend 'tpu'"
     logging.getLogger("mtok_jax").setLevel(logging.INFO)
     from mtok_jax import checkpoints, sample
-    s = config.sample
     workdir = _WORKDIR.value or os.path.join("runs", config.workdir_name)
     checkpoint = _checkpoint(_CHECKPOINT.value)
+    if _MODEL.value:  # the weights are in the folder
+        from mtok_jax import export
+        config = export.load_model_config(_MODEL.value, [a for a in sys.argv[1:] if a.startswith("--config.")])
+        workdir, checkpoint = _MODEL.value, None
+    s = config.sample
     # Input errors first, before minutes of model loading.
     if checkpoint is not None and not os.path.isdir(checkpoints.checkpoint_dir(workdir)):
         raise errors.UserError(f"--workdir={workdir} has no checkpoints (train it first, or pass "

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import difflib
 import importlib.util
+import json
 import os
 import re
 from typing import Sequence
@@ -38,6 +39,32 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> ml_co
     spec.loader.exec_module(module)
     config = module.get_config()
     config.lock()
+    return apply_overrides(config, overrides)
+
+
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "default.py")
+
+
+def load_json_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+    """A run's `config.json` (train.py writes WORKDIR/config.json) → locked, validated config: the keys
+    and types of configs/default.py with the file's values, then 'a.b=value' overrides on top."""
+    with open(path) as f:
+        values = json.load(f)
+    config = load_config(DEFAULT_CONFIG)
+
+    def put(prefix: str, tree: dict) -> None:
+        for key, value in tree.items():
+            if isinstance(value, dict):
+                put(f"{prefix}{key}.", value)
+            else:
+                _set(config, prefix + key, value)
+
+    put("", values)
+    return apply_overrides(config, overrides)
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]) -> ml_collections.ConfigDict:
+    """Apply 'a.b=value' (or '--config.a.b=value') overrides to a locked config, then validate it."""
     for item in overrides:
         key, sep, raw = item.removeprefix("--config.").partition("=")
         if not sep:
