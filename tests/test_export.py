@@ -122,7 +122,7 @@ def test_unet_loads_in_diffusers_pytorch(run):
     lat = rng.standard_normal((1, unet.in_channels, 4, 4)).astype(np.float32)
     states = rng.standard_normal((1, 77, unet.cross_attention_dim)).astype(np.float32)
     t = np.array([500], np.int32)
-    flax_out = unet.apply({"params": ours}, lat, t, states, train=False).sample
+    flax_out = unet.apply({"params": ours}, jnp.asarray(lat), jnp.asarray(t), jnp.asarray(states), train=False).sample
     with torch.no_grad():
         pt_out = pt(torch.from_numpy(lat), torch.from_numpy(t), torch.from_numpy(states)).sample.numpy()
     np.testing.assert_allclose(pt_out, np.asarray(flax_out), atol=1e-4, rtol=1e-4)
