@@ -147,12 +147,22 @@ def text_states(system: System, params: Mapping[str, Any], token: jax.Array, pro
 # ---------------------------------------------------------------------------------------------------
 # Loading
 # ---------------------------------------------------------------------------------------------------
+def open_dataset(config):
+    """The configured built dataset: `data.builder_config`, or ("") the built config whose clip length
+    and image size are the config's (`pipeline.resolve_config`)."""
+    from mtok_jax.data import pipeline
+
+    h, w = image_hw(config)
+    return pipeline.open_dataset(config.data.data_dir, config.data.builder_config or None,
+                                 shapes={"clip_samples": clip_samples(config), "image_height": h, "image_width": w})
+
+
 def dataset_labels(config) -> tuple[str, ...]:
     """Label names of the configured dataset (its metadata), else the 18 thesis labels."""
-    from mtok_jax.data import pipeline, sources
+    from mtok_jax.data import sources
 
     try:
-        return tuple(pipeline.open_dataset(config.data.data_dir, config.data.builder_config or None).label_names)
+        return tuple(open_dataset(config).label_names)
     except FileNotFoundError:
         return tuple(sources.DEFAULT_LABELS)
 
