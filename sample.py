@@ -1,10 +1,12 @@
 """Generate images from music with a trained run.
 
-  python sample.py --config configs/X.py --workdir DIR --audio FILE_OR_DIR \
-      [--num_images 4 --steps 50 --guidance 7.5 --scheduler pndm|ddim|dpm|euler --seed S --out DIR \
+  python sample.py --workdir DIR --audio FILE_OR_DIR \
+      [--config configs/X.py --num_images 4 --steps 50 --guidance 7.5 --scheduler pndm|ddim|dpm|euler --seed S --out DIR \
        --checkpoint best|latest|STEP|none --per_label K] [--config.a.b=value ...]
 
-Defaults work after `make demo`: configs/demo.py, runs/demo, the held-out (test split) demo audio of
+The config is the run's own `DIR/config.json` (written by train.py; `--config FILE` instead), with
+`--config.a.b=value` overrides on top. `--checkpoint` default: `best`, else `latest` (logged). Defaults
+work after `make demo`: configs/demo.py, runs/demo, the held-out (test split) demo audio of
 demo_assets/manual, settings from `config.sample`, output WORKDIR/samples/ (one PNG per image,
 grid.png, samples.jsonl with audio path, label, seed and every setting). Undecodable audio files are
 skipped (`path: reason` on the log, listed in skipped.jsonl); the exit status is 0 when at least one
@@ -18,7 +20,7 @@ import os
 
 from absl import app, flags
 
-from mtok_jax import _compat, cli, config_utils, errors
+from mtok_jax import _compat, cli, config_utils
 
 _CONFIG = cli.define_config_file("config", "configs/demo.py", "Config file (configs/*.py).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: runs/<config.workdir_name>).")
@@ -32,17 +34,12 @@ _SCHEDULER = flags.DEFINE_enum("scheduler", None, ["pndm", "ddim", "dpm", "euler
 _SEED = flags.DEFINE_integer("seed", None, "Seed of the first audio file; file i uses seed + i "
                                            "(default: config.sample.seed).")
 _OUT = flags.DEFINE_string("out", None, "Output folder (default: WORKDIR/samples).")
-_CHECKPOINT = flags.DEFINE_string("checkpoint", "best", "best | latest | a step number | none (untrained).")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "best | latest | a step number | none (untrained); "
+                                                     "default: best, else latest.")
 _PER_LABEL = flags.DEFINE_integer("per_label", 0, "With the default audio: files per label (0 = all).")
 _SAME_SEED = flags.DEFINE_bool("same_seed", False, "Use --seed for every audio file (images differ by audio only).")
 _BATCH = flags.DEFINE_integer("batch", 8, "Images dispatched per host round trip (each jitted call makes one image "
                                          "per device; the images do not depend on this).")
-
-
-def _checkpoint(value: str):
-    if value.lower() == "none":
-        return None
-    return int(value) if value.isdigit() else value
 
 
 def main(argv):
@@ -56,11 +53,9 @@ def main(argv):
     from mtok_jax import checkpoints, sample
     s = config.sample
     workdir = _WORKDIR.value or os.path.join("runs", config.workdir_name)
-    checkpoint = _checkpoint(_CHECKPOINT.value)
+    logging.getLogger("mtok_jax").info("config: %s", cli.config_source())
     # Input errors first, before minutes of model loading.
-    if checkpoint is not None and not os.path.isdir(checkpoints.checkpoint_dir(workdir)):
-        raise errors.UserError(f"--workdir={workdir} has no checkpoints (train it first, or pass "
-                               f"--checkpoint none for the untrained model)")
+    checkpoint = checkpoints.select(workdir, _CHECKPOINT.value)
     audio = sample.find_audio(_AUDIO.value) if _AUDIO.value else None
     manual = os.path.join(os.path.dirname(os.path.normpath(config.data.data_dir)), "manual")
     if audio is None and not os.path.isdir(manual):

@@ -37,11 +37,12 @@ import math
 import os
 import textwrap
 import time
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tqdm
 
 from mtok_jax import checkpoints, conditioning, errors, sharding
 from mtok_jax.audio.io import AudioDecodeError, load_audio
@@ -128,8 +129,9 @@ class Pipeline:
         return self._compiled[key]
 
     def generate(self, waveforms, seeds: Sequence[int], *, num_images: int, steps: int, guidance: float,
-                 scheduler: str = "pndm") -> np.ndarray:
-        """waveforms float32 [B, N] (16 kHz, [-1, 1]), one seed per waveform → uint8 [B, num_images, H, W, 3]."""
+                 scheduler: str = "pndm", progress: Callable[[int], Any] | None = None) -> np.ndarray:
+        """waveforms float32 [B, N] (16 kHz, [-1, 1]), one seed per waveform → uint8 [B, num_images, H, W, 3].
+        `progress(n)` is called with the number of images finished after each host round trip."""
         waveforms = np.asarray(waveforms, np.float32)
         if waveforms.ndim != 2 or len(seeds) != waveforms.shape[0]:
             raise ValueError(f"waveforms {waveforms.shape} need shape [B, N] and one seed each (got {len(seeds)})")
@@ -150,6 +152,8 @@ class Pipeline:
                           jax.device_put(keys[idx[a:a + chunk]], data), jnp.float32(guidance), state=state)
                        for a in range(start, min(start + per_trip * chunk, len(idx)), chunk)]
             out.extend(np.asarray(x) for x in jax.device_get(pending))
+            if progress is not None:
+                progress(min(start + len(pending) * chunk, total) - min(start, total))
         images = np.concatenate(out)[:total]
         return images.reshape(waveforms.shape[0], num_images, *images.shape[1:])
 
@@ -282,8 +286,9 @@ def sample_files(pipe: Pipeline, audio_paths: Sequence[str], out_dir: str | os.P
         raise NoImages(f"no image made: all {len(audio_paths)} audio files were skipped (reasons in "
                        f"{os.path.join(out_dir, 'skipped.jsonl')})")
     t0 = time.time()
-    images = pipe.generate(np.stack(waves), [seeds[i] for i in kept], num_images=num_images, steps=steps,
-                           guidance=guidance, scheduler=scheduler)
+    with tqdm.tqdm(total=len(kept) * num_images, unit="image", desc=f"sampling ({steps} steps each)") as bar:
+        images = pipe.generate(np.stack(waves), [seeds[i] for i in kept], num_images=num_images, steps=steps,
+                               guidance=guidance, scheduler=scheduler, progress=bar.update)
     seconds = time.time() - t0
     settings = dict(scheduler=scheduler, steps=int(steps), guidance=float(guidance), num_images=int(num_images),
                     images_per_device=int(config.sample.images_per_device),
