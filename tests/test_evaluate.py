@@ -33,20 +33,6 @@ LABELS = ["Heavy metal", "Electronic music", "Renaissance symbolism"]
 
 
 @pytest.fixture(scope="module")
-def metric_models(tmp_path_factory):
-    from metrics.inception import save_random_inception
-    from mtok_jax.demo.metric_models import write_tiny_clip
-    from mtok_jax.demo.wav2clip import write_tiny_wav2clip
-
-    root = tmp_path_factory.mktemp("metric_models")
-    paths = {"clip": str(root / "clip"), "inception": str(root / "inception"), "wav2clip": str(root / "wav2clip")}
-    write_tiny_clip(paths["clip"], seed=0)
-    save_random_inception(paths["inception"], seed=0)
-    write_tiny_wav2clip(paths["wav2clip"], seed=0)
-    return paths
-
-
-@pytest.fixture(scope="module")
 def images_dir(tmp_path_factory):
     import soundfile as sf
     from PIL import Image
