@@ -9,6 +9,7 @@ import os
 
 import numpy as np
 import pytest
+from absl import app
 
 from metrics.evaluate import (
     GENERATED_FORMATS,
@@ -149,8 +150,8 @@ def test_manifest_errors(tmp_path, metric_models):
     (tmp_path / "manifest.jsonl").write_text(json.dumps({"image": "a.png", "label": 0}) + "\n")
     with pytest.raises(ValueError, match="audio"):
         read_manifest(str(tmp_path))
-    with pytest.raises(SystemExit):
-        main(["--workdir", str(tmp_path)])  # generation mode without --config
+    with pytest.raises(app.UsageError, match="generation mode needs --workdir"):
+        main(["--workdir", str(tmp_path)])  # generation mode without --config or WORKDIR/config.json
 
 
 @pytest.mark.slow
