@@ -53,13 +53,13 @@ def main(argv):
     from mtok_jax import checkpoints, sample
     s = config.sample
     workdir = _WORKDIR.value or os.path.join("runs", config.workdir_name)
-    logging.getLogger("mtok_jax").info("config: %s", cli.config_source())
     # Input errors first, before minutes of model loading.
     checkpoint = checkpoints.select(workdir, _CHECKPOINT.value)
     audio = sample.find_audio(_AUDIO.value) if _AUDIO.value else None
     manual = os.path.join(os.path.dirname(os.path.normpath(config.data.data_dir)), "manual")
     if audio is None and not os.path.isdir(manual):
         raise app.UsageError(f"no --audio given and no demo manual dir at {manual} (run `make demo`)")
+    logging.getLogger("mtok_jax").info("config: %s", cli.config_source())
     pipe = sample.load_pipeline(config, workdir, checkpoint, max_batch=_BATCH.value)
     if audio is None:
         audio = sample.held_out_audio(manual, pipe.system.labels, _PER_LABEL.value)

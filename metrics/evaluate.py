@@ -603,6 +603,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     config = None if fv.config is None else config_utils.validate(fv.config)
     if config is not None:
         print(f"config: {cli.config_source('config', fv)}", file=sys.stderr)
+    if not fv.images and (config is None or not fv.workdir):
+        raise app.UsageError("generation mode needs --workdir (with its config.json, or --config) "
+                             "(or use --images DIR)")
     cm = config.metrics if config is not None else None
 
     def pick(flag, key, default=None):
@@ -632,9 +635,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         report = score_images(fv.images, models, out, per_label=per_label, clip_seconds=clip_seconds,
                               reference=reference)
     else:
-        if config is None or not fv.workdir:
-            raise app.UsageError("generation mode needs --workdir (with its config.json, or --config) "
-                                 "(or use --images DIR)")
         from mtok_jax import checkpoints
 
         checkpoint = checkpoints.select(fv.workdir, fv.checkpoint)  # before any model loads

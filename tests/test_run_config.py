@@ -41,17 +41,19 @@ def test_workdir_config_is_the_default(tmp_path):
     from absl import flags
 
     path = write_run_config(tmp_path, "model.sd_path=/models/sd")
-    argv = ["sample.py", "--workdir", str(tmp_path), "--config.sample.steps=3"]
-    fv = flags.FlagValues()
-    holder = cli.define_config_file("config", str(DEMO), "help", argv, flag_values=fv)
-    cli.parse_flags(argv, fv)
-    assert holder.value.model.sd_path == "/models/sd" and holder.value.sample.steps == 3
-    assert cli.config_source("config", fv) == f"{path} (the run's config)"
-    argv = ["sample.py", f"--workdir={tmp_path}", "--config", str(DEMO)]
-    fv = flags.FlagValues()
-    holder = cli.define_config_file("config", str(DEMO), "help", argv, flag_values=fv)
-    cli.parse_flags(argv, fv)
-    assert holder.value.model.sd_path == "demo_assets/sd" and cli.config_source("config", fv) == str(DEMO)
+
+    def parsed(argv):
+        fv = flags.FlagValues()
+        flags.DEFINE_string("workdir", None, "run directory", flag_values=fv)
+        holder = cli.define_config_file("config", str(DEMO), "help", argv, flag_values=fv)
+        cli.parse_flags(argv, fv)
+        return holder.value, cli.config_source("config", fv)
+
+    config, source = parsed(["sample.py", "--workdir", str(tmp_path), "--config.sample.steps=3"])
+    assert config.model.sd_path == "/models/sd" and config.sample.steps == 3
+    assert source == f"{path} (the run's config)"
+    config, source = parsed(["sample.py", f"--workdir={tmp_path}", "--config", str(DEMO)])
+    assert config.model.sd_path == "demo_assets/sd" and source == str(DEMO)
 
 
 def make_steps(workdir: pathlib.Path, **steps):
@@ -86,7 +88,6 @@ def test_sample_missing_checkpoint_one_line_before_models(tmp_path):
     lines = p.stderr.strip().splitlines()
     assert p.returncode == 2 and lines[-1].startswith("error: no best checkpoint in") and \
         lines[-1].endswith("exist: latest: 2"), p.stderr
-    assert f"config: {tmp_path / 'config.json'} (the run's config)" in p.stderr
 
 
 def test_builder_config_picked_by_shape(tiny_assets, tmp_path):
