@@ -2,7 +2,8 @@
 
   python sample.py --config configs/X.py --workdir DIR --audio FILE_OR_DIR \
       [--num_images 4 --steps 50 --guidance 7.5 --scheduler pndm|ddim|dpm|euler --seed S --out DIR \
-       --checkpoint best|latest|STEP|none --per_label K] [--config.a.b=value ...]
+       --checkpoint best|latest|STEP|none --per_label K --prompt 'a painting of <*>' --negative_prompt TEXT
+       --start SECONDS] [--config.a.b=value ...]
 
 Defaults work after `make demo`: configs/demo.py, runs/demo, the held-out (test split) demo audio of
 demo_assets/manual, settings from `config.sample`, output WORKDIR/samples/ (one PNG per image,
@@ -33,13 +34,13 @@ _OUT = flags.DEFINE_string("out", None, "Output folder (default: WORKDIR/samples
 _CHECKPOINT = flags.DEFINE_string("checkpoint", "best", "best | latest | a step number | none (untrained).")
 _PER_LABEL = flags.DEFINE_integer("per_label", 0, "With the default audio: files per label (0 = all).")
 _SAME_SEED = flags.DEFINE_bool("same_seed", False, "Use --seed for every audio file (images differ by audio only).")
+_PROMPT = flags.DEFINE_string("prompt", None, "Prompt template with exactly one <*> (the audio token) "
+                                              "(default: config.prompt.inference).")
+_NEGATIVE = flags.DEFINE_string("negative_prompt", "", "Negative prompt: the unconditional branch of guidance "
+                                                       "(default: empty).")
+_START = flags.DEFINE_float("start", 0.0, "Seconds into each audio file where its clip starts "
+                                          "(which config.data.clip_seconds window is used).", lower_bound=0.0)
 _BATCH = flags.DEFINE_integer("batch", 8, "Images per jitted call (rounded up to the device count).")
-
-
-def _checkpoint(value: str):
-    if value.lower() == "none":
-        return None
-    return int(value) if value.isdigit() else value
 
 
 def main(argv):
@@ -53,7 +54,9 @@ def main(argv):
     from mtok_jax import checkpoints, sample
     s = config.sample
     workdir = _WORKDIR.value or os.path.join("runs", config.workdir_name)
-    checkpoint = _checkpoint(_CHECKPOINT.value)
+    checkpoint = sample.checkpoint_choice(_CHECKPOINT.value)
+    if _PROMPT.value is not None:
+        sample.check_prompt(_PROMPT.value, config.prompt.placeholder)
     # Input errors first, before minutes of model loading.
     if checkpoint is not None and not os.path.isdir(checkpoints.checkpoint_dir(workdir)):
         raise errors.UserError(f"--workdir={workdir} has no checkpoints (train it first, or pass "
@@ -71,7 +74,8 @@ def main(argv):
                         steps=_STEPS.value if _STEPS.value is not None else s.steps,
                         guidance=_GUIDANCE.value if _GUIDANCE.value is not None else s.guidance,
                         scheduler=_SCHEDULER.value or s.scheduler,
-                        seed=_SEED.value if _SEED.value is not None else s.seed, same_seed=_SAME_SEED.value)
+                        seed=_SEED.value if _SEED.value is not None else s.seed, same_seed=_SAME_SEED.value,
+                        prompt=_PROMPT.value, negative_prompt=_NEGATIVE.value, start=_START.value)
     print(f"wrote {out}/ (grid.png, samples.jsonl)")
 
 

@@ -3,13 +3,16 @@
   pipe = load_pipeline(config, workdir, checkpoint='best')
   images = pipe.generate(waveforms [B, N], seeds [B], num_images=4, steps=50, guidance=7.5,
                          scheduler='pndm')                     # uint8 [B, num_images, H, W, 3]
+  # optional: prompt='a painting of <*>', negative_prompt='blurry', progress=lambda k, n: ...
 
 One jit per (scheduler, steps, batch): audio token (embedder dropout per the config), text states of
-the inference prompt, the unconditional states of "" (classifier-free guidance), initial noise, the
-whole denoising loop (`lax.fori_loop`, mtok_jax.models.diffusion.denoise_latents) and the VAE decode.
+the prompt (default: the config's inference prompt; the tokenized prompt is an argument, so another
+prompt needs no recompile), the unconditional states of the negative prompt (default "") for
+classifier-free guidance, initial noise, the whole denoising loop (`lax.fori_loop`, mtok_jax.models.diffusion.denoise_latents) and the VAE decode.
 The example axis is sharded over the mesh (`config.mesh`). Image j of an audio with seed s uses the key
 fold_in(key(s), j) for both its audio-token dropout and its noise, so an image depends only on
-(audio, seed, j, settings), never on the batch it was generated in or the device count.
+(audio, seed, j, settings), never on the batch it was generated in or the device count. Every
+denoising step reports to the host (`jax.debug.callback`) for `progress(k, n)`.
 
 `sample_files` adds file handling: audio decode (any format `mtok_jax.audio.io` reads), labels from
 the folder names, PNG per image, a captioned grid and `samples.jsonl` (one line per image with the
@@ -32,19 +35,41 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mtok_jax import checkpoints, conditioning, sharding
+from mtok_jax import checkpoints, conditioning, errors, sharding
 from mtok_jax.models import diffusion
+from mtok_jax.models import text as text_lib
 
 log = logging.getLogger("mtok_jax.sample")
 UNCONDITIONAL_PROMPT = ""
 
 
-def unconditional_states(system: conditioning.System, text_params: Mapping[str, Any]) -> jax.Array:
-    """CLIP last_hidden_state [1, 77, D] of the empty prompt (plain CLIP, no audio token)."""
-    ids = np.asarray(system.tokenizer([UNCONDITIONAL_PROMPT], padding="max_length",
-                                      max_length=system.inference_ids.shape[-1], truncation=True,
-                                      return_tensors="np")["input_ids"], np.int32)
-    ids = jnp.asarray(ids)
+def negative_prompt_ids(system: conditioning.System, prompt: str = UNCONDITIONAL_PROMPT) -> np.ndarray:
+    """int32 [1, 77] ids of a plain prompt (the negative prompt of classifier-free guidance)."""
+    return np.asarray(system.tokenizer([prompt], padding="max_length", max_length=system.inference_ids.shape[-1],
+                                       truncation=True, return_tensors="np")["input_ids"], np.int32)
+
+
+def check_prompt(prompt: str, placeholder: str) -> str:
+    """`prompt` if it holds `placeholder` (the audio token, `<*>`) exactly once, else UserError."""
+    if prompt.count(placeholder) != 1:
+        raise errors.UserError(f"the prompt must contain {placeholder} exactly once, where the music goes "
+                               f"(found {prompt.count(placeholder)}): {prompt!r}")
+    return prompt
+
+
+def prompt_ids(system: conditioning.System, prompt: str) -> tuple[np.ndarray, np.ndarray]:
+    """A prompt template with exactly one placeholder (`<*>`) → (ids int32 [1, 77], position int32 [1])."""
+    placeholder = system.config.prompt.placeholder
+    check_prompt(prompt, placeholder)
+    ids, pos = text_lib.tokenize_prompts(system.tokenizer, [prompt], placeholder)
+    return np.asarray(ids, np.int32), np.asarray(pos, np.int32)
+
+
+def unconditional_states(system: conditioning.System, text_params: Mapping[str, Any],
+                         ids: jax.Array | None = None) -> jax.Array:
+    """CLIP last_hidden_state [1, 77, D] of the negative prompt `ids` [1, 77] (default: the empty
+    prompt; plain CLIP, no audio token)."""
+    ids = jnp.asarray(negative_prompt_ids(system) if ids is None else ids)
     positions = jnp.arange(ids.shape[-1], dtype=jnp.int32)[None]
     out = system.text.apply({"params": text_params}, ids, jnp.ones_like(ids), positions, deterministic=True)
     return out[0].astype(jnp.float32)
@@ -59,20 +84,22 @@ def latent_shape(system: conditioning.System) -> tuple[int, int, int]:
 
 def generate_images(system: conditioning.System, params: Mapping[str, Any], uncond: jax.Array,
                     waveforms: jax.Array, key_data: jax.Array, guidance: jax.Array, *, scheduler, state,
-                    steps: int) -> jax.Array:
+                    steps: int, prompt: tuple[jax.Array, jax.Array] | None = None, on_step=None) -> jax.Array:
     """The jittable core: waveforms [N, S], raw keys uint32 [N, 2] → uint8 images [N, H, W, 3].
 
-    uncond: [1, 77, D] unconditional states; guidance: scalar. Pure function of its arguments.
+    uncond: [1, 77, D] unconditional states; guidance: scalar; prompt: `prompt_ids` of the prompt
+    (default: the config's inference prompt); on_step: host function of the step index (progress).
+    Pure function of its arguments.
     """
     keys = jax.random.wrap_key_data(key_data)
     token_keys, noise_keys = jnp.moveaxis(jax.vmap(jax.random.split)(keys), 1, 0)
     token = conditioning.audio_token(system, params, waveforms, rng=token_keys, train=False)
-    cond = conditioning.text_states(system, params, token, "inference").astype(jnp.float32)
+    cond = conditioning.text_states(system, params, token, prompt or "inference").astype(jnp.float32)
     uncond = jnp.broadcast_to(uncond, cond.shape)
     shape = latent_shape(system)
     latents = jax.vmap(lambda k: jax.random.normal(k, shape, jnp.float32))(noise_keys)
     latents = diffusion.denoise_latents(system.unet, params["unet"], scheduler, state, cond, uncond, latents,
-                                        num_steps=steps, guidance=guidance)
+                                        num_steps=steps, guidance=guidance, on_step=on_step)
     images = diffusion.decode_images(system.vae, params["vae"], latents)
     return jnp.clip(jnp.round((images + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
 
@@ -96,8 +123,14 @@ class Pipeline:
     checkpoint: str | int | None = None
     workdir: str | None = None
     max_batch: int = 8  # images per jit call (rounded up to the mesh size)
-    _uncond: Any = None
+    _uncond: dict = dataclasses.field(default_factory=dict)  # negative prompt → states [1, 77, D]
+    _plain_states: Any = None
     _compiled: dict = dataclasses.field(default_factory=dict)
+    _progress: Any = None  # the running generate call's step hook
+
+    def _step_done(self, i, n) -> None:
+        if self._progress is not None:
+            self._progress(int(i), int(n))
 
     def _sampler(self, kind: str, steps: int, batch: int):
         key = (kind, steps, batch)
@@ -105,18 +138,34 @@ class Pipeline:
             sched, state = diffusion.sampler_from_config(
                 diffusion.read_scheduler_config(self.config.model.sd_path), kind)
             data = sharding.batch_sharding(self.mesh)
-            fn = functools.partial(generate_images, self.system, scheduler=sched, steps=steps)
+            fn = functools.partial(generate_images, self.system, scheduler=sched, steps=steps,
+                                   on_step=self._step_done)
             self._compiled[key] = (jax.jit(fn, out_shardings=data), state)
         return self._compiled[key]
 
+    def negative_states(self, negative_prompt: str = UNCONDITIONAL_PROMPT) -> jax.Array:
+        """Unconditional states [1, 77, D] of `negative_prompt` (one jit for every prompt; cached)."""
+        if negative_prompt not in self._uncond:
+            if self._plain_states is None:
+                self._plain_states = jax.jit(functools.partial(unconditional_states, self.system))
+            ids = jnp.asarray(negative_prompt_ids(self.system, negative_prompt))
+            self._uncond[negative_prompt] = self._plain_states(self.params["text"], ids)
+        return self._uncond[negative_prompt]
+
     def generate(self, waveforms, seeds: Sequence[int], *, num_images: int, steps: int, guidance: float,
-                 scheduler: str = "pndm") -> np.ndarray:
-        """waveforms float32 [B, N] (16 kHz, [-1, 1]), one seed per waveform → uint8 [B, num_images, H, W, 3]."""
+                 scheduler: str = "pndm", prompt: str | None = None,
+                 negative_prompt: str = UNCONDITIONAL_PROMPT, progress=None) -> np.ndarray:
+        """waveforms float32 [B, N] (16 kHz, [-1, 1]), one seed per waveform → uint8 [B, num_images, H, W, 3].
+
+        prompt: template with one `<*>` (default: config.prompt.inference); negative_prompt: the
+        unconditional branch of guidance; progress(k, n): called at denoising step k of n (all jit
+        calls of this request together; PNDM takes steps + 1)."""
         waveforms = np.asarray(waveforms, np.float32)
         if waveforms.ndim != 2 or len(seeds) != waveforms.shape[0]:
             raise ValueError(f"waveforms {waveforms.shape} need shape [B, N] and one seed each (got {len(seeds)})")
-        if self._uncond is None:
-            self._uncond = jax.jit(functools.partial(unconditional_states, self.system))(self.params["text"])
+        ids = tuple(jnp.asarray(a) for a in prompt_ids(self.system, self.config.prompt.inference
+                                                        if prompt is None else prompt))
+        uncond = self.negative_states(negative_prompt)
         waves = np.repeat(waveforms, num_images, axis=0)
         keys = image_keys(seeds, num_images)
         total = waves.shape[0]
@@ -126,14 +175,40 @@ class Pipeline:
         fn, state = self._sampler(scheduler, int(steps), batch)
         data = sharding.batch_sharding(self.mesh)
         out = []
-        for start in range(0, total, batch):
+        calls = int(math.ceil(total / batch))
+        for c, start in enumerate(range(0, total, batch)):
             idx = np.minimum(np.arange(start, start + batch), total - 1)  # pad the last chunk by repetition
             w = jax.device_put(waves[idx], data)
             k = jax.device_put(keys[idx], data)
-            imgs = fn(self.params, self._uncond, w, k, jnp.float32(guidance), state=state)
-            out.append(np.asarray(jax.device_get(imgs))[: min(batch, total - start)])
+            # the callback may fire once per device: report each step once, in order
+            self._progress = None if progress is None else _once_per_step(progress, c, calls)
+            try:
+                imgs = fn(self.params, uncond, w, k, jnp.float32(guidance), state=state, prompt=ids)
+                out.append(np.asarray(jax.device_get(imgs))[: min(batch, total - start)])
+            finally:
+                self._progress = None
         images = np.concatenate(out)
         return images.reshape(waveforms.shape[0], num_images, *images.shape[1:])
+
+
+def _once_per_step(progress, call: int, calls: int):
+    """Step hook for jit call `call` of `calls` (n loop steps each): progress(call·n + i + 1, calls·n)
+    the first time step i reports."""
+    seen = [-1]
+
+    def hook(i: int, n: int) -> None:
+        if i > seen[0]:
+            seen[0] = i
+            progress(call * n + i + 1, calls * n)
+
+    return hook
+
+
+def checkpoint_choice(value: str) -> str | int | None:
+    """A --checkpoint value: 'none' → None (untrained), digits → a step number, else 'best' / 'latest'."""
+    if value.lower() == "none":
+        return None
+    return int(value) if value.isdigit() else value
 
 
 def load_pipeline(config, workdir: str | os.PathLike | None, checkpoint: str | int | None = "best",
@@ -200,6 +275,16 @@ def sample_rate(config) -> int:
     return int(round(conditioning.clip_samples(config) / config.data.clip_seconds))
 
 
+def load_clip(config, path: str | os.PathLike, start: float = 0.0) -> np.ndarray:
+    """The model's input from an audio file: `config.data.clip_seconds` from `start` seconds on, mono,
+    resampled, a shorter rest repeat-padded as in training (also under 1 s; silence and undecodable
+    files raise `AudioDecodeError`)."""
+    from mtok_jax.audio.io import load_audio
+
+    return load_audio(path, sample_rate(config), config.data.clip_seconds, start_seconds=float(start),
+                      min_seconds=0.0)
+
+
 def _caption_cell(image: np.ndarray, caption: str, side: int):
     from PIL import Image, ImageDraw
 
@@ -231,24 +316,28 @@ def _slug(text: str) -> str:
 
 
 def sample_files(pipe: Pipeline, audio_paths: Sequence[str], out_dir: str | os.PathLike, *, num_images: int,
-                 steps: int, guidance: float, scheduler: str, seed: int, same_seed: bool = False) -> list[dict]:
+                 steps: int, guidance: float, scheduler: str, seed: int, same_seed: bool = False,
+                 prompt: str | None = None, negative_prompt: str = UNCONDITIONAL_PROMPT,
+                 start: float = 0.0, progress=None) -> list[dict]:
     """Generate for each audio file (seed + i for the i-th file; `same_seed`: `seed` for all, so images
     differ only through the audio) → PNGs, grid.png and samples.jsonl in `out_dir`; returns the
-    records written to samples.jsonl."""
+    records written to samples.jsonl. prompt (one `<*>`; default config.prompt.inference),
+    negative_prompt and start (seconds into each file: which clip window is used), progress as in
+    `generate`."""
     from PIL import Image
 
-    from mtok_jax.audio.io import load_audio
-
     config = pipe.config
+    prompt = config.prompt.inference if prompt is None else prompt
+    prompt_ids(pipe.system, prompt)  # a bad template fails before any decoding
     os.makedirs(out_dir, exist_ok=True)
-    rate = sample_rate(config)
-    waves = np.stack([load_audio(p, rate, config.data.clip_seconds) for p in audio_paths])
+    waves = np.stack([load_clip(config, p, start) for p in audio_paths])
     seeds = [int(seed) + (0 if same_seed else i) for i in range(len(audio_paths))]
     t0 = time.time()
-    images = pipe.generate(waves, seeds, num_images=num_images, steps=steps, guidance=guidance, scheduler=scheduler)
+    images = pipe.generate(waves, seeds, num_images=num_images, steps=steps, guidance=guidance, scheduler=scheduler,
+                           prompt=prompt, negative_prompt=negative_prompt, progress=progress)
     seconds = time.time() - t0
     settings = dict(scheduler=scheduler, steps=int(steps), guidance=float(guidance), num_images=int(num_images),
-                    prompt=config.prompt.inference, unconditional_prompt=UNCONDITIONAL_PROMPT,
+                    prompt=prompt, negative_prompt=negative_prompt, start=float(start),
                     image_size=list(conditioning.image_hw(config)), checkpoint=pipe.checkpoint,
                     sd_path=config.model.sd_path, beats_path=config.model.beats_path,
                     unary_dropout_at_inference=bool(config.model.unary_dropout_at_inference),
