@@ -9,8 +9,9 @@ After `make demo` the bare command serves runs/demo. `--model DIR` serves a conv
 `mtok_jax.sample.sample_files` — what `sample.py` runs — on a pipeline loaded once, its sampler
 compiled and warmed at start-up for the default settings; Gradio's queue runs one request at a time
 in a worker thread (never on the event loop). Uploads and results live in one folder (the only one
-served); an upload is deleted once it is replaced, its browser tab closes or the server stops
-(`--keep_uploads` keeps everything).
+served); an upload is deleted when another file replaces it, an hour after its tab closed (Gradio
+keeps a closed session an hour), and with the folder when the server stops (`--keep_uploads` keeps
+everything).
 """
 
 import mtok_jax  # noqa: F401  (first: sets USE_TF=0 before transformers loads)
@@ -86,7 +87,7 @@ def check_audio(path, config, start: float, limits: Limits) -> tuple[np.ndarray,
         length = duration_seconds(path)
         clip = sample.load_clip(config, path, start)
     except AudioDecodeError as e:
-        raise errors.UserError(f"cannot use {os.path.basename(path)}: {e.reason}") from None
+        raise errors.UserError(unusable(e)) from None
     window = float(config.data.clip_seconds)
     rest = length - start
     if rest >= window:
@@ -95,6 +96,12 @@ def check_audio(path, config, start: float, limits: Limits) -> tuple[np.ndarray,
         note = (f"{length:.2f} s track: the {rest:.2f} s from {start:g} s are repeat-padded to {window:g} s, "
                 f"as in training" + (" (shorter than 1 s: little for the model to hear)" if rest < 1 else ""))
     return clip, note
+
+
+def unusable(e) -> str:
+    """The page's message for an AudioDecodeError: file name and reason, no server path."""
+    name = os.path.basename(e.path)
+    return f"cannot use {name}: {e.reason.replace(e.path, name)}"
 
 
 # ------------------------------------------------------------------------------- page helpers
@@ -220,15 +227,14 @@ def build_page(server: Server):
             server.forget(previous)
         if not path:
             return slider(), None, "", path
-        try:
-            from mtok_jax.audio.io import duration_seconds
+        from mtok_jax.audio.io import AudioDecodeError, duration_seconds
 
+        try:
             length = duration_seconds(path)
             preview = waveform_image(path, 0.0, window)
-            return (slider(length), preview,
-                    f"{os.path.basename(path)}: {length:.1f} s", path)
-        except Exception as e:  # noqa: BLE001 - shown on the page; Generate says exactly what is wrong
-            return slider(), None, f"⚠ cannot read {os.path.basename(path)}: {e}", path
+            return slider(length), preview, f"{os.path.basename(path)}: {length:.1f} s", path
+        except AudioDecodeError as e:  # the reason without the server's path
+            return slider(), None, f"⚠ {unusable(e)}", path
 
     def on_start(path, start):
         try:
@@ -364,12 +370,15 @@ def main(argv):
     warm = server.warm_up()
     page = build_page(server)
     page.queue(default_concurrency_limit=1)
-    print(f"loaded in {loaded:.1f} s, sampler warmed in {warm:.1f} s; serving {workdir or _MODEL.value} "
-          f"(checkpoint {checkpoint}) on http://{_HOST.value}:{_PORT.value}", flush=True)
     signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops like Ctrl-C: the finally below cleans up
     try:
+        # _frontend=False skips Gradio's own 3 s HEAD self-check, which fails (and aborts) on a busy CPU
         page.launch(server_name=_HOST.value, server_port=_PORT.value, max_file_size=int(_MAX_MB.value * 1e6),
-                    allowed_paths=[], show_error=True, quiet=True, prevent_thread_lock=False)
+                    allowed_paths=[], show_error=True, quiet=True, prevent_thread_lock=True, _frontend=False)
+        print(f"loaded in {loaded:.1f} s, sampler warmed in {warm:.1f} s, page up after "
+              f"{time.perf_counter() - t0:.1f} s; serving {workdir or _MODEL.value} (checkpoint {checkpoint}) "
+              f"on http://{_HOST.value}:{page.server_port}", flush=True)
+        page.block_thread()
     finally:
         if not _KEEP.value:
             shutil.rmtree(upload_dir, ignore_errors=True)

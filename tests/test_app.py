@@ -8,6 +8,7 @@ upload shows its error and the server still answers. Needs the `app` extra (grad
 Debian's chromium + chromium-driver; skipped without them unless MTOK_REQUIRE_BROWSER=1 (CI).
 """
 
+import http.client
 import json
 import os
 import pathlib
@@ -28,7 +29,7 @@ import soundfile as sf
 from conftest import TINY_LABELS_N
 from mtok_jax import config_utils, errors, sample, train
 from mtok_jax.data import sources
-from mtok_jax.app import Limits, check_audio, check_settings, sample_command
+from mtok_jax.app import Limits, Server, check_audio, check_settings, sample_command
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SCREENS = pathlib.Path("/tmp/app_screens")
@@ -94,6 +95,23 @@ def test_sample_command_quotes_every_setting():
                    "--prompt 'it'\"'\"'s <*>' --negative_prompt '' --start 1.5")
 
 
+def test_forget_deletes_only_uploads(tmp_path):
+    """Server.forget (called when an upload is replaced or its session ends) deletes files inside the
+    upload folder only, and nothing with --keep_uploads."""
+    (tmp_path / "up").mkdir()
+    inside, outside = tmp_path / "up" / "a.wav", tmp_path / "b.wav"
+    for f in (inside, outside):
+        f.write_bytes(b"x")
+    Server(None, None, "", [], str(tmp_path / "up"), Limits(), keep_uploads=True).forget(str(inside))
+    assert inside.exists()
+    server = Server(None, None, "", [], str(tmp_path / "up"), Limits(), keep_uploads=False)
+    server.forget(str(outside))
+    server.forget(str(tmp_path / "up" / ".." / "b.wav"))
+    assert outside.exists()
+    server.forget(str(inside))
+    assert not inside.exists()
+
+
 # ------------------------------------------------------------------------------- the browser test
 def _free_port() -> int:
     with socket.socket() as s:
@@ -131,8 +149,8 @@ def _get(url: str) -> tuple[int, bytes]:
             return r.status, r.read()
     except urllib.error.HTTPError as e:
         return e.code, b""
-    except urllib.error.URLError:
-        return 0, b""  # not listening (yet)
+    except (urllib.error.URLError, http.client.HTTPException, ConnectionError):
+        return 0, b""  # not listening (yet), or starting
 
 
 @pytest.fixture(scope="module")
@@ -194,6 +212,7 @@ def test_page_end_to_end_in_chromium(tiny_run, tmp_path):
         fill("negative", "grey", "textarea")
         t1 = time.perf_counter()
         driver.find_element(By.CSS_SELECTOR, "#generate").click()
+        assert list(uploads.rglob(clip.name))  # the upload is in the upload folder while in use
         wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#gallery img")) == 2
                    or "⚠" in d.find_element(By.ID, "status").text)
         generate_s = time.perf_counter() - t1
@@ -233,7 +252,10 @@ def test_page_end_to_end_in_chromium(tiny_run, tmp_path):
         driver.find_element(By.CSS_SELECTOR, "#upload input[type=file]").send_keys(str(bad))
         wait.until(lambda d: "broken.wav" in d.find_element(By.ID, "audio_info").text)
         driver.find_element(By.CSS_SELECTOR, "#generate").click()
-        wait.until(lambda d: "cannot use broken.wav" in d.find_element(By.ID, "status").text)
+        wait.until(lambda d: "cannot use broken.wav: unreadable audio" in d.find_element(By.ID, "status").text)
+        assert "cannot use broken.wav: unreadable audio" in driver.find_element(By.ID, "audio_info").text
+        assert str(uploads) not in driver.find_element(By.ID, "status").text  # no server paths in messages
+        driver.execute_script("window.scrollTo(0, 0)")
         for path in (tmp_path / "error.png", SCREENS / "error.png"):
             driver.save_screenshot(str(path))
         assert _get(url)[0] == 200 and server.poll() is None
