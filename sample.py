@@ -7,7 +7,9 @@
 
 Defaults work after `make demo`: configs/demo.py, runs/demo, the held-out (test split) demo audio of
 demo_assets/manual, settings from `config.sample`, output WORKDIR/samples/ (one PNG per image,
-grid.png, samples.jsonl with audio path, label, seed and every setting).
+grid.png, samples.jsonl with audio path, label, seed and every setting). Undecodable audio files are
+skipped (`path: reason` on the log, listed in skipped.jsonl); the exit status is 0 when at least one
+image was made, 1 (with one line) when none.
 """
 
 import mtok_jax  # noqa: F401  (first: sets USE_TF=0 before transformers loads)
@@ -40,7 +42,8 @@ _NEGATIVE = flags.DEFINE_string("negative_prompt", "", "Negative prompt: the unc
                                                        "(default: empty).")
 _START = flags.DEFINE_float("start", 0.0, "Seconds into each audio file where its clip starts "
                                           "(which config.data.clip_seconds window is used).", lower_bound=0.0)
-_BATCH = flags.DEFINE_integer("batch", 8, "Images per jitted call (rounded up to the device count).")
+_BATCH = flags.DEFINE_integer("batch", 8, "Images dispatched per host round trip (each jitted call makes one image "
+                                         "per device; the images do not depend on this).")
 
 
 def main(argv):
@@ -69,14 +72,15 @@ def main(argv):
     if audio is None:
         audio = sample.held_out_audio(manual, pipe.system.labels, _PER_LABEL.value)
     out = _OUT.value or os.path.join(workdir, "samples")
-    sample.sample_files(pipe, audio, out,
-                        num_images=_NUM_IMAGES.value if _NUM_IMAGES.value is not None else s.num_images,
-                        steps=_STEPS.value if _STEPS.value is not None else s.steps,
-                        guidance=_GUIDANCE.value if _GUIDANCE.value is not None else s.guidance,
-                        scheduler=_SCHEDULER.value or s.scheduler,
-                        seed=_SEED.value if _SEED.value is not None else s.seed, same_seed=_SAME_SEED.value,
-                        prompt=_PROMPT.value, negative_prompt=_NEGATIVE.value, start=_START.value)
-    print(f"wrote {out}/ (grid.png, samples.jsonl)")
+    records, skipped = sample.sample_files(
+        pipe, audio, out, num_images=_NUM_IMAGES.value if _NUM_IMAGES.value is not None else s.num_images,
+        steps=_STEPS.value if _STEPS.value is not None else s.steps,
+        guidance=_GUIDANCE.value if _GUIDANCE.value is not None else s.guidance,
+        scheduler=_SCHEDULER.value or s.scheduler,
+        seed=_SEED.value if _SEED.value is not None else s.seed, same_seed=_SAME_SEED.value,
+        prompt=_PROMPT.value, negative_prompt=_NEGATIVE.value, start=_START.value)
+    note = f"; {len(skipped)} of {len(audio)} audio files skipped (skipped.jsonl)" if skipped else ""
+    print(f"wrote {len(records)} images to {out}/ (grid.png, samples.jsonl){note}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Shared base config: SD v1.4 + converted BEATs iter3+ AS2M, the thesis's losses and data settings.
+"""Shared base config: SD v1.4 + converted BEATs iter3+ AS2M fine-tuned (cpt2), the thesis's losses and data settings.
 
 Every experiment config starts from this one and changes only what differs. On its own it trains the
 embedder like exp1 (DESIGN §2.6):
@@ -22,7 +22,11 @@ def get_config() -> ml_collections.ConfigDict:
     # Models. sd_path: a local HF folder (Flax msgpack or PyTorch-layout safetensors) or a hub id.
     c.model = ml_collections.ConfigDict(dict(
         sd_path="CompVis/stable-diffusion-v1-4",
-        beats_path="checkpoints/beats_iter3_plus_as2m",  # params_io folder from the BEATs converter
+        # a hub id sd_path is read from the local HF cache only; True: fetch what is missing from the Hub
+        allow_download=False,
+        # params_io folder converted from BEATs_iter3_plus_AS2M_finetuned_on_AS2M_cpt2.pt (what AudioToken and
+        # the thesis load; not the self-supervised BEATs_iter3_plus_AS2M.pt)
+        beats_path="checkpoints/beats_iter3_plus_as2m_cpt2",
         embedder_path="",  # optional initial embedder (params_io folder); "" = PyTorch-style random init
         beats_layers=(3, 7, 11),  # 0-based BEATs blocks whose outputs are concatenated
         dtype="float32",  # compute dtype: float32 | bfloat16 (master params stay float32)
@@ -43,8 +47,9 @@ def get_config() -> ml_collections.ConfigDict:
         builder_config="folders",  # built config name ("" = the only one built under data_dir)
         clip_seconds=30.0,  # first 30 s of each clip (repeat-padded); must match the built dataset
         image_size=512,  # square side in pixels (bicubic resize); must match the built dataset
-        reference_512x320=False,  # dataset built with the reference's 512×320 (W×H) stretched images
+        reference_512x320=False,  # dataset built with the reference's 512×320 (W×H) stretched images; samples 512²
         audio_44k_as_16k=False,  # thesis quirk: 44.1 kHz samples fed to the 16 kHz front-end
+        stereo="first",  # multi-channel audio → mono: first | mean; must match the built dataset (reference: first)
         bgr=False,  # thesis quirk: images fed in BGR channel order
         seed=0,  # pairing / shuffling seed (an epoch's order is a function of (seed, epoch))
         prefetch=2,  # host batches prepared ahead
@@ -55,11 +60,15 @@ def get_config() -> ml_collections.ConfigDict:
         epochs=25,
         batch_size=8,  # examples per micro-batch (global, over all devices)
         grad_accum=1,  # micro-batches per optimizer step (update == the big batch's update)
+        faithful_accumulation=False,  # reference: Σ of per-micro-batch gradients (own cosine term each, no ÷ accum)
         val_batch_size=1,
         lr=8e-5,
         schedule="cosine",  # cosine | constant
-        warmup_steps=0,
-        scale_lr=False,  # reference: lr × batch × accum × devices; thesis reports the base lr
+        warmup_steps=500,  # linear warm-up updates: the script's lr_warmup_steps=500 (its cosine uses it)
+        schedule_sized_in_micro_batches=False,  # prelim2 script: warm-up/length × grad_accum, stepped per update
+        # The lr here is the effective one (no scaling). The script's scale_lr=True multiplied its base lr
+        # by batch × accum × devices: exp1's 8e-5 = its default base 1e-5 × batch 8.
+        scale_lr=False,
         b1=0.9,
         b2=0.999,
         eps=1e-8,
@@ -82,6 +91,7 @@ def get_config() -> ml_collections.ConfigDict:
         guidance=7.5,
         scheduler="pndm",  # pndm | ddim | dpm | euler
         seed=0,
+        images_per_device=1,  # compiled images per device and call: 1 = images independent of batch/devices
     ))
 
     c.metrics = ml_collections.ConfigDict(dict(
@@ -90,6 +100,8 @@ def get_config() -> ml_collections.ConfigDict:
         wav2clip_path="checkpoints/wav2clip",
         num_images=335,
         per_label=10,
+        seed=0,  # random draw of the evaluated test clips within each label (ids recorded in the manifest)
+        generated_format="jpeg75",  # generated images scored from: png | jpeg75 (the thesis: PIL's JPEG quality 75)
     ))
 
     c.lock()

@@ -49,4 +49,5 @@ def get_config():
     c.metrics.wav2clip_path = f"{ROOT}/metrics/wav2clip"
     c.metrics.num_images = 36
     c.metrics.per_label = 2
+    c.metrics.generated_format = "png"
     return c

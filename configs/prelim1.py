@@ -3,7 +3,9 @@
   python train.py --config configs/prelim1.py \
       --config.model.sd_path=/path/to/stable-diffusion-v1-4 --config.model.beats_path=/path/to/beats
 
-Each optimizer step sees 4 clips (same update as one batch of 4). Expected runtime on one H100 (estimate):
+Each optimizer step sees 4 clips (same update as one batch of 4). The script instead summed the 4
+micro-batch gradients, each with its own cosine term (Σᵢ (1 − cosᵢ)²); `--config.train.faithful_accumulation=True`
+reproduces that. Expected runtime on one H100 (estimate):
 4,842 steps/epoch at ~0.3 s → ~25 min/epoch, ~3.5 h in total.
 """
 
@@ -17,6 +19,7 @@ def get_config():
     c.train.epochs = 8
     c.train.lr = 8e-5
     c.train.schedule = "constant"
+    c.train.warmup_steps = 0  # diffusers' "constant" ignores the script's lr_warmup_steps
     c.train.batch_size = 1
     c.train.grad_accum = 4
     c.train.val_batch_size = 1

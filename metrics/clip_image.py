@@ -185,13 +185,17 @@ def _params_from_pytorch_folder(path: str, clip_config) -> dict[str, Any]:
 
 
 def load_clip_image(path: str | os.PathLike, dtype=jnp.float32) -> ClipImageModel:
-    """Local HF CLIP folder (CLIPModel weights: flax msgpack, or pt-format safetensors/bin) → model."""
+    """Local HF CLIP folder (CLIPModel weights: flax msgpack, or pt-format safetensors/bin) → model.
+    Never a hub id: a path that is not a folder raises FileNotFoundError (nothing is downloaded)."""
     from transformers import CLIPConfig, FlaxCLIPModel
 
     path = os.fspath(path)
-    config = CLIPConfig.from_pretrained(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"not found: {path} (a local CLIP folder, e.g. a copy of "
+                                "openai/clip-vit-base-patch32; metric models are never downloaded)")
+    config = CLIPConfig.from_pretrained(path, local_files_only=True)
     if os.path.isfile(os.path.join(path, "flax_model.msgpack")):
-        _, params = FlaxCLIPModel.from_pretrained(path, _do_init=False)
+        _, params = FlaxCLIPModel.from_pretrained(path, _do_init=False, local_files_only=True)
     else:
         params = _params_from_pytorch_folder(path, config)
     image_size = config.vision_config.image_size

@@ -5,7 +5,8 @@
 
 CLIP needs no conversion: ``metrics.clip_image.load_clip_image`` reads a Hugging Face CLIP folder
 (e.g. a local copy of openai/clip-vit-base-patch32: config.json, preprocessor_config.json and
-flax_model.msgpack or model.safetensors) directly. torch (the ``torch`` extra) is needed to read .pth/.pt.
+flax_model.msgpack or model.safetensors) directly. torch (the ``torch`` extra) is needed to read .pth/.pt;
+a file holding non-tensor objects is refused unless ``--trusted`` is given (as in ``mtok_jax.convert``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Sequence
 
 import mtok_jax  # noqa: F401  (environment setup first)
 from mtok_jax import cli
+from mtok_jax.convert import add_trusted_flag
 
 
 def _count(directory: str) -> int:
@@ -29,7 +31,7 @@ def _count(directory: str) -> int:
 def _cmd_inception(args: argparse.Namespace) -> None:
     from metrics.inception import convert_checkpoint
 
-    out = convert_checkpoint(args.checkpoint, args.out_dir)
+    out = convert_checkpoint(args.checkpoint, args.out_dir, trusted=args.trusted)
     print(f"Inception-V3 (FID) → {out}: {_count(out):,} parameters")
 
 
@@ -47,11 +49,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     p = sub.add_parser("inception", help="pytorch-fid's FID Inception weights (pt_inception-2015-12-05-*.pth)")
     p.add_argument("checkpoint", type=cli.existing_file)
     p.add_argument("out_dir")
+    add_trusted_flag(p)
     p.set_defaults(func=_cmd_inception)
     p = sub.add_parser("wav2clip", help="official Wav2CLIP.pt (audio_encoder.*, audio_transform.*)")
     p.add_argument("checkpoint", type=cli.existing_file)
     p.add_argument("out_dir")
-    p.add_argument("--trusted", action="store_true", help="allow full unpickling (only for a file you trust)")
+    add_trusted_flag(p)
     p.set_defaults(func=_cmd_wav2clip)
     args = parser.parse_args(argv)
     args.func(args)

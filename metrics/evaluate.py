@@ -1,12 +1,13 @@
 """Evaluation command: AIS / IIS / FID and per-label GIILS on generated test images (thesis Tables 5.1–5.4).
 
   python -m metrics.evaluate --config configs/exp1.py --workdir runs/exp1 [--checkpoint best]
-      [--num_images 335] [--per_label 10] [--out DIR] [--config.metrics.clip_path=...]
+      [--num_images 335] [--per_label 10] [--out DIR] [--items FILE] [--config.metrics.clip_path=...]
   python -m metrics.evaluate --images DIR [--config CONFIG] [--out DIR] [--per_label 10]
       [--clip_path P --inception_path P --wav2clip_path P] [--clip_seconds 30]
 
-Generation mode samples one image per selected test-split audio (labels interleaved, so every label
-gets ≥ per_label images when num_images ≥ 18·per_label), writes them with their audio clip, ground-truth
+Generation mode samples one image per selected test-split audio (a random draw seeded by ``metrics.seed``
+within each label, labels interleaved, so every label gets ≥ per_label images when num_images ≥
+18·per_label; ``--items FILE`` fixes the records), writes them with their audio clip, ground-truth
 image and seed into ``OUT/images/`` (the ``--images`` layout below) and scores that folder.
 
 ``--images DIR`` layout: ``DIR/manifest.jsonl``, one JSON object per generated image:
@@ -21,7 +22,8 @@ thesis-script "faithful" variants, the thesis's figures, timings), ``report.md``
 label, as Figures 5.2–5.33) and ``embeddings.npz`` (every embedding, to recompute without the models).
 
 Metrics (DESIGN §2.8): AIS = Wav2CLIP(audio) vs CLIP(generated); IIS = CLIP(ground truth) vs
-CLIP(generated); GIILS per label over the first ``per_label`` images of each label within the pool of all
+CLIP(generated), baselines over the M generated pairs and (generation mode, or ``--reference_sets``) over
+the whole test split as the thesis defines them (default exact means, and the scripts' divisors); GIILS per label over the first ``per_label`` images of each label within the pool of all
 generated images; FID = Inception pool3 of generated vs ground-truth images. Wav2CLIP normalises each clip
 on its own (``normalization="item"``), as the thesis embedded one file at a time.
 """
@@ -44,6 +46,10 @@ from mtok_jax import cli, errors
 import numpy as np
 
 MANIFEST = "manifest.jsonl"
+# metrics.generated_format → (file suffix, PIL save options, description). The thesis saved its generated
+# images as .jpg with PIL's default quality 75 and computed the CLIP features on those files.
+GENERATED_FORMATS = {"png": (".png", {"format": "PNG"}, "PNG (lossless)"),
+                     "jpeg75": (".jpg", {"format": "JPEG", "quality": 75}, "JPEG quality 75 (as the thesis)")}
 AUDIO_BATCH, CLIP_BATCH, INCEPTION_BATCH = 8, 64, 50  # embedding batch sizes (one compile each)
 
 # Published figures (thesis Tables 5.1–5.4; 335 generated test images, 10 per label for GIILS).
@@ -167,9 +173,19 @@ def compute_metrics(emb: Mapping[str, np.ndarray], labels: Sequence[int], label_
     gen = emb["generated_clip"]
     out["ais"] = sim(ais(emb["audio_wav2clip"], gen))
     out["ais_faithful"] = sim(ais(emb["audio_wav2clip"], gen, faithful=True))
+    if "reference_audio_wav2clip" in emb:  # baselines over the whole test split (the thesis's T)
+        ref = emb["reference_audio_wav2clip"]
+        out["ais_reference"] = {**sim(ais(emb["audio_wav2clip"], gen, reference=ref)), "T": len(ref)}
+        out["ais_reference_faithful"] = {**sim(ais(emb["audio_wav2clip"], gen, reference=ref, faithful=True)),
+                                         "T": len(ref)}
     if "ground_truth_clip" in emb:
         out["iis"] = sim(iis(gen, emb["ground_truth_clip"]))
         out["iis_faithful"] = sim(iis(gen, emb["ground_truth_clip"], faithful=True))
+        if "reference_image_clip" in emb:
+            ref = emb["reference_image_clip"]
+            out["iis_reference"] = {**sim(iis(gen, emb["ground_truth_clip"], reference=ref)), "T": len(ref)}
+            out["iis_reference_faithful"] = {**sim(iis(gen, emb["ground_truth_clip"], reference=ref,
+                                                       faithful=True)), "T": len(ref)}
         out["fid"] = fid(emb["generated_inception"], emb["ground_truth_inception"])
     groups = giils_groups(labels, per_label)
     counts = {int(k): int(np.sum(groups == k)) for k in np.unique(groups) if k >= 0}
@@ -216,12 +232,19 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     lines = [f"# Evaluation: {method}", "",
              f"{report['num_images']} generated images; AIS/IIS against the paired test audios / ground-truth "
              f"images, FID against the ground-truth images, GIILS over {report['per_label']} images per label "
-             f"within the pool of all {report['num_images']}. Checkpoint: `{report.get('checkpoint', '–')}`.", "",
+             f"within the pool of all {report['num_images']}. Checkpoint: `{report.get('checkpoint', '–')}`. "
+             f"Generated images scored as: {report.get('generated_format', '–')}.", "",
              "## AIS, IIS and FID (Tables 5.1 / 5.3)", "",
              "| METHOD | AIS ↑ | IIS ↑ | FID ↓ |", "|---|---|---|---|",
              f"| {method} | {_fmt(m['ais']['score'])} | {_fmt(m.get('iis', {}).get('score'))} | {_fmt(m.get('fid'))} |",
              f"| {method}, thesis-script variants | {_fmt(m['ais_faithful']['score'])} | "
              f"{_fmt(m.get('iis_faithful', {}).get('score'))} | {_fmt(m.get('fid'))} |"]
+    if "ais_reference" in m:
+        for key, what in (("reference", "baselines over the test split"),
+                          ("reference_faithful", "baselines over the test split, thesis-script divisors")):
+            ais_r, iis_r = m[f"ais_{key}"], m.get(f"iis_{key}", {})
+            lines.append(f"| {method}, {what} (T = {ais_r['T']} audios / {iis_r.get('T', '–')} images) | "
+                         f"{_fmt(ais_r['score'])} | {_fmt(iis_r.get('score'))} | {_fmt(m.get('fid'))} |")
     for t in THESIS.values():
         lines.append(f"| {t['name']} (thesis) | {_fmt(t['ais'])} | {_fmt(t['iis'])} | {_fmt(t['fid'])} |")
     lines += ["", "## GIILS per label (Tables 5.2 / 5.4), ordered", "",
@@ -279,6 +302,32 @@ def _load_rgb(path: str) -> np.ndarray:
         return np.asarray(im.convert("RGB"), np.uint8)
 
 
+def save_generated(rgb: np.ndarray, path_stem: str, generated_format: str) -> str:
+    """Write uint8 [H, W, 3] as ``path_stem`` + the format's suffix (GENERATED_FORMATS) → the file path."""
+    from PIL import Image
+
+    if generated_format not in GENERATED_FORMATS:
+        raise ValueError(f"metrics.generated_format must be one of {sorted(GENERATED_FORMATS)}, got {generated_format!r}")
+    suffix, options, _ = GENERATED_FORMATS[generated_format]
+    Image.fromarray(rgb).save(path_stem + suffix, **options)
+    return path_stem + suffix
+
+
+def _generated_format(rows: Sequence[Mapping[str, Any]]) -> str:
+    """How the generated images were stored: the manifest's ``generated_format`` (generation mode), else
+    the file format(s) read from the images."""
+    from PIL import Image
+
+    recorded = {r.get("generated_format") for r in rows}
+    if len(recorded) == 1 and None not in recorded and next(iter(recorded)) in GENERATED_FORMATS:
+        return GENERATED_FORMATS[next(iter(recorded))][2]
+    found = set()
+    for r in rows:
+        with Image.open(r["image"]) as im:
+            found.add(im.format or "unknown")
+    return " + ".join(sorted(found)) + " files (format not recorded)"
+
+
 def _stack(images: list[np.ndarray], what: str) -> np.ndarray:
     shapes = {im.shape for im in images}
     if len(shapes) != 1:
@@ -304,19 +353,24 @@ def _label_table(rows: Sequence[Mapping[str, Any]]) -> tuple[list[int], dict[int
 
 
 def score_images(images_dir: str, models: MetricModels, out_dir: str, *, per_label: int = 10,
-                 clip_seconds: float = 30.0, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Score a manifest folder; writes report.json / report.md / grids / embeddings.npz into out_dir."""
+                 clip_seconds: float = 30.0, extra: Mapping[str, Any] | None = None,
+                 reference: Mapping[str, np.ndarray] | None = None) -> dict[str, Any]:
+    """Score a manifest folder; writes report.json / report.md / grids / embeddings.npz into out_dir.
+
+    reference: {'reference_audio_wav2clip' [T, d], 'reference_image_clip' [T', d]} (:func:`reference_embeddings`)
+    adds AIS/IIS with baselines over those sets."""
     from mtok_jax.audio.io import load_audio
 
     rows = read_manifest(images_dir)
     generated = _stack([_load_rgb(r["image"]) for r in rows], "generated")
     has_gt = all(r.get("ground_truth") for r in rows)
     ground_truth = _stack([_load_rgb(r["ground_truth"]) for r in rows], "ground-truth") if has_gt else None
-    waveforms = np.stack([load_audio(r["audio"], 16000, clip_seconds, min_seconds=0.0, skip_silent=False)
+    waveforms = np.stack([load_audio(r["audio"], 16000, clip_seconds, min_seconds=0.0, silence_dbfs=None)
                           for r in rows])
     labels, names = _label_table(rows)
     t = time.perf_counter()
     emb, timings = embed_all(models, generated, ground_truth, waveforms)
+    emb.update(reference or {})
     timings["embed_total_seconds"] = time.perf_counter() - t
     t = time.perf_counter()
     metrics = compute_metrics(emb, labels, names, per_label)
@@ -324,9 +378,10 @@ def score_images(images_dir: str, models: MetricModels, out_dir: str, *, per_lab
     os.makedirs(out_dir, exist_ok=True)
     np.savez(os.path.join(out_dir, "embeddings.npz"), labels=np.asarray(labels), **emb)
     report = {"method": "This run", **(extra or {}), "images_dir": os.fspath(images_dir),
+              "generated_format": _generated_format(rows),
               "num_images": len(rows), "per_label": per_label, "clip_seconds": clip_seconds,
               "metrics": metrics, "models": models.paths, "timings": timings, "thesis": THESIS,
-              "seeds": [r.get("seed") for r in rows],
+              "seeds": [r.get("seed") for r in rows], "audio_ids": [r.get("audio_id") for r in rows],
               "grids": write_grids(out_dir, generated, labels, names)}
     with open(os.path.join(out_dir, "report.json"), "w") as f:
         json.dump(report, f, indent=2)
@@ -336,20 +391,55 @@ def score_images(images_dir: str, models: MetricModels, out_dir: str, *, per_lab
 
 
 # ------------------------------------------------------------------------------------------ generation mode
-def select_test_items(labels: Sequence[int], num_images: int) -> np.ndarray:
-    """Indices of ``num_images`` test records, labels interleaved round-robin (record order within a label),
-    so every label is represented as evenly as the split allows."""
+def select_test_items(labels: Sequence[int], num_images: int, seed: int | None = 0) -> np.ndarray:
+    """Indices of ``num_images`` test records, labels interleaved round-robin so every label is represented
+    as evenly as the split allows; within a label a random draw seeded by ``seed`` (``metrics.seed``).
+
+    Records are stored sorted by (label, path) and audio ids are ``<recording>segmentN``, so record order
+    would pick consecutive segments of few recordings (the reference's test loader shuffles).
+    ``seed=None``: record order."""
     labels = np.asarray(labels)
-    by_label = [list(np.flatnonzero(labels == lab)) for lab in np.unique(labels)]
+    rng = None if seed is None else np.random.default_rng(seed)
+    by_label = [list(idx if rng is None else rng.permutation(idx))
+                for idx in (np.flatnonzero(labels == lab) for lab in np.unique(labels))]
     order = [idx[r] for r in range(max(map(len, by_label), default=0)) for idx in by_label if r < len(idx)]
     return np.asarray(order[:num_images], np.int64)
 
 
+def read_items(path: str) -> list[int | str]:
+    """``--items FILE``: a manifest.jsonl of an earlier evaluation (its ``test_index`` per row), or one test
+    record per line (an integer index into the test split, or an ``audio_id``)."""
+    with open(path, encoding="utf-8") as f:
+        lines = [line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")]
+    if lines and lines[0].startswith("{"):
+        return [int(json.loads(line)["test_index"]) for line in lines]
+    return [int(x) if x.lstrip("-").isdigit() else x for x in lines]
+
+
+def item_indices(items: Sequence[int | str], source) -> np.ndarray:
+    """Test-split indices of ``items`` (indices, or audio ids looked up in ``source``'s records)."""
+    n = len(source)
+    ids = [x for x in items if isinstance(x, str)]
+    by_id = {}
+    if ids:
+        by_id = {source[i]["audio_id"].decode("utf-8"): i for i in range(n)}
+    out = []
+    for x in items:
+        i = by_id.get(x, -1) if isinstance(x, str) else int(x)
+        if not 0 <= i < n:
+            raise ValueError(f"--items: {x!r} is not a test record (the split has {n})")
+        out.append(i)
+    return np.asarray(out, np.int64)
+
+
 def generate_test_images(config, workdir, images_dir: str, *, checkpoint="best", num_images: int = 335,
-                         batch: int = 8) -> dict[str, Any]:
+                         batch: int = 8, items: Sequence[int | str] | None = None) -> dict[str, Any]:
     """Generate one image per selected test-split audio with ``mtok_jax.sample`` and write the --images
-    layout (generated PNG, ground-truth PNG, the stored audio clip as FLAC, manifest.jsonl with seeds and
-    every sampling setting) into ``images_dir``. Image i uses seed ``config.sample.seed + i``.
+    layout (generated image as ``metrics.generated_format``: PNG or the thesis's JPEG quality 75,
+    ground-truth PNG, the stored audio clip as FLAC, manifest.jsonl with seeds and every sampling
+    setting) into ``images_dir``. Image i uses seed ``config.sample.seed + i``. The test records are
+    ``items`` (indices or audio ids) when given, else :func:`select_test_items` with ``metrics.seed``; the
+    manifest records each one's ``test_index`` and ``audio_id``.
     Returns the generation settings and timing."""
     import soundfile as sf
     from PIL import Image
@@ -364,16 +454,25 @@ def generate_test_images(config, workdir, images_dir: str, *, checkpoint="best",
     test_labels = ds.labels("test")
     if test_labels.shape[0] == 0:
         raise ValueError(f"{ds.path}: the test split is empty")
-    items = select_test_items(test_labels, num_images)
-    if len(items) < num_images:
-        print(f"note: the test split has {len(items)} clips, fewer than --num_images {num_images}", file=sys.stderr)
     src = ds.source("test")
+    if items is not None:
+        items, selection = item_indices(items, src), {"selection": "given items"}
+    else:
+        seed = int(config.metrics.get("seed", 0))
+        items, selection = select_test_items(test_labels, num_images, seed), {"selection": "random", "selection_seed": seed}
+        if len(items) < num_images:
+            print(f"note: the test split has {len(items)} clips, fewer than --num_images {num_images}",
+                  file=sys.stderr)
     names = ds.label_names
     pipe = sample.load_pipeline(config, workdir, checkpoint)
     rate = sample.sample_rate(config)
     settings = dict(scheduler=s.scheduler, steps=int(s.steps), guidance=float(s.guidance),
                     prompt=config.prompt.inference, checkpoint=None if checkpoint is None else str(checkpoint),
-                    config=config.workdir_name, workdir=os.fspath(workdir) if workdir else None)
+                    config=config.workdir_name, workdir=os.fspath(workdir) if workdir else None,
+                    generated_format=config.metrics.get("generated_format", "png"), **selection)
+    if settings["generated_format"] not in GENERATED_FORMATS:
+        raise ValueError(f"metrics.generated_format must be one of {sorted(GENERATED_FORMATS)}, "
+                         f"got {settings['generated_format']!r}")
     for sub in ("generated", "ground_truth", "audio"):
         os.makedirs(os.path.join(images_dir, sub), exist_ok=True)
     rows, seconds = [], 0.0
@@ -388,11 +487,12 @@ def generate_test_images(config, workdir, images_dir: str, *, checkpoint="best",
         seconds += time.perf_counter() - t
         for k, (i, rec) in enumerate(zip(chunk, recs)):
             n = start + k
-            row = {"image": f"generated/{n:04d}.png", "ground_truth": f"ground_truth/{n:04d}.png",
+            image = save_generated(images[k, 0], os.path.join(images_dir, "generated", f"{n:04d}"),
+                                   settings["generated_format"])
+            row = {"image": os.path.relpath(image, images_dir), "ground_truth": f"ground_truth/{n:04d}.png",
                    "audio": f"audio/{n:04d}.flac", "label": int(rec["label"]), "label_name": names[int(rec["label"])],
                    "seed": seeds[k], "test_index": int(i), "audio_id": rec["audio_id"].decode("utf-8"),
                    "image_id": rec["image_id"].decode("utf-8"), **settings}
-            Image.fromarray(images[k, 0]).save(os.path.join(images_dir, row["image"]))
             Image.fromarray(decode_image(rec["image"])).save(os.path.join(images_dir, row["ground_truth"]))
             sf.write(os.path.join(images_dir, row["audio"]), to_pcm16(waves[k]), rate, subtype="PCM_16")
             rows.append(row)
@@ -403,18 +503,48 @@ def generate_test_images(config, workdir, images_dir: str, *, checkpoint="best",
                            "images_per_second": len(rows) / seconds if seconds > 0 else None}}
 
 
+def reference_embeddings(models: MetricModels, config, batch: int = 64) -> dict[str, np.ndarray]:
+    """The AIS/IIS reference sets as the thesis defines them: Wav2CLIP of every test-split clip (stored
+    audio, resampled to 16 kHz, ``data.clip_seconds``) → 'reference_audio_wav2clip' [T, d], and CLIP of every
+    test-split image (``test_images``) → 'reference_image_clip' [T', d]. Read and embedded in chunks."""
+    from metrics.clip_image import embed_images
+    from mtok_jax import sample
+    from mtok_jax.audio.io import fit_length, from_pcm16, resample
+    from mtok_jax.data import pipeline
+    from mtok_jax.data.images import decode_image
+
+    ds = pipeline.open_dataset(config.data.data_dir, config.data.builder_config or None)
+    rate, n_out = sample.sample_rate(config), int(round(float(config.data.clip_seconds) * 16000))
+    out = {}
+    for split, key, read, embed in (
+            ("test", "reference_audio_wav2clip",
+             lambda r: fit_length(resample(from_pcm16(r["audio"]), rate, 16000), n_out),
+             lambda x: embed_audio_batched(models, np.stack(x), AUDIO_BATCH)),
+            ("test_images", "reference_image_clip", lambda r: decode_image(r["image"]),
+             lambda x: embed_images(models.clip, np.stack(x), CLIP_BATCH))):
+        if not ds.has_split(split):
+            continue
+        src = ds.source(split)
+        n = len(ds.labels(split))
+        out[key] = np.concatenate([np.asarray(embed([read(src[i]) for i in range(s, min(n, s + batch))]), np.float32)
+                                   for s in range(0, n, batch)])
+    return out
+
+
 def evaluate_checkpoint(config, workdir, *, checkpoint="best", num_images: int = 335, per_label: int = 10,
-                        out_dir: str, metric_paths: Sequence[str] | None = None) -> dict[str, Any]:
+                        out_dir: str, metric_paths: Sequence[str] | None = None,
+                        items: Sequence[int | str] | None = None) -> dict[str, Any]:
     """Generate from the test split (:func:`generate_test_images` into ``out_dir/images``) and score it
     (:func:`score_images`); metric models from ``metric_paths`` or ``config.metrics``."""
     m = config.metrics
     paths = metric_paths or (m.clip_path, m.inception_path, m.wav2clip_path)
     models = MetricModels.load(*paths)  # fail on a bad metric model before spending time generating
     images_dir = os.path.join(out_dir, "images")
-    gen = generate_test_images(config, workdir, images_dir, checkpoint=checkpoint, num_images=num_images)
+    gen = generate_test_images(config, workdir, images_dir, checkpoint=checkpoint, num_images=num_images, items=items)
     extra = {"method": f"{config.workdir_name} (this port)", "checkpoint": gen["generation"]["checkpoint"], **gen}
     return score_images(images_dir, models, out_dir, per_label=per_label,
-                        clip_seconds=float(config.data.clip_seconds), extra=extra)
+                        clip_seconds=float(config.data.clip_seconds), extra=extra,
+                        reference=reference_embeddings(models, config))
 
 
 # ------------------------------------------------------------------------------------------ CLI
@@ -426,6 +556,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default="best",
                    help="best | latest | a step | none (untrained init; smoke tests) (generation mode)")
     p.add_argument("--images", help="score an existing manifest folder instead of generating")
+    p.add_argument("--items", help="generation mode: the test records to generate from (a manifest.jsonl of an "
+                                   "earlier run, or one test index / audio id per line) instead of the "
+                                   "metrics.seed random draw")
     p.add_argument("--num_images", type=int, help="generated test images (default config.metrics.num_images)")
     p.add_argument("--per_label", type=int, help="GIILS images per label (default config.metrics.per_label)")
     p.add_argument("--out", help="output folder (default <workdir>/eval or <images>/eval)")
@@ -433,6 +566,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--inception_path", help="Inception folder (default config.metrics.inception_path)")
     p.add_argument("--wav2clip_path", help="Wav2CLIP folder (default config.metrics.wav2clip_path)")
     p.add_argument("--clip_seconds", type=float, help="audio clip length (default config.data.clip_seconds or 30)")
+    p.add_argument("--reference_sets", action="store_true",
+                   help="--images mode: also score AIS/IIS with baselines over the --config dataset's whole test "
+                        "split (generation mode always does)")
     return p
 
 
@@ -473,7 +609,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.images:
         out = args.out or os.path.join(args.images, "eval")
         models = MetricModels.load(*paths)
-        report = score_images(args.images, models, out, per_label=per_label, clip_seconds=clip_seconds)
+        if args.reference_sets and config is None:
+            _parser().error("--reference_sets needs --config (its dataset's test split)")
+        reference = reference_embeddings(models, config) if args.reference_sets else None
+        report = score_images(args.images, models, out, per_label=per_label, clip_seconds=clip_seconds,
+                              reference=reference)
     else:
         if config is None or not args.workdir:
             _parser().error("generation mode needs --config and --workdir (or use --images DIR)")
@@ -482,7 +622,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         checkpoint = None if args.checkpoint.lower() == "none" else args.checkpoint
         checkpoint = int(checkpoint) if checkpoint is not None and checkpoint.isdigit() else checkpoint
         report = evaluate_checkpoint(config, args.workdir, checkpoint=checkpoint, num_images=num_images,
-                                     per_label=per_label, out_dir=out, metric_paths=paths)
+                                     per_label=per_label, out_dir=out, metric_paths=paths,
+                                     items=read_items(args.items) if args.items else None)
     print(render_markdown(report))
     print(f"\nwrote {os.path.join(out, 'report.md')}", file=sys.stderr)
     return report

@@ -23,6 +23,7 @@ import numpy as np
 from flax import linen as nn
 from flax import traverse_util
 
+from mtok_jax import pt_checkpoint
 from mtok_jax.params_io import load_params, save_params
 
 INPUT_SIZE = 299
@@ -319,11 +320,10 @@ def params_from_torch(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     return traverse_util.unflatten_dict(flat)
 
 
-def convert_checkpoint(pth_path: str | os.PathLike, out_dir: str | os.PathLike) -> str:
-    """``pt_inception-2015-12-05-*.pth`` → params_io folder ``out_dir`` (needs torch). Returns out_dir."""
-    import torch
-
-    state_dict = torch.load(pth_path, map_location="cpu", weights_only=True)
+def convert_checkpoint(pth_path: str | os.PathLike, out_dir: str | os.PathLike, *, trusted: bool = False) -> str:
+    """``pt_inception-2015-12-05-*.pth`` → params_io folder ``out_dir`` (needs torch). Returns out_dir.
+    ``trusted``: allow full unpickling (:func:`mtok_jax.pt_checkpoint.load`)."""
+    state_dict = pt_checkpoint.load(pth_path, trusted=trusted)
     save_params(out_dir, params_from_torch(state_dict), {**CONFIG, "source": os.path.basename(str(pth_path))})
     return str(out_dir)
 

@@ -8,6 +8,12 @@ Defaults follow DESIGN §2.8 (exact means). ``faithful=True`` reproduces the the
 (``AIS_complete.py``, ``IIS_complete.py``, ``GIILS_complete.py``; notes/audiotoken.md §2.6): their baselines
 exclude reference items by **exact embedding equality** with the query and divide by a fixed count
 (M − 1, N − 2) whatever the number of terms actually summed.
+
+``reference=`` [T, d]: the baseline runs over a separate reference set, as the thesis defines it (T = the
+audio files [images] of the *test set*, the scripts loop over all 2,425 test files): the default is the
+exact mean over the reference items that are not the paired one (found by embedding equality); faithful
+divides the same loop's sum by T − 1, with the scripts' exclusions (AIS: equal to the paired audio; IIS:
+equal to the *generated* image, i.e. none).
 """
 
 from __future__ import annotations
@@ -71,6 +77,31 @@ def _paired_mean(reference: jax.Array, generated: jax.Array, faithful_exclude: j
     return jnp.mean(paired - baseline)
 
 
+def _reference_mean(reference: jax.Array, paired: jax.Array, generated: jax.Array, exclude_equal_to: jax.Array,
+                    faithful: bool) -> jax.Array:
+    """m = mean_j [cos(x_j, g_j) − baseline_j], baseline over a reference set R [T, d]; x = paired [M, d],
+    g = generated [M, d]. Terms r with R_r == exclude_equal_to_j are dropped; the kept sum is divided by the
+    kept count (default) or T − 1 (faithful, the scripts' divisor)."""
+    c = cosine_matrix(reference, generated)  # [r, j]
+    keep = ~_equal_rows(reference, exclude_equal_to)  # [r, j]
+    total = jnp.sum(jnp.where(keep, c, 0.0), axis=0)
+    count = jnp.float32(c.shape[0] - 1) if faithful else jnp.sum(keep.astype(jnp.float32), axis=0)
+    paired_cos = jnp.sum(cosine_matrix(paired, generated) * jnp.eye(paired.shape[0]), axis=0)
+    return jnp.mean(paired_cos - total / count)
+
+
+@functools.partial(jax.jit, static_argnames=("faithful", "exclude_generated"))
+def _with_reference(reference, paired, generated, faithful: bool, exclude_generated: bool):
+    exclude = generated if exclude_generated else paired
+    m = _reference_mean(reference, paired, generated, exclude, faithful)
+    return Similarity(score(m), m)
+
+
+def _check_reference(reference, paired, what: str) -> None:
+    if reference.ndim != 2 or reference.shape[1] != paired.shape[1] or reference.shape[0] < 2:
+        raise ValueError(f"{what}: reference must be [T ≥ 2, {paired.shape[1]}], got {reference.shape}")
+
+
 def _check_paired(a, b, what: str) -> None:
     if a.ndim != 2 or a.shape != b.shape:
         raise ValueError(f"{what}: expected two [M, d] arrays of the same shape, got {a.shape} and {b.shape}")
@@ -85,7 +116,8 @@ def _ais(audio_emb, image_emb, faithful: bool):
     return Similarity(score(m), m)
 
 
-def ais(audio_emb: jax.Array, image_emb: jax.Array, *, faithful: bool = False) -> Similarity:
+def ais(audio_emb: jax.Array, image_emb: jax.Array, *, faithful: bool = False,
+        reference: jax.Array | None = None) -> Similarity:
     """Audio–image similarity of M generated images g_j with their conditioning audios a_j.
 
     ``m = mean_j [cos(a_j, g_j) − mean_{r≠j} cos(a_r, g_j)]``, ``AIS = score(m)``; audio_emb [M, d]
@@ -93,9 +125,15 @@ def ais(audio_emb: jax.Array, image_emb: jax.Array, *, faithful: bool = False) -
     set is the M audios themselves.
     faithful: ``AIS_complete.py`` — baseline Σ over audios r whose embedding differs from a_j, divided by
     M − 1 (identical to the default unless two audios have identical embeddings).
+    reference [T, d]: baseline over these audios (the whole test split) instead: mean over r with a_r ≠ a_j;
+    faithful: that sum / (T − 1), the script's loop over all test audios.
     """
     audio_emb, image_emb = jnp.asarray(audio_emb), jnp.asarray(image_emb)
     _check_paired(audio_emb, image_emb, "ais")
+    if reference is not None:
+        reference = jnp.asarray(reference)
+        _check_reference(reference, audio_emb, "ais")
+        return _with_reference(reference, audio_emb, image_emb, faithful, False)
     return _ais(audio_emb, image_emb, faithful)
 
 
@@ -108,16 +146,23 @@ def _iis(generated_emb, ground_truth_emb, faithful: bool):
     return Similarity(score(m), m)
 
 
-def iis(generated_emb: jax.Array, ground_truth_emb: jax.Array, *, faithful: bool = False) -> Similarity:
+def iis(generated_emb: jax.Array, ground_truth_emb: jax.Array, *, faithful: bool = False,
+        reference: jax.Array | None = None) -> Similarity:
     """Image–image similarity of M generated images g_j with their ground-truth images x_j.
 
     ``m = mean_j [cos(x_j, g_j) − mean_{r≠j} cos(x_r, g_j)]``, ``IIS = score(m)``; both [M, d] (CLIP image
     features), row j paired; the baseline set is the M ground-truth images.
     faithful: ``IIS_complete.py`` — baseline_j = Σ_{r: x_r ≠ g_j} cos(x_r, g_j) / (M − 1), i.e. normally all
     M terms including the ground truth x_j itself, divided by M − 1.
+    reference [T, d]: baseline over these images (the test split's images) instead: mean over r with
+    x_r ≠ x_j; faithful: Σ over r with x_r ≠ g_j (normally all T, the ground truth included) / (T − 1).
     """
     generated_emb, ground_truth_emb = jnp.asarray(generated_emb), jnp.asarray(ground_truth_emb)
     _check_paired(generated_emb, ground_truth_emb, "iis")
+    if reference is not None:
+        reference = jnp.asarray(reference)
+        _check_reference(reference, ground_truth_emb, "iis")
+        return _with_reference(reference, ground_truth_emb, generated_emb, faithful, faithful)
     return _iis(generated_emb, ground_truth_emb, faithful)
 
 

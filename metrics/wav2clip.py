@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from mtok_jax import params_io
+from mtok_jax import params_io, pt_checkpoint
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 _STAGES = (1, 2, 3, 4)
@@ -293,11 +293,9 @@ def _check_tree(variables: Mapping[str, Any], config: Mapping[str, Any]) -> None
 
 def convert_checkpoint(pt_path: str | os.PathLike, out_dir: str | os.PathLike, *, trusted: bool = False) -> str:
     """Official ``Wav2CLIP.pt`` (a Lightning checkpoint ``{'state_dict': {...}}``, or a bare state dict) →
-    params_io folder ``out_dir`` (params.safetensors + config.json). Loads with ``weights_only=True`` unless
-    ``trusted`` (only for a file you trust, if its extra entries need full unpickling)."""
-    import torch
-
-    ckpt = torch.load(pt_path, map_location="cpu", weights_only=not trusted)
+    params_io folder ``out_dir`` (params.safetensors + config.json). ``trusted``: allow full unpickling
+    (:func:`mtok_jax.pt_checkpoint.load`; only for a file you trust, if its extra entries need it)."""
+    ckpt = pt_checkpoint.load(pt_path, trusted=trusted)
     state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, Mapping) else ckpt
     variables, config = params_from_torch(state)
     params_io.save_params(out_dir, variables, config)

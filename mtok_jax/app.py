@@ -196,7 +196,7 @@ class Server:
         _, note = check_audio(audio_path, self.config, float(start), self.limits)
         out = tempfile.mkdtemp(prefix=time.strftime("%Y%m%d-%H%M%S-"), dir=os.path.join(self.upload_dir, "results"))
         with self.lock:
-            records = sample.sample_files(self.pipe, [audio_path], out, negative_prompt=negative_prompt or "",
+            records, _ = sample.sample_files(self.pipe, [audio_path], out, negative_prompt=negative_prompt or "",
                                           start=float(start), progress=progress, **settings)
         return records, out, note
 

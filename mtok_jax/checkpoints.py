@@ -17,8 +17,9 @@ Safety rules (what a preempted 30-hour run needs):
   restore and never trained on. (A step committed by orbax whose checksum file was not yet written —
   a kill in the milliseconds between — is restored unverified: orbax's tmp-dir + rename commit makes
   it complete.)
-* Orbax's leftover `*.orbax-checkpoint-tmp*` directories are removed at start. A failed save (disk
-  full, I/O error) raises `CheckpointError` with one line; its tmp directory is removed and the
+* Orbax's leftover `*.orbax-checkpoint-tmp*` directories are removed at start. A save the free disk
+  space cannot hold is refused before writing; a save that fails anyway (I/O error, a disk filled by
+  someone else meanwhile) raises `CheckpointError` with one line, its tmp directory is removed and the
   previous checkpoint stays intact.
 """
 
@@ -113,6 +114,10 @@ def verify_checksums(step_dir: str) -> bool:
     return True
 
 
+def _nbytes(*trees: Any) -> int:
+    return sum(int(x.size) * x.dtype.itemsize for tree in trees for x in jax.tree.leaves(tree) if hasattr(x, "dtype"))
+
+
 def _dir_bytes(path: str) -> int:
     return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs)
 
@@ -176,7 +181,7 @@ class Checkpointer:
 
     # -------------------------------------------------------------------- saving
     def save_latest(self, step: int, params: Any, opt_state: Any, meta: Mapping[str, Any]) -> None:
-        self._save(self.latest, step, ocp.args.Composite(
+        self._save(self.latest, step, _nbytes(params, opt_state), ocp.args.Composite(
             params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
             meta=ocp.args.JsonSave(dict(meta))))
 
@@ -185,13 +190,14 @@ class Checkpointer:
         for old in self.best.all_steps():
             if old >= step:  # from a continuation that was abandoned (killed before its `latest`)
                 self.best.delete(old)
-        self._save(self.best, step, ocp.args.Composite(
+        self._save(self.best, step, _nbytes(params), ocp.args.Composite(
             params=ocp.args.StandardSave(params), meta=ocp.args.JsonSave(dict(meta))))
 
-    def _save(self, mgr: ocp.CheckpointManager, step: int, args: ocp.args.Composite) -> None:
+    def _save(self, mgr: ocp.CheckpointManager, step: int, nbytes: int, args: ocp.args.Composite) -> None:
         self.wait()  # one save in flight at a time
         if step in mgr.all_steps():
             mgr.delete(step)
+        self._check_space(mgr, step, nbytes)
         try:
             mgr.save(step, args=args, force=True)
         except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise ValueError, OSError, ...
@@ -204,6 +210,18 @@ class Checkpointer:
         pending, self._pending = self._pending, None
         if pending is not None and (error := pending.join()) is not None:
             self._fail(pending.mgr, pending.step, error)
+
+    def _check_space(self, mgr: ocp.CheckpointManager, step: int, nbytes: int) -> None:
+        """Refuse a save the disk cannot hold before orbax starts writing (a write failing half-way makes
+        orbax's and tensorstore's background threads print their own tracebacks)."""
+        need = int(nbytes * 1.05) + (256 << 10)  # the arrays + metadata
+        free = shutil.disk_usage(self.workdir).free
+        if jax.process_index() == 0 and free < need:
+            kept = mgr.latest_step()
+            kept_text = f"; {os.path.basename(os.fspath(mgr.directory))}/{kept} is intact" if kept is not None else ""
+            raise CheckpointError(f"{os.path.basename(os.fspath(mgr.directory))} checkpoint {step} not saved: no space "
+                                  f"left on {self.workdir} (needs ≈{need / 2 ** 20:.1f} MB, {free / 2 ** 20:.1f} MB "
+                                  f"free){kept_text}")
 
     def _fail(self, mgr: ocp.CheckpointManager, step: int, error: BaseException):
         """Remove what the failed save left, raise one line saying why and what it needed."""

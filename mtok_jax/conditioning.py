@@ -27,6 +27,7 @@ import numpy as np
 from mtok_jax.models import beats as beats_lib
 from mtok_jax.models import diffusion
 from mtok_jax.models import embedder as embedder_lib
+from mtok_jax.models import hub
 from mtok_jax.models import text as text_lib
 
 PARTS = ("beats", "embedder", "text", "unet", "vae")
@@ -73,6 +74,12 @@ def image_hw(config) -> tuple[int, int]:
     """(height, width) of the training images."""
     if config.data.get("reference_512x320", False):
         return 320, 512
+    return int(config.data.image_size), int(config.data.image_size)
+
+
+def sample_hw(config) -> tuple[int, int]:
+    """(height, width) of sampled images: square `data.image_size` (512), also under
+    `data.reference_512x320`, which trains on 512×320 but samples at the UNet's default 512×512."""
     return int(config.data.image_size), int(config.data.image_size)
 
 
@@ -144,19 +151,6 @@ def text_states(system: System, params: Mapping[str, Any], token: jax.Array, pro
 # ---------------------------------------------------------------------------------------------------
 # Loading
 # ---------------------------------------------------------------------------------------------------
-def _sd_folder(sd_path: str, sub: str) -> str:
-    """sd_path/sub for a local SD folder, else the hub snapshot's sub-folder (small files only)."""
-    local = os.path.join(sd_path, sub)
-    if os.path.isdir(local):
-        return local
-    if os.path.exists(sd_path):
-        raise FileNotFoundError(f"{local} not found (model.sd_path={sd_path!r} is a local folder)")
-    from huggingface_hub import snapshot_download
-
-    patterns = [f"{sub}/*.json", f"{sub}/*.txt", f"{sub}/*.safetensors", f"{sub}/*.msgpack"]
-    return os.path.join(snapshot_download(sd_path, allow_patterns=patterns), sub)
-
-
 def dataset_labels(config) -> tuple[str, ...]:
     """Label names of the configured dataset (its metadata), else the 18 thesis labels."""
     from mtok_jax.data import pipeline, sources
@@ -178,9 +172,9 @@ def _embedder_input_dim(config, beats_cfg: Mapping[str, Any]) -> int:
 def _check(config, beats_cfg: Mapping[str, Any], text_hidden: int, cross_dim: int,
            unet_cfg: Mapping[str, Any], vae_cfg: Mapping[str, Any]) -> None:
     factor = 2 ** (len(vae_cfg["block_out_channels"]) - 1) * 2 ** (len(unet_cfg["block_out_channels"]) - 1)
-    if any(s % factor for s in image_hw(config)):
-        raise ValueError(f"image size {image_hw(config)} must be a multiple of {factor} for this VAE + UNet "
-                         f"(data.image_size)")
+    for hw in (image_hw(config), sample_hw(config)):
+        if any(s % factor for s in hw):
+            raise ValueError(f"image size {hw} must be a multiple of {factor} for this VAE + UNet (data.image_size)")
     n_layers = int(beats_lib.beats_config(beats_cfg)["encoder_layers"])
     if max(config.model.beats_layers) >= n_layers:
         raise ValueError(f"model.beats_layers={tuple(config.model.beats_layers)} but BEATs has {n_layers} layers")
@@ -197,11 +191,14 @@ def load_system(config, *, labels: Sequence[str] | None = None) -> tuple[System,
     m = config.model
     dtype = compute_dtype(config)
     beats, beats_params = beats_lib.load_beats(m.beats_path, dtype=dtype, split_conv_pos=m.split_conv_pos)
-    unet, unet_params = diffusion.load_unet(m.sd_path, dtype=dtype)
-    vae, vae_params = diffusion.load_vae(m.sd_path, dtype=dtype)
-    noise_scheduler, noise_state = diffusion.load_noise_scheduler(m.sd_path)
-    text, text_params = text_lib.load_text_encoder(diffusion._resolve(m.sd_path, "text_encoder"), dtype=dtype)
-    tokenizer = text_lib.load_tokenizer(_sd_folder(m.sd_path, "tokenizer"), config.prompt.placeholder)
+    fetch = dict(allow_download=m.allow_download)
+    unet, unet_params = diffusion.load_unet(m.sd_path, dtype=dtype, **fetch)
+    vae, vae_params = diffusion.load_vae(m.sd_path, dtype=dtype, **fetch)
+    noise_scheduler, noise_state = diffusion.load_noise_scheduler(m.sd_path, **fetch)
+    text, text_params = text_lib.load_text_encoder(hub.resolve_folder(m.sd_path, "text_encoder", **fetch),
+                                                   dtype=dtype)
+    tokenizer = text_lib.load_tokenizer(hub.resolve_folder(m.sd_path, "tokenizer", "vocab.json", **fetch),
+                                        config.prompt.placeholder)
     hidden = int(text.config.hidden_size)
     _check(config, beats.cfg, hidden, int(unet.cross_attention_dim), unet.config, vae.config)
     if m.embedder_path:
@@ -263,10 +260,10 @@ def abstract_system(config, *, full_size: bool = True, num_labels: int = 18) -> 
         text_cfg, sched_cfg = diffusion.SD14_TEXT_CONFIG, diffusion.SD14_SCHEDULER_CONFIG
     else:
         beats_cfg = _read_json(os.path.join(m.beats_path, "config.json"))
-        unet_cfg = _read_json(os.path.join(m.sd_path, "unet", "config.json"))
-        vae_cfg = _read_json(os.path.join(m.sd_path, "vae", "config.json"))
-        text_cfg = _read_json(os.path.join(m.sd_path, "text_encoder", "config.json"))
-        sched_cfg = diffusion.read_scheduler_config(m.sd_path)
+        unet_cfg, vae_cfg, text_cfg = (
+            _read_json(os.path.join(hub.resolve_folder(m.sd_path, part, allow_download=m.allow_download),
+                                    hub.CONFIG_FILE)) for part in ("unet", "vae", "text_encoder"))
+        sched_cfg = diffusion.read_scheduler_config(m.sd_path, allow_download=m.allow_download)
     beats = beats_lib.BEATs(dict(beats_cfg), dtype=dtype, split_conv_pos=m.split_conv_pos)
     unet = diffusion.unet_from_config(unet_cfg, dtype=dtype)
     vae = diffusion.vae_from_config(vae_cfg, dtype=dtype)

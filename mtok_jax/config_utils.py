@@ -95,7 +95,7 @@ _RANGES = {
     "train.lambda_l1": ">= 0", "train.lambda_l2": ">= 0", "train.lambda_cl": ">= 0",
     "train.log_every": "> 0", "train.checkpoint_every": "> 0",
     "data.clip_seconds": "> 0", "data.image_size": "a positive multiple of 8",
-    "sample.steps": "> 0", "sample.num_images": "> 0",
+    "sample.steps": "> 0", "sample.num_images": "> 0", "sample.images_per_device": "> 0",
 }
 
 

@@ -5,18 +5,29 @@
                          scheduler='pndm')                     # uint8 [B, num_images, H, W, 3]
   # optional: prompt='a painting of <*>', negative_prompt='blurry', progress=lambda k, n: ...
 
-One jit per (scheduler, steps, batch): audio token (embedder dropout per the config), text states of
-the prompt (default: the config's inference prompt; the tokenized prompt is an argument, so another
-prompt needs no recompile), the unconditional states of the negative prompt (default "") for
-classifier-free guidance, initial noise, the whole denoising loop (`lax.fori_loop`, mtok_jax.models.diffusion.denoise_latents) and the VAE decode.
-The example axis is sharded over the mesh (`config.mesh`). Image j of an audio with seed s uses the key
-fold_in(key(s), j) for both its audio-token dropout and its noise, so an image depends only on
-(audio, seed, j, settings), never on the batch it was generated in or the device count. Every
-denoising step reports to the host (`jax.debug.callback`) for `progress(k, n)`.
+One jit per (scheduler, steps): audio token (embedder dropout per the config), text states of the
+prompt (default: the config's inference prompt; the tokenized prompt is an argument, so another prompt
+needs no recompile), the unconditional states of the negative prompt (default "") for classifier-free
+guidance, initial noise, the whole denoising loop (`lax.fori_loop`, mtok_jax.models.diffusion.denoise_latents)
+and the VAE decode. It is compiled for one batch shape only, `config.sample.images_per_device`
+(default 1) images per device, the example axis sharded over the mesh (`config.mesh`); `max_batch`
+only sets how many such calls are dispatched per host round trip. Image j of an audio with seed s
+uses the key fold_in(key(s), j) for both its audio-token dropout and its noise, so an image depends
+only on (audio, seed, j, settings), never on the batch it was generated in or on `max_batch` (XLA's
+float summation order follows the compiled shape, so another shape changes ≈1e-4 of the uint8 values
+by one LSB). With 1 image per device: measured byte-identical for max_batch 1/3/8 and 1 vs 8 devices
+(CPU); cost on the shared 2-core CPU demo (18 images, 20 steps, interleaved runs) 9.4–9.6 s vs
+6.2–9.6 s with 8 per device. On an accelerator a larger `images_per_device` fills the chip better;
+images then depend on that value (recorded in samples.jsonl) but still not on `max_batch` or the
+device count. Every denoising step reports to the host (`jax.debug.callback`) for `progress(k, n)`.
 
 `sample_files` adds file handling: audio decode (any format `mtok_jax.audio.io` reads), labels from
 the folder names, PNG per image, a captioned grid and `samples.jsonl` (one line per image with the
-audio path, label, seed, index and every setting needed to regenerate it).
+audio path, label, seed, index and every setting needed to regenerate it). A file that cannot be
+decoded (unreadable, empty, too short, silent) is logged as `path: reason` and skipped; the others are
+still generated, and `skipped.jsonl` beside `samples.jsonl` lists the skipped files, one
+`{"audio": path, "reason": ...}` per line (empty when none). File i keeps seed + i whether or not an
+earlier file was skipped.
 """
 
 from __future__ import annotations
@@ -36,11 +47,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from mtok_jax import checkpoints, conditioning, errors, sharding
+from mtok_jax.audio.io import AudioDecodeError, load_audio
 from mtok_jax.models import diffusion
 from mtok_jax.models import text as text_lib
 
 log = logging.getLogger("mtok_jax.sample")
 UNCONDITIONAL_PROMPT = ""
+
+
+class NoImages(errors.UserError, ValueError):
+    """`sample_files` could decode none of its audio files (each is listed in skipped.jsonl)."""
 
 
 def negative_prompt_ids(system: conditioning.System, prompt: str = UNCONDITIONAL_PROMPT) -> np.ndarray:
@@ -76,8 +92,8 @@ def unconditional_states(system: conditioning.System, text_params: Mapping[str, 
 
 
 def latent_shape(system: conditioning.System) -> tuple[int, int, int]:
-    """(C, h, w) of the UNet latents for the configured image size."""
-    h, w = conditioning.image_hw(system.config)
+    """(C, h, w) of the UNet latents for the sampled image size (conditioning.sample_hw)."""
+    h, w = conditioning.sample_hw(system.config)
     factor = 2 ** (len(system.vae.block_out_channels) - 1)
     return int(system.unet.in_channels), h // factor, w // factor
 
@@ -122,7 +138,7 @@ class Pipeline:
     config: Any
     checkpoint: str | int | None = None
     workdir: str | None = None
-    max_batch: int = 8  # images per jit call (rounded up to the mesh size)
+    max_batch: int = 8  # images dispatched per host round trip (no effect on the images)
     _uncond: dict = dataclasses.field(default_factory=dict)  # negative prompt → states [1, 77, D]
     _plain_states: Any = None
     _compiled: dict = dataclasses.field(default_factory=dict)
@@ -132,11 +148,13 @@ class Pipeline:
         if self._progress is not None:
             self._progress(int(i), int(n))
 
-    def _sampler(self, kind: str, steps: int, batch: int):
-        key = (kind, steps, batch)
+    def _sampler(self, kind: str, steps: int):
+        """(jitted generate_images for sample.images_per_device × devices images, scheduler state)."""
+        key = (kind, steps)
         if key not in self._compiled:
             sched, state = diffusion.sampler_from_config(
-                diffusion.read_scheduler_config(self.config.model.sd_path), kind)
+                diffusion.read_scheduler_config(self.config.model.sd_path,
+                                                allow_download=self.config.model.allow_download), kind)
             data = sharding.batch_sharding(self.mesh)
             fn = functools.partial(generate_images, self.system, scheduler=sched, steps=steps,
                                    on_step=self._step_done)
@@ -169,25 +187,27 @@ class Pipeline:
         waves = np.repeat(waveforms, num_images, axis=0)
         keys = image_keys(seeds, num_images)
         total = waves.shape[0]
-        shards = sharding.num_batch_shards(self.mesh)
-        batch = min(self.max_batch, total)
-        batch = int(math.ceil(batch / shards) * shards)
-        fn, state = self._sampler(scheduler, int(steps), batch)
+        # The one compiled batch shape (XLA picks its blocking, hence float summation order, from it).
+        chunk = int(self.config.sample.images_per_device) * sharding.num_batch_shards(self.mesh)
+        fn, state = self._sampler(scheduler, int(steps))
         data = sharding.batch_sharding(self.mesh)
+        idx = np.minimum(np.arange(int(math.ceil(total / chunk)) * chunk), total - 1)  # pad by repetition
+        # With a progress hook every call is waited for (the hook knows which call reports); without,
+        # up to max_batch images are dispatched per host round trip.
+        per_trip = 1 if progress is not None else max(1, int(math.ceil(self.max_batch / chunk)))
+        calls = len(idx) // chunk
         out = []
-        calls = int(math.ceil(total / batch))
-        for c, start in enumerate(range(0, total, batch)):
-            idx = np.minimum(np.arange(start, start + batch), total - 1)  # pad the last chunk by repetition
-            w = jax.device_put(waves[idx], data)
-            k = jax.device_put(keys[idx], data)
-            # the callback may fire once per device: report each step once, in order
-            self._progress = None if progress is None else _once_per_step(progress, c, calls)
+        for first in range(0, calls, per_trip):
+            self._progress = None if progress is None else _once_per_step(progress, first, calls)
             try:
-                imgs = fn(self.params, uncond, w, k, jnp.float32(guidance), state=state, prompt=ids)
-                out.append(np.asarray(jax.device_get(imgs))[: min(batch, total - start)])
+                pending = [fn(self.params, uncond, jax.device_put(waves[idx[c * chunk:(c + 1) * chunk]], data),
+                              jax.device_put(keys[idx[c * chunk:(c + 1) * chunk]], data), jnp.float32(guidance),
+                              state=state, prompt=ids)
+                           for c in range(first, min(first + per_trip, calls))]
+                out.extend(np.asarray(x) for x in jax.device_get(pending))
             finally:
                 self._progress = None
-        images = np.concatenate(out)
+        images = np.concatenate(out)[:total]
         return images.reshape(waveforms.shape[0], num_images, *images.shape[1:])
 
 
@@ -279,10 +299,8 @@ def load_clip(config, path: str | os.PathLike, start: float = 0.0) -> np.ndarray
     """The model's input from an audio file: `config.data.clip_seconds` from `start` seconds on, mono,
     resampled, a shorter rest repeat-padded as in training (also under 1 s; silence and undecodable
     files raise `AudioDecodeError`)."""
-    from mtok_jax.audio.io import load_audio
-
     return load_audio(path, sample_rate(config), config.data.clip_seconds, start_seconds=float(start),
-                      min_seconds=0.0)
+                      min_seconds=0.0, stereo=config.data.stereo)
 
 
 def _caption_cell(image: np.ndarray, caption: str, side: int):
@@ -315,48 +333,69 @@ def _slug(text: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in text).strip("_")[:60] or "x"
 
 
+def _write_jsonl(path: str, records: Sequence[Mapping[str, Any]]) -> None:
+    with open(path, "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+
+
 def sample_files(pipe: Pipeline, audio_paths: Sequence[str], out_dir: str | os.PathLike, *, num_images: int,
                  steps: int, guidance: float, scheduler: str, seed: int, same_seed: bool = False,
                  prompt: str | None = None, negative_prompt: str = UNCONDITIONAL_PROMPT,
-                 start: float = 0.0, progress=None) -> list[dict]:
+                 start: float = 0.0, progress=None) -> tuple[list[dict], list[dict]]:
     """Generate for each audio file (seed + i for the i-th file; `same_seed`: `seed` for all, so images
-    differ only through the audio) → PNGs, grid.png and samples.jsonl in `out_dir`; returns the
-    records written to samples.jsonl. prompt (one `<*>`; default config.prompt.inference),
-    negative_prompt and start (seconds into each file: which clip window is used), progress as in
-    `generate`."""
+    differ only through the audio) → PNGs, grid.png, samples.jsonl and skipped.jsonl in `out_dir`;
+    returns (the image records of samples.jsonl, the skip records {'audio', 'reason'} of skipped.jsonl).
+    prompt (one `<*>`; default config.prompt.inference), negative_prompt and start (seconds into each
+    file: which clip window is used), progress as in `generate`. Undecodable files are skipped
+    (logged); with none left, `NoImages` is raised (no image, no grid)."""
     from PIL import Image
 
     config = pipe.config
     prompt = config.prompt.inference if prompt is None else prompt
     prompt_ids(pipe.system, prompt)  # a bad template fails before any decoding
     os.makedirs(out_dir, exist_ok=True)
-    waves = np.stack([load_clip(config, p, start) for p in audio_paths])
     seeds = [int(seed) + (0 if same_seed else i) for i in range(len(audio_paths))]
+    kept, waves, skipped = [], [], []
+    for i, path in enumerate(audio_paths):
+        try:
+            waves.append(load_clip(config, path, start))
+            kept.append(i)
+        except (AudioDecodeError, OSError) as e:
+            reason = e.reason if isinstance(e, AudioDecodeError) else f"{type(e).__name__}: {e}"
+            log.warning("%s: %s (skipped)", path, reason)
+            skipped.append(dict(audio=os.path.abspath(path), reason=reason))
+    _write_jsonl(os.path.join(out_dir, "skipped.jsonl"), skipped)
+    if not kept:
+        _write_jsonl(os.path.join(out_dir, "samples.jsonl"), [])
+        raise NoImages(f"no image made: all {len(audio_paths)} audio files were skipped (reasons in "
+                       f"{os.path.join(out_dir, 'skipped.jsonl')})")
     t0 = time.time()
-    images = pipe.generate(waves, seeds, num_images=num_images, steps=steps, guidance=guidance, scheduler=scheduler,
-                           prompt=prompt, negative_prompt=negative_prompt, progress=progress)
+    images = pipe.generate(np.stack(waves), [seeds[i] for i in kept], num_images=num_images, steps=steps,
+                           guidance=guidance, scheduler=scheduler, prompt=prompt, negative_prompt=negative_prompt,
+                           progress=progress)
     seconds = time.time() - t0
     settings = dict(scheduler=scheduler, steps=int(steps), guidance=float(guidance), num_images=int(num_images),
+                    images_per_device=int(config.sample.images_per_device),
                     prompt=prompt, negative_prompt=negative_prompt, start=float(start),
-                    image_size=list(conditioning.image_hw(config)), checkpoint=pipe.checkpoint,
+                    image_size=list(conditioning.sample_hw(config)), checkpoint=pipe.checkpoint,
                     sd_path=config.model.sd_path, beats_path=config.model.beats_path,
                     unary_dropout_at_inference=bool(config.model.unary_dropout_at_inference),
                     dtype=config.model.dtype, config=config.workdir_name, workdir=pipe.workdir)
     records, captions = [], []
-    for b, path in enumerate(audio_paths):
+    for k, b in enumerate(kept):
+        path = audio_paths[b]
         label = label_of(path, pipe.system.labels)
         stem = _slug(os.path.splitext(os.path.basename(path))[0])
         for j in range(num_images):
             name = f"{b:04d}_{_slug(label or 'unlabeled')}_{stem}_s{seeds[b]}_{j}.png"
-            Image.fromarray(images[b, j]).save(os.path.join(out_dir, name))
+            Image.fromarray(images[k, j]).save(os.path.join(out_dir, name))
             records.append(dict(image=name, audio=os.path.abspath(path), label=label, seed=seeds[b], index=j,
                                 **settings))
             captions.append(label or stem)
     write_grid(os.path.join(out_dir, "grid.png"), images.reshape(-1, *images.shape[2:]), captions,
                columns=num_images if num_images > 1 else None)
-    with open(os.path.join(out_dir, "samples.jsonl"), "w") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
-    log.info("%d images from %d audio files in %.1f s (incl. compile) → %s", images.shape[0] * num_images,
-             len(audio_paths), seconds, out_dir)
-    return records
+    _write_jsonl(os.path.join(out_dir, "samples.jsonl"), records)
+    log.info("%d images from %d audio files in %.1f s (incl. compile) → %s%s", len(records), len(kept), seconds,
+             out_dir, f"; {len(skipped)} skipped (skipped.jsonl)" if skipped else "")
+    return records, skipped

@@ -48,15 +48,21 @@ EVAL_SEED = 0x5EED  # folded into the root key for validation noise (the same ev
 # Optimizer
 # ===================================================================================================
 def learning_rate(train_config, steps_per_epoch: int) -> optax.Schedule:
-    """lr schedule over all epochs: linear warmup, then cosine decay to 0 or constant.
+    """lr of optimizer update k (optax's count; diffusers' LambdaLR after k scheduler steps).
 
+    `cosine`: linear warm-up 0 → peak over `warmup_steps`, then cosine decay to 0 at the end of the run
+    (diffusers' get_cosine_schedule_with_warmup). `constant`: the peak, after a linear warm-up when
+    `warmup_steps` > 0 (diffusers' `constant` ignores its warm-up: the thesis configs set 0 there).
     With `scale_lr` the base lr is multiplied by the examples per update (global batch × accumulation),
     which is the reference's lr × per-device batch × accumulation × devices.
+    `schedule_sized_in_micro_batches` (prelim2's script): warm-up and length are counted in micro-batches
+    (× grad_accum) while the schedule advances once per update, so the cosine never finishes.
     """
     t = train_config
     peak = t.lr * (t.batch_size * t.grad_accum if t.scale_lr else 1)
-    total = max(t.epochs * steps_per_epoch, 1)
-    warmup = min(t.warmup_steps, total - 1)
+    scale = t.grad_accum if t.get("schedule_sized_in_micro_batches", False) else 1
+    total = max(t.epochs * steps_per_epoch, 1) * scale
+    warmup = min(t.warmup_steps * scale, total - 1)
     if t.schedule == "cosine":
         return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, total, end_value=0.0) if warmup else \
             optax.cosine_decay_schedule(peak, total)
@@ -147,7 +153,7 @@ def system_eval_loss(system: conditioning.System, trainable: Mapping, frozen: Ma
 # Steps
 # ===================================================================================================
 def make_train_step(loss_fn: Callable, cosine_fn: Callable | None, optimizer: optax.GradientTransformation,
-                    schedule: optax.Schedule):
+                    schedule: optax.Schedule, faithful_accumulation: bool = False):
     """train_step(trainable, opt_state, frozen, batch, step, root_key) → (trainable, opt_state, metrics).
 
     batch: arrays [accum, B, ...] (micro-batches on the leading axis). The gradient is the mean of the
@@ -157,13 +163,16 @@ def make_train_step(loss_fn: Callable, cosine_fn: Callable | None, optimizer: op
     micro-batch uses the exact linearisation around it (losses.label_cosine_term).
     loss_fn(trainable, frozen, micro_batch, keys [B], batch_mean_cos) → (loss, terms);
     cosine_fn(trainable, frozen, batch, keys [B]) → cos [B].
+    faithful_accumulation (the reference's `loss.backward()` per micro-batch): the gradient is the *sum*
+    of the micro-batch gradients, each with its own cosine term, i.e. of Σᵢ Lᵢ (with batch 1 × 4 the
+    cosine part is Σᵢ (1 − cosᵢ)²); no pre-pass, no division by the accumulation count.
     """
 
     def train_step(trainable, opt_state, frozen, batch, step, root_key):
         accum, micro = jax.tree.leaves(batch)[0].shape[:2]
         keys = example_keys(jax.random.fold_in(root_key, step), accum * micro)
         mean_cos = None
-        if cosine_fn is not None and accum > 1:
+        if cosine_fn is not None and accum > 1 and not faithful_accumulation:
             flat = jax.tree.map(lambda x: x.reshape(accum * micro, *x.shape[2:]), batch)
             mean_cos = jnp.mean(cosine_fn(trainable, frozen, flat, keys))
 
@@ -174,7 +183,7 @@ def make_train_step(loss_fn: Callable, cosine_fn: Callable | None, optimizer: op
 
         zeros = jax.tree.map(jnp.zeros_like, trainable)
         grad_sum, (loss, terms) = jax.lax.scan(micro_step, zeros, (batch, keys.reshape(accum, micro)))
-        grads = jax.tree.map(lambda g: g / accum, grad_sum)
+        grads = grad_sum if faithful_accumulation else jax.tree.map(lambda g: g / accum, grad_sum)
         updates, opt_state = optimizer.update(grads, opt_state, trainable)
         trainable = optax.apply_updates(trainable, updates)
         metrics = {"loss": jnp.mean(loss), "grad_norm": optax.tree.norm(grads), "lr": schedule(step),
@@ -355,7 +364,7 @@ def _train(config, workdir: str, stop: signals.GracefulStop) -> dict[str, Any]:
     # ---------------------------------------------------------------------------------- step
     train_step = jax.jit(
         make_train_step(lambda *a: system_loss(system, *a), lambda *a: system_cosines(system, *a), optimizer,
-                        schedule),
+                        schedule, t.faithful_accumulation),
         in_shardings=(trainable_sh, opt_sh, frozen_sh, train_batch_sh, repl, repl),
         out_shardings=(trainable_sh, opt_sh, repl), donate_argnums=(0, 1))
     eval_step = jax.jit(make_eval_step(lambda *a: system_eval_loss(system, *a)),
@@ -491,7 +500,8 @@ def _like_params(opt_shapes: Any, param_sh: Any, default: NamedSharding) -> Any:
 
 
 def _check_dataset(config) -> None:
-    """The built dataset must hold what the config's shapes say (clip length, image size)."""
+    """The built dataset must hold what the config's shapes say (clip length, image size) and mix stereo
+    as `data.stereo` says (datasets built before the option averaged the channels)."""
     d = config.data
     ds = pipeline.open_dataset(d.data_dir, d.builder_config or None)
     built = ds.config
@@ -502,3 +512,7 @@ def _check_dataset(config) -> None:
         raise ValueError(f"dataset {ds.path} holds {built['clip_samples']} samples / {got_hw} images, the config "
                          f"asks for {want_samples} / {want_hw} (data.clip_seconds, image_size, audio_44k_as_16k, "
                          f"reference_512x320)")
+    got_stereo = built.get("stereo", "mean")
+    if got_stereo != d.stereo:
+        raise ValueError(f"dataset {ds.path} mixed stereo audio with {got_stereo!r}, the config asks for "
+                         f"data.stereo={d.stereo!r}: rebuild with --stereo {d.stereo} or set data.stereo={got_stereo}")

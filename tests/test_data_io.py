@@ -9,7 +9,8 @@ import soundfile as sf
 import soxr
 from PIL import Image
 
-from mtok_jax.audio.io import AudioDecodeError, load_audio
+from mtok_jax.audio.io import AudioDecodeError, load_audio, rms_dbfs
+from mtok_jax.data import builder, jobs
 from mtok_jax.data.images import ImageDecodeError, load_image
 
 
@@ -28,6 +29,20 @@ def test_hires_stereo_wav_resampled_mono(tmp_path):
     assert y.shape == (32000,) and y.dtype == np.float32
     np.testing.assert_allclose(y, ref, atol=1e-6)
     assert np.abs(y).max() <= 1.0
+
+
+@pytest.mark.parametrize("stereo", ["first", "mean"])
+def test_stereo_first_or_mean(tmp_path, stereo):
+    """stereo='first' keeps channel 0 (the reference's wav[0]); 'mean' averages the channels (librosa)."""
+    path = tmp_path / "stereo.wav"
+    sf.write(path, _tone(16000, 1.5, freqs=(440.0, 1000.0)), 16000, subtype="FLOAT")
+    raw, _ = sf.read(path, dtype="float32", always_2d=True)
+    y = load_audio(path, 16000, 1.0, stereo=stereo)
+    np.testing.assert_array_equal(y, (raw[:, 0] if stereo == "first" else raw.mean(axis=1))[:16000])
+    other = load_audio(path, 16000, 1.0, stereo="mean" if stereo == "first" else "first")
+    assert np.abs(y - other).max() > 0.1
+    with pytest.raises(ValueError, match="stereo"):
+        load_audio(path, 16000, 1.0, stereo="left")
 
 
 @pytest.mark.parametrize("fmt", ["FLAC", "OGG", "MP3"])
@@ -61,7 +76,7 @@ def test_quirk_rate_44k(tmp_path):
 
 
 @pytest.mark.parametrize("kind,reason", [
-    ("empty", "empty file"), ("random", "unreadable audio"), ("silence", "digital silence"),
+    ("empty", "empty file"), ("random", "unreadable audio"), ("silence", "silence (RMS -inf dBFS ≤ -60 dBFS)"),
     ("short", "too short"), ("header_only", "unreadable audio")])
 def test_bad_audio_raises_with_path(tmp_path, kind, reason):
     path = tmp_path / f"bad_{kind}.mp3"
@@ -83,6 +98,29 @@ def test_bad_audio_raises_with_path(tmp_path, kind, reason):
     with pytest.raises(AudioDecodeError) as e:
         load_audio(path)
     assert str(e.value).startswith(str(path)) and reason in e.value.reason
+
+
+def _quiet_files(tmp_path):
+    """16-bit wavs: white noise at −78 dBFS RMS (a 'silent' track's codec noise) and a −40 dBFS tone."""
+    rng = np.random.default_rng(0)
+    noise, tone = tmp_path / "noise.wav", tmp_path / "tone.wav"
+    sf.write(noise, rng.standard_normal(32000).astype(np.float32) * 10 ** (-78 / 20), 16000, subtype="PCM_16")
+    sf.write(tone, _tone(16000, 2.0, amp=np.sqrt(2) * 10 ** (-40 / 20)), 16000, subtype="PCM_16")
+    return noise, tone
+
+
+def test_silence_is_an_rms_level_in_dbfs(tmp_path):
+    noise, tone = _quiet_files(tmp_path)
+    raw, _ = sf.read(noise, dtype="float32")
+    assert np.abs(raw).max() > 4 / 32768  # well above one LSB: the old peak ≤ 1/32768 rule kept it
+    assert rms_dbfs(raw) == pytest.approx(-78, abs=0.3) and rms_dbfs(np.zeros(4)) == -np.inf
+    with pytest.raises(AudioDecodeError, match=r"silence \(RMS -7[78]\.\d dBFS ≤ -60 dBFS\)"):
+        load_audio(noise)
+    assert rms_dbfs(load_audio(tone, clip_seconds=2.0)) == pytest.approx(-40, abs=0.1)  # kept
+    assert load_audio(noise, clip_seconds=2.0, silence_dbfs=-80).shape == (32000,)  # lower threshold: kept
+    assert load_audio(noise, clip_seconds=2.0, silence_dbfs=None).shape == (32000,)
+    with pytest.raises(AudioDecodeError, match=r"silence \(RMS -40\.0 dBFS ≤ -30 dBFS\)"):
+        load_audio(tone, silence_dbfs=-30)
 
 
 def _save(img, path, **kw):
@@ -168,3 +206,17 @@ def test_bad_images(tmp_path, kind, reason):
     with pytest.raises(ImageDecodeError) as e:
         load_image(path, 32, 32)
     assert str(e.value).startswith(str(path)) and reason in e.value.reason
+
+
+def test_stretch_build_option_square_without_crop(tmp_path):
+    """--stretch: the whole (non-square) image resized to image_size² (no crop), in the config name."""
+    cfg = builder.make_config("folders", image_size=32, stretch=True, image_format="png")
+    assert cfg.name == "folders-32px-nocrop" and not cfg.center_crop
+    assert builder.make_config("folders", image_size=32).center_crop
+    src = np.random.default_rng(0).integers(0, 256, (40, 64, 3), np.uint8)
+    Image.fromarray(src).save(tmp_path / "wide.png")
+    cache = tmp_path / "cached.png"
+    assert jobs.image_job((str(tmp_path / "wide.png"), str(cache), cfg.image_height, cfg.image_width,
+                           cfg.center_crop, cfg.image_format)) is None
+    stretched = np.asarray(Image.fromarray(src).resize((32, 32), Image.Resampling.BICUBIC))
+    np.testing.assert_array_equal(np.asarray(Image.open(cache)), stretched)

@@ -8,12 +8,14 @@ import numpy as np
 import pytest
 
 from conftest import torch_or_skip
+from mtok_jax import convert
 from mtok_jax.models.embedder import (
     AudioTokenEmbedder,
     convert_checkpoint,
     load_embedder,
     params_from_torch,
 )
+from mtok_jax.params_io import load_params
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 CASES = ("beats10s", "rand")
@@ -160,3 +162,23 @@ def test_convert_checkpoint_reproduces_golden(golden, state_dict, tmp_path):
         np.testing.assert_allclose(out, golden[f"{case}/nodrop/output"], **TOL)
         out = module.apply({"params": p}, golden[f"{case}/input"], unary_dropout_mask=_keep_mask(golden, case))
         np.testing.assert_allclose(out, golden[f"{case}/refdrop/output"], **TOL)
+
+
+@pytest.mark.torch
+def test_thesis_wrapper_state_dict_converts_its_embedder_part(state_dict, tmp_path, capsys):
+    """The thesis's best-epoch file (whole wrapper state dict) converts to the same embedder as its
+    embedder.* part alone; the other trained parts are named on stderr."""
+    torch = torch_or_skip()
+    rng = np.random.default_rng(0)
+    wrapper = {f"embedder.{k}": torch.from_numpy(v.copy()) for k, v in state_dict.items()}
+    for key in ("unet.conv_in.weight", "aud_encoder.patch_embedding.weight", "text_encoder.text_model.x",
+                "vae.encoder.conv_in.weight"):
+        wrapper[key] = torch.from_numpy(rng.normal(size=(4, 3)).astype(np.float32))
+    torch.save(wrapper, tmp_path / "model_20240101-000000_21")
+    torch.save({k: torch.from_numpy(v.copy()) for k, v in state_dict.items()}, tmp_path / "learned_embeds.bin")
+    convert.main(["embedder", str(tmp_path / "model_20240101-000000_21"), str(tmp_path / "from_wrapper")])
+    assert "unet.*" in capsys.readouterr().err
+    convert_checkpoint(tmp_path / "learned_embeds.bin", tmp_path / "plain")
+    (a, ca), (b, cb) = load_params(tmp_path / "from_wrapper"), load_params(tmp_path / "plain")
+    assert ca == cb
+    jax.tree.map(np.testing.assert_array_equal, a, b)

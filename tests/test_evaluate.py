@@ -10,7 +10,24 @@ import os
 import numpy as np
 import pytest
 
-from test_metrics_scores import np_giils, np_iis_script, np_paired, np_score
+from metrics.evaluate import (
+    GENERATED_FORMATS,
+    _generated_format,
+    compute_metrics,
+    item_indices,
+    read_items,
+    render_markdown,
+    save_generated,
+    select_test_items,
+)
+from test_metrics_scores import (
+    np_giils,
+    np_iis_script,
+    np_script_reference,
+    np_paired,
+    np_reference_exact,
+    np_score,
+)
 
 LABELS = ["Heavy metal", "Electronic music", "Renaissance symbolism"]
 
@@ -73,7 +90,8 @@ def test_files_written(report):
     assert on_disk["metrics"] == r["metrics"] and on_disk["num_images"] == 9
     assert on_disk["seeds"] == list(range(100, 109))
     md = (out / "report.md").read_text()
-    for needle in ("| METHOD | AIS ↑ | IIS ↑ | FID ↓ |", "50.15", "179.16", "Renaissance symbolism", "58.70"):
+    for needle in ("| METHOD | AIS ↑ | IIS ↑ | FID ↓ |", "50.15", "179.16", "Renaissance symbolism", "58.70",
+                   "Generated images scored as: PNG files (format not recorded)"):
         assert needle in md
     from PIL import Image
 
@@ -172,6 +190,14 @@ def test_generation_mode_demo(tmp_path, metric_models, demo_models):
     rows = [json.loads(line) for line in (out / "images" / "manifest.jsonl").read_text().splitlines()]
     assert [row["label"] for row in rows] == [0, 1, 2, 3]  # labels interleaved
     assert [row["seed"] for row in rows] == [0, 1, 2, 3] and rows[0]["steps"] == 2
+    assert rows[0]["selection"] == "random" and r["audio_ids"] == [row["audio_id"] for row in rows]
+    assert r["metrics"]["ais_reference"]["T"] == 18 * 2  # the demo's whole test split
+    # --items with another metrics.seed: the same records again
+    again = main(["--config", "configs/demo.py", "--workdir", str(tmp_path / "run"), "--checkpoint", "none",
+                  "--items", str(out / "images" / "manifest.jsonl"), "--per_label", "2", "--out", str(tmp_path / "e2"),
+                  "--clip_path", metric_models["clip"], "--inception_path", metric_models["inception"],
+                  "--wav2clip_path", metric_models["wav2clip"], *overrides, "--config.metrics.seed=5"])
+    assert again["audio_ids"] == r["audio_ids"] and again["metrics"]["ais"] == r["metrics"]["ais"]
     import soundfile as sf
     from PIL import Image
 
@@ -181,3 +207,70 @@ def test_generation_mode_demo(tmp_path, metric_models, demo_models):
     again = pipe.generate(wav[None], [rows[2]["seed"]], num_images=1, steps=2, guidance=config.sample.guidance,
                           scheduler=config.sample.scheduler)[0, 0]
     np.testing.assert_array_equal(np.asarray(Image.open(out / "images" / rows[2]["image"])), again)
+
+
+def test_generated_format_jpeg75(tmp_path):
+    """metrics.generated_format='jpeg75' writes what PIL's default JPEG save (quality 75, as the thesis's
+    .jpg files) writes; the manifest's record names it in the report."""
+    import io
+
+    from PIL import Image
+
+    rgb = np.random.default_rng(0).integers(0, 256, (32, 32, 3), np.uint8)
+    path = save_generated(rgb, str(tmp_path / "0000"), "jpeg75")
+    assert path.endswith(".jpg")
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, "JPEG")  # PIL default quality 75
+    assert (tmp_path / "0000.jpg").read_bytes() == buf.getvalue()
+    png = save_generated(rgb, str(tmp_path / "0001"), "png")
+    np.testing.assert_array_equal(np.asarray(Image.open(png)), rgb)
+    assert _generated_format([{"image": path, "generated_format": "jpeg75"}]) == GENERATED_FORMATS["jpeg75"][2]
+    assert _generated_format([{"image": path}]) == "JPEG files (format not recorded)"
+    with pytest.raises(ValueError, match="generated_format"):
+        save_generated(rgb, str(tmp_path / "x"), "webp")
+
+
+def test_reference_sets_in_metrics_and_report(report):
+    """With reference-set embeddings (test split: T audios, T' images), compute_metrics adds the AIS/IIS
+    variants over them and the report shows them with T."""
+    r, out = report
+    emb = dict(np.load(out / "embeddings.npz"))
+    labels = emb.pop("labels")
+    rng = np.random.default_rng(1)
+    emb["reference_audio_wav2clip"] = np.concatenate([emb["audio_wav2clip"], rng.normal(size=(4, emb["audio_wav2clip"].shape[1]))]).astype(np.float32)
+    emb["reference_image_clip"] = np.concatenate([rng.normal(size=(3, emb["ground_truth_clip"].shape[1])), emb["ground_truth_clip"]]).astype(np.float32)
+    m = compute_metrics(emb, labels, {0: "a", 1: "b", 2: "c"}, 3)
+    a, g, x = emb["audio_wav2clip"], emb["generated_clip"], emb["ground_truth_clip"]
+    np.testing.assert_allclose(m["ais_reference"]["mean"], np_reference_exact(a, g, emb["reference_audio_wav2clip"]), atol=2e-6)
+    np.testing.assert_allclose(m["iis_reference_faithful"]["mean"],
+                               np_script_reference(x, g, emb["reference_image_clip"], skip_equal_to=g), atol=2e-6)
+    assert (m["ais_reference"]["T"], m["iis_reference"]["T"]) == (13, 12)
+    md = render_markdown({**r, "metrics": m})
+    assert "baselines over the test split (T = 13 audios / 12 images)" in md
+
+
+def test_seeded_selection_of_test_items():
+    """Records sorted by (label, path), 5 consecutive segments per recording: the seeded draw picks other
+    records than record order, covers more recordings, keeps labels balanced and interleaved, differs
+    between seeds and repeats for one seed."""
+    labels = np.repeat(np.arange(3), 20)  # record k of a label belongs to recording k // 5
+    recording = np.tile(np.arange(20) // 5, 3)
+    first = select_test_items(labels, 30, seed=None)
+    a, b = select_test_items(labels, 30, seed=0), select_test_items(labels, 30, seed=1)
+    np.testing.assert_array_equal(a, select_test_items(labels, 30, seed=0))
+    assert set(a.tolist()) != set(b.tolist()) and set(a.tolist()) != set(first.tolist())
+    for sel in (first, a, b):
+        assert labels[sel].tolist() == [0, 1, 2] * 10
+    per_label_recordings = lambda sel: np.mean([len(set(recording[sel[labels[sel] == l]])) for l in range(3)])  # noqa: E731
+    assert per_label_recordings(first) == 2 and per_label_recordings(a) > 3
+
+
+def test_items_file_and_ids(tmp_path):
+    (tmp_path / "manifest.jsonl").write_text("".join(json.dumps({"test_index": i, "image": "x"}) + "\n"
+                                                     for i in (4, 0, 2)))
+    assert read_items(str(tmp_path / "manifest.jsonl")) == [4, 0, 2]
+    (tmp_path / "items.txt").write_text("# chosen clips\n3\naudio/Heavy metal/b.wav\n")
+    source = [{"audio_id": f"audio/Heavy metal/{c}.wav".encode()} for c in "abcde"]
+    np.testing.assert_array_equal(item_indices(read_items(str(tmp_path / "items.txt")), source), [3, 1])
+    with pytest.raises(ValueError, match="not a test record"):
+        item_indices([9], source)

@@ -3,9 +3,11 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
-from mtok_jax import losses
+from conftest import torch_or_skip
+from mtok_jax import losses, train
 
 
 def _np_reference(pred, target, e, tau, l1, l2, cl):
@@ -75,3 +77,48 @@ def test_linearised_cosine_gives_big_batch_gradient(arrays):
     np.testing.assert_allclose(float(micro_mean(e)), float(big(e)), rtol=1e-6)
     np.testing.assert_allclose(np.asarray(jax.grad(micro_mean)(e)), np.asarray(jax.grad(big)(e)), rtol=1e-5,
                                atol=1e-7)
+
+
+@pytest.mark.parametrize("faithful", [True, False])
+def test_faithful_accumulation_equals_pytorch_per_micro_batch_backward(faithful):
+    """train.make_train_step on a tiny linear model (token e = x·W, prediction e·V), 4 micro-batches of 1,
+    one SGD step of lr 1 (so the step *is* the gradient): faithful_accumulation equals PyTorch calling
+    loss.backward() per micro-batch with no division (Σᵢ Lᵢ, cosine (1 − cosᵢ)² per micro-batch); the
+    default equals backward of the big batch's loss (cosine of the mean over all 4) instead."""
+    torch = torch_or_skip()
+    rng = np.random.default_rng(3)
+    accum, micro, d_in, d, c = 4, 1, 5, 6, 3
+    x, tau = rng.normal(size=(accum, micro, d_in)), rng.normal(size=(accum, micro, d))
+    target = rng.normal(size=(accum, micro, c))
+    w0, v = rng.normal(size=(d_in, d)), rng.normal(size=(d, c))
+    weights = losses.Weights(l1=0.1, l2=0.05, cl=1.0)
+
+    def loss_fn(tr, fr, mb, keys, batch_mean_cos):
+        e = mb["x"] @ tr["w"]
+        return losses.total_loss(e @ fr["v"], mb["target"], e, mb["tau"], weights, None, batch_mean_cos)
+
+    def cosine_fn(tr, fr, batch, keys):
+        return losses.cosine_similarity(batch["x"] @ tr["w"], batch["tau"])
+
+    schedule = optax.constant_schedule(1.0)
+    step = jax.jit(train.make_train_step(loss_fn, cosine_fn, optax.sgd(schedule), schedule, faithful))
+    batch = {k: jnp.asarray(a, jnp.float32) for k, a in (("x", x), ("tau", tau), ("target", target))}
+    tr = {"w": jnp.asarray(w0, jnp.float32)}
+    new, _, _ = step(tr, optax.sgd(schedule).init(tr), {"v": jnp.asarray(v, jnp.float32)}, batch, 0, jax.random.key(0))
+    grad = np.asarray(tr["w"] - new["w"])
+
+    f64 = lambda a: torch.tensor(a, dtype=torch.float64)  # noqa: E731
+    w = torch.nn.Parameter(f64(w0))
+
+    def torch_loss(xb, taub, tb):
+        e = xb @ w
+        cos = torch.nn.functional.cosine_similarity(e, taub, dim=-1)
+        return (torch.nn.functional.mse_loss(e @ f64(v), tb) + weights.l1 * e.abs().mean()
+                + weights.l2 * (e ** 2).sum(-1).mean() + weights.cl * (1 - cos.mean()) ** 2)
+
+    if faithful:
+        for i in range(accum):  # the reference: backward every micro-batch, gradients accumulate in .grad
+            torch_loss(f64(x[i]), f64(tau[i]), f64(target[i])).backward()
+    else:
+        torch_loss(f64(x.reshape(-1, d_in)), f64(tau.reshape(-1, d)), f64(target.reshape(-1, c))).backward()
+    np.testing.assert_allclose(grad, w.grad.numpy(), rtol=2e-5, atol=1e-6)

@@ -285,3 +285,51 @@ def test_frechet_distance_equals_pytorch_fid(capsys):
         want = ref(mu1, s1, mu2, s2)
         got = frechet_distance(mu1, s1, mu2, s2)
         np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-9)
+
+
+def np_script_reference(paired, gen, ref, skip_equal_to):
+    """AIS_complete.py / IIS_complete.py over a reference folder R (the test audios / images): for each
+    generated image g_j loop over all of R, skip items equal to skip_equal_to[j] (AIS: the paired audio;
+    IIS: the generated image itself), divide by the last loop index T − 1."""
+    total = 0.0
+    for j in range(len(paired)):
+        s2 = 0.0
+        for i in range(len(ref)):
+            if not np.array_equal(ref[i], skip_equal_to[j]):
+                s2 += np_cos(ref[i], gen[j])
+        total += np_cos(paired[j], gen[j]) - s2 / i
+    return total / len(paired)
+
+
+def np_reference_exact(paired, gen, ref):
+    """Default: exact mean over the reference items other than the paired one."""
+    terms = []
+    for j in range(len(paired)):
+        kept = [np_cos(r, gen[j]) for r in ref if not np.array_equal(r, paired[j])]
+        terms.append(np_cos(paired[j], gen[j]) - sum(kept) / len(kept))
+    return float(np.mean(terms))
+
+
+def test_ais_iis_with_reference_set_vs_script_loops():
+    """T = 13 reference items, M = 5 pairs (four of the paired audios / ground truths are reference rows,
+    one is not), reference rows in another order than the pairs."""
+    rng = np.random.default_rng(7)
+    d, T = 8, 13
+    for kind in ("ais", "iis"):
+        ref = emb(rng, T, d, 0.3)
+        paired = np.concatenate([ref[[9, 2, 11, 2]], emb(rng, 1, d, 0.3)])  # row 2 twice, one outside R
+        gen = emb(rng, 5, d, 0.3) + 0.5 * paired
+        if kind == "ais":
+            got, got_f = ais(paired, gen, reference=ref), ais(paired, gen, reference=ref, faithful=True)
+            want_f = np_script_reference(paired, gen, ref, skip_equal_to=paired)
+        else:
+            got, got_f = iis(gen, paired, reference=ref), iis(gen, paired, reference=ref, faithful=True)
+            want_f = np_script_reference(paired, gen, ref, skip_equal_to=gen)
+        np.testing.assert_allclose(float(got_f.mean), want_f, atol=2e-6, err_msg=kind)
+        np.testing.assert_allclose(float(got.mean), np_reference_exact(paired, gen, ref), atol=2e-6, err_msg=kind)
+        np.testing.assert_allclose(float(got.score), np_score(np_reference_exact(paired, gen, ref)), atol=2e-4)
+        assert abs(float(got_f.mean) - float(got.mean)) > 1e-4  # the divisors / exclusions matter here
+        # without a reference set the baseline is over the M pairs: a different number
+        assert abs(float((ais(paired, gen) if kind == "ais" else iis(gen, paired)).mean) - float(got.mean)) > 1e-4
+    with pytest.raises(ValueError, match="reference"):
+        ais(paired, gen, reference=ref[:, :4])

@@ -273,3 +273,22 @@ def test_text_states_match_pytorch(tiny, ours, tmp_path):
     # transformers' own PyTorch safetensors export loads through our loader.
     _, params2 = load_text_encoder(tmp_path / "pt")
     _assert_params_equal(params2, tiny["params"])
+
+
+def test_bf16_msgpack_gives_float32_states(tiny, tmp_path):
+    """A bf16 flax_model.msgpack loads as float32: its text states equal those of a float32 file holding the
+    same (bf16-representable) values, with an audio token that bf16 cannot represent."""
+    # From the saved folder (other tests of this module extend the fixture's config in place).
+    saved = FlaxCLIPTextModel.from_pretrained(tiny["root"] / "text_encoder")
+    rounded = jax.tree_util.tree_map(lambda x: np.asarray(x, jnp.bfloat16), saved.params)
+    model = FlaxCLIPTextModel(saved.config, _do_init=False)
+    model.save_pretrained(tmp_path / "bf16", params=rounded)
+    model.save_pretrained(tmp_path / "f32", params=jax.tree_util.tree_map(lambda x: x.astype(np.float32), rounded))
+    module, p16 = load_text_encoder(tmp_path / "bf16")
+    _, p32 = load_text_encoder(tmp_path / "f32")
+    assert {x.dtype for x in jax.tree_util.tree_leaves(p16)} == {jnp.dtype(jnp.float32)}
+    token = tiny["audio_token"] + 1e-3  # not representable in bf16 (8 mantissa bits)
+    assert not np.array_equal(np.asarray(token, jnp.bfloat16).astype(np.float32), token)
+    fn = jax.jit(functools.partial(text_states, module))
+    args = (tiny["input_ids"], tiny["placeholder_pos"], token)
+    np.testing.assert_array_equal(np.asarray(fn(p16, *args)), np.asarray(fn(p32, *args)))

@@ -218,3 +218,13 @@ def test_max_steps_zero_trains_nothing(assets, tmp_path):
     metrics = tmp_path / "zero" / "metrics.jsonl"
     assert not metrics.exists() or metrics.read_text() == ""
     assert not [p for p in (tmp_path / "zero").rglob("*") if p.is_dir() and p.name.isdigit()]  # no step saved
+
+
+def test_dataset_stereo_mismatch_refused(assets):
+    """The built dataset records its stereo mixing (builder default 'first'); a config asking for another
+    is refused before training, like the shape checks."""
+    meta = pipeline.open_dataset(assets["data"], "tiny").config
+    assert meta["stereo"] == "first"
+    train._check_dataset(demo_config(assets))
+    with pytest.raises(ValueError, match="data.stereo='mean'.*--stereo mean"):
+        train._check_dataset(demo_config(assets, "data.stereo=mean"))

@@ -2,7 +2,8 @@
 
 `load_audio` is the one decoder used by the dataset builder and by sampling on user files:
 decode (libsndfile: wav/flac/ogg/mp3/aiff/...; librosa/audioread only as a fallback when installed),
-average channels to mono, resample with soxr "HQ" (the resampler `librosa.load` uses; bit-identical
+mix to mono (`stereo="mean"` averages the channels as librosa does; `"first"` keeps channel 0 as the
+reference's `wav[0]`), resample with soxr "HQ" (the resampler `librosa.load` uses; bit-identical
 to `librosa.load(path, sr=16000, mono=True)`), keep the first `clip_seconds`, repeat-pad short clips.
 Bad input raises `AudioDecodeError` whose message starts with the file path.
 """
@@ -15,8 +16,12 @@ from typing import Optional
 
 import numpy as np
 
-# Peak amplitude at or below one 16-bit LSB counts as digital silence.
-SILENCE_PEAK = 1.0 / 32768.0
+STEREO_MODES = ("first", "mean")  # multi-channel → mono: channel 0 (the reference) | channel average (librosa)
+
+# A clip whose RMS level is at or below this counts as silence (dBFS: 20·log10(RMS), 1.0 = full scale,
+# so a full-scale sine is −3 dBFS). −60 dBFS catches digital zeros and codec/dither noise floors
+# (a "silent" mp3 track measures ≈ −78 dBFS) while quiet music (≈ −40 to −20 dBFS) passes.
+SILENCE_DBFS = -60.0
 
 
 class AudioDecodeError(ValueError):
@@ -85,6 +90,16 @@ def decode_audio(path, max_seconds: Optional[float] = None, start_seconds: float
     return x, sr
 
 
+def to_mono(x: np.ndarray, stereo: str = "mean") -> np.ndarray:
+    """float32 [frames, channels] → [frames]: channel 0 (`"first"`, the reference's `wav[0]`) or the
+    channel mean (`"mean"`, librosa's mono)."""
+    if stereo not in STEREO_MODES:
+        raise ValueError(f"stereo must be one of {STEREO_MODES}, got {stereo!r}")
+    if x.shape[1] == 1 or stereo == "first":
+        return x[:, 0]
+    return x.mean(axis=1, dtype=np.float32)
+
+
 def duration_seconds(path) -> float:
     """Length of an audio file in seconds (header only where libsndfile reads it, else a full decode)."""
     try:
@@ -108,6 +123,12 @@ def resample(x: np.ndarray, sr_in: int, sr_out: int) -> np.ndarray:
     return soxr.resample(np.ascontiguousarray(x, np.float32), sr_in, sr_out, quality="HQ").astype(np.float32)
 
 
+def rms_dbfs(x: np.ndarray) -> float:
+    """RMS level of float samples (any shape, full scale 1.0) in dBFS; −inf for all zeros."""
+    ms = float(np.mean(np.square(x, dtype=np.float64)))
+    return 10.0 * math.log10(ms) if ms > 0 else -math.inf
+
+
 def fit_length(x: np.ndarray, n: int) -> np.ndarray:
     """First `n` samples of `x`; a shorter `x` is tiled (repeat-padded) up to `n`."""
     if x.shape[0] >= n:
@@ -123,14 +144,16 @@ def load_audio(
     *,
     start_seconds: float = 0.0,
     min_seconds: float = 1.0,
-    skip_silent: bool = True,
+    silence_dbfs: Optional[float] = SILENCE_DBFS,
+    stereo: str = "mean",
 ) -> np.ndarray:
     """Decode `path` to a mono float32 clip of exactly round(clip_seconds · sample_rate) samples.
 
-    Channels are averaged; the source is resampled (soxr HQ) to `sample_rate`; the first
+    Channels are mixed per `stereo` (:func:`to_mono`); the source is resampled (soxr HQ) to `sample_rate`; the first
     `clip_seconds` from `start_seconds` on are kept and a shorter clip is repeat-padded. Samples are clipped to [-1, 1].
     Raises `AudioDecodeError` ('<path>: <reason>') for empty, unreadable, non-finite, shorter than
-    `min_seconds`, or (with `skip_silent`) digitally silent input (peak ≤ 1/32768).
+    `min_seconds`, or silent input: RMS level (`rms_dbfs`) of the decoded mono part ≤ `silence_dbfs`
+    (None: keep silent clips).
     """
     n_out = int(round(clip_seconds * sample_rate))
     # Decode slightly more than needed so the resampler's filter sees real signal at the clip end.
@@ -138,9 +161,11 @@ def load_audio(
     duration = x.shape[0] / sr
     if duration < min_seconds:
         raise AudioDecodeError(path, f"too short ({duration:.2f} s < {min_seconds:g} s)")
-    mono = x.mean(axis=1, dtype=np.float32) if x.shape[1] > 1 else x[:, 0]
-    if skip_silent and float(np.max(np.abs(mono))) <= SILENCE_PEAK:
-        raise AudioDecodeError(path, "digital silence (peak ≤ 1/32768)")
+    mono = to_mono(x, stereo)
+    if silence_dbfs is not None:
+        level = rms_dbfs(mono)
+        if level <= silence_dbfs:
+            raise AudioDecodeError(path, f"silence (RMS {level:.1f} dBFS ≤ {silence_dbfs:g} dBFS)")
     y = resample(mono, sr, sample_rate)
     n_src = int(round(min(duration, clip_seconds) * sample_rate))
     y = y[: max(1, min(n_src, y.shape[0]))]

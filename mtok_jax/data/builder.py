@@ -26,8 +26,10 @@ import concurrent.futures as cf
 import dataclasses
 import hashlib
 import json
+import math
 import multiprocessing
 import os
+import re
 import shutil
 from collections import deque
 from pathlib import Path
@@ -36,12 +38,23 @@ from typing import Iterable, Iterator, Optional, Sequence
 import numpy as np
 import tensorflow_datasets as tfds
 
+from mtok_jax.audio.io import SILENCE_DBFS
 from mtok_jax.data import jobs
 from mtok_jax.data.sources import DEFAULT_LABELS, SPLITS, SourceFile, scan, skip_record
 
 NAME = "music_image"
 VERSION = "1.0.0"
 REFERENCE_SAMPLE_RATE = 44100  # thesis quirk: audio at 44.1 kHz fed to the 16 kHz front-end
+_CONFIG_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def check_config_name(name) -> str:
+    """``name`` if it is one safe path component (letters, digits, ``-``, ``_``, ``.``; first a letter
+    or digit: no separators, no ``..``), else ValueError naming the value."""
+    if not isinstance(name, str) or not _CONFIG_NAME.match(name):
+        raise ValueError(f"dataset config name {name!r}: use letters, digits, '-', '_' and '.' only, starting "
+                         "with a letter or digit (no path separators, no '..'), e.g. 'folders-4s-32px'")
+    return name
 
 
 @dataclasses.dataclass
@@ -53,9 +66,11 @@ class MusicImageConfig(tfds.core.BuilderConfig):
     image_width: int = 512
     center_crop: bool = True  # False: stretch the whole image (the reference's 512×320 loader)
     audio_44k_as_16k: bool = False  # thesis quirk: store 44.1 kHz samples (fed as if 16 kHz)
+    stereo: str = "first"  # multi-channel → mono: first channel (the reference's wav[0]) | mean
     image_format: str = "jpeg"  # jpeg (q95, 4:2:0) | png
     labels: tuple = DEFAULT_LABELS
     pairing_seed: int = 0  # fixed validation/test pairing
+    silence_dbfs: float = SILENCE_DBFS  # audio with an RMS level ≤ this (dBFS) is skipped as silence
 
     @property
     def sample_rate(self) -> int:
@@ -69,7 +84,7 @@ class MusicImageConfig(tfds.core.BuilderConfig):
     def params(self) -> dict:
         """JSON-able parameters (stored in metadata.json)."""
         keys = ("layout", "clip_seconds", "image_height", "image_width", "center_crop",
-                "audio_44k_as_16k", "image_format", "pairing_seed")
+                "audio_44k_as_16k", "stereo", "image_format", "pairing_seed", "silence_dbfs")
         out = {k: getattr(self, k) for k in keys}
         out.update(name=self.name, labels=list(self.labels), sample_rate=self.sample_rate,
                    clip_samples=self.clip_samples)
@@ -78,43 +93,61 @@ class MusicImageConfig(tfds.core.BuilderConfig):
 
 def config_name_for(layout: str = "folders", clip_seconds: float = 30.0, image_size: int = 512,
                     reference_512x320: bool = False, audio_44k_as_16k: bool = False,
-                    labels: Optional[Sequence[str]] = None) -> str:
+                    labels: Optional[Sequence[str]] = None, silence_dbfs: float = SILENCE_DBFS,
+                    stretch: bool = False, stereo: str = "first") -> str:
     """Config name derived from the parameters: the layout, plus a suffix per non-default value.
 
-    e.g. 'folders', 'csv-512x320nocrop-44k', 'folders-4s-32px', 'folders-labels1a2b3c4d'.
+    e.g. 'folders', 'csv-512x320nocrop-44k', 'folders-4s-32px', 'folders-nocrop', 'folders-stereomean',
+    'folders-labels1a2b3c4d', 'folders-silm50dB' (silence threshold −50 dBFS).
     """
     parts = [layout]
     if float(clip_seconds) != 30.0:
         parts.append(f"{float(clip_seconds):g}s".replace(".", "p"))
     if reference_512x320:
         parts.append("512x320nocrop")
-    elif int(image_size) != 512:
-        parts.append(f"{int(image_size)}px")
+    else:
+        if int(image_size) != 512:
+            parts.append(f"{int(image_size)}px")
+        if stretch:
+            parts.append("nocrop")
     if audio_44k_as_16k:
         parts.append("44k")
+    if stereo != "first":
+        parts.append(f"stereo{stereo}")
     if labels is not None and tuple(labels) != DEFAULT_LABELS:
         parts.append("labels" + hashlib.sha1("\n".join(labels).encode("utf-8")).hexdigest()[:8])
+    if float(silence_dbfs) != SILENCE_DBFS:
+        parts.append(f"sil{float(silence_dbfs):g}dB".replace("-", "m").replace(".", "p"))
     return "-".join(parts)
 
 
 def make_config(layout: str = "folders", clip_seconds: float = 30.0, image_size: int = 512,
                 reference_512x320: bool = False, audio_44k_as_16k: bool = False,
                 labels: Optional[Sequence[str]] = None, image_format: Optional[str] = None,
-                name: Optional[str] = None) -> MusicImageConfig:
+                name: Optional[str] = None, silence_dbfs: float = SILENCE_DBFS, stretch: bool = False,
+                stereo: str = "first") -> MusicImageConfig:
     """A `MusicImageConfig` from the training-config knobs (name from `config_name_for` unless given).
 
     reference_512x320: 512 wide × 320 high, whole image stretched (no crop), as the reference loader.
+    stretch: the whole image stretched to image_size² without cropping (the reference's no-crop
+    geometry at the square size it samples at); default: centre crop.
+    stereo: 'first' (channel 0, the reference) or 'mean' (channel average) for multi-channel audio.
     image_format: default 'png' for images ≤ 64 px (lossless, tiny), else 'jpeg'.
+    silence_dbfs: audio whose RMS level is at or below this many dBFS is skipped as silence.
     """
+    if name is not None:
+        check_config_name(name)
+    if not math.isfinite(float(silence_dbfs)):
+        raise ValueError(f"silence_dbfs={silence_dbfs!r}: expected a finite RMS level in dBFS, e.g. -60")
     h, w = (320, 512) if reference_512x320 else (int(image_size), int(image_size))
     if image_format is None:
         image_format = "png" if max(h, w) <= 64 else "jpeg"
     return MusicImageConfig(
         name=name or config_name_for(layout, clip_seconds, image_size, reference_512x320,
-                                     audio_44k_as_16k, labels),
+                                     audio_44k_as_16k, labels, silence_dbfs, stretch, stereo),
         layout=layout, clip_seconds=float(clip_seconds), image_height=h, image_width=w,
-        center_crop=not reference_512x320, audio_44k_as_16k=audio_44k_as_16k,
-        image_format=image_format, labels=tuple(labels or DEFAULT_LABELS),
+        center_crop=not (reference_512x320 or stretch), audio_44k_as_16k=audio_44k_as_16k, stereo=stereo,
+        image_format=image_format, labels=tuple(labels or DEFAULT_LABELS), silence_dbfs=float(silence_dbfs),
         description=f"{layout} layout, {clip_seconds:g} s clips, {w}x{h} images")
 
 
@@ -222,10 +255,15 @@ class MusicImage(tfds.core.GeneratorBasedBuilder):
         cfg = self.builder_config
         cache = self._cache_dir() / "images"
         cache.mkdir(parents=True, exist_ok=True)
-        paths, todo = [], []
-        for f in images:
+        paths, todo, gone = [], [], {}
+        for i, f in enumerate(images):
             src = manual / f.rel
-            st = src.stat()
+            try:
+                st = src.stat()
+            except OSError as e:  # vanished or became unreadable since the scan
+                gone[i] = f"unreadable ({type(e).__name__}: {e.strerror or e})"
+                paths.append(None)
+                continue
             key = hashlib.sha1(json.dumps([f.rel, st.st_size, st.st_mtime_ns, cfg.image_height, cfg.image_width,
                                            cfg.center_crop, cfg.image_format]).encode()).hexdigest()
             paths.append(cache / key)
@@ -237,7 +275,8 @@ class MusicImage(tfds.core.GeneratorBasedBuilder):
             bar.update(1)
         bar.close()
         self._image_cache_paths = paths
-        return [None if p.exists() else Path(f"{p}.err").read_text(encoding="utf-8") for p in paths]
+        return [gone[i] if p is None else None if p.exists() else Path(f"{p}.err").read_text(encoding="utf-8")
+                for i, p in enumerate(paths)]
 
     def _split_generators(self, dl_manager):
         cfg = self.builder_config
@@ -296,7 +335,8 @@ class MusicImage(tfds.core.GeneratorBasedBuilder):
         info = meta["splits"].setdefault(split, {"labels": [], "image_index": []})
         info["labels"].clear()
         info["image_index"].clear()
-        audio_jobs = [(str(manual / a.rel), cfg.sample_rate, cfg.clip_seconds) for a, _ in items]
+        audio_jobs = [(str(manual / a.rel), cfg.sample_rate, cfg.clip_seconds, cfg.stereo, cfg.silence_dbfs)
+                      for a, _ in items]
         key = 0
         for (a, pick), (pcm, reason) in zip(items, self._map(jobs.audio_job, audio_jobs)):
             if pcm is None:
@@ -315,7 +355,7 @@ class MusicImage(tfds.core.GeneratorBasedBuilder):
 
 def dataset_dir(data_dir, config_name: str) -> Path:
     """The built dataset's version dir: DATA_DIR/music_image/<config_name>/<version>."""
-    return Path(data_dir) / NAME / config_name / VERSION
+    return Path(data_dir) / NAME / check_config_name(config_name) / VERSION
 
 
 def build(manual_dir, data_dir, config: "MusicImageConfig | str" = "folders", *,
@@ -328,6 +368,7 @@ def build(manual_dir, data_dir, config: "MusicImageConfig | str" = "folders", *,
     """
     if not progress:
         tfds.disable_progress_bar()
+    check_config_name(config.name if isinstance(config, MusicImageConfig) else config)
     registered = {c.name: c for c in MusicImage.BUILDER_CONFIGS}
     if isinstance(config, MusicImageConfig) and config.name in registered:
         if config.params() != registered[config.name].params():

@@ -30,9 +30,12 @@ def image_job(job: tuple) -> Optional[str]:
 
 
 def audio_job(job: tuple):
-    """job = (path, sample_rate, clip_seconds) → (int16 PCM [clip samples], None) or (None, reason)."""
-    src, sample_rate, clip_seconds = job
+    """job = (path, sample_rate, clip_seconds, stereo, silence_dbfs) → (int16 PCM [clip samples], None) or
+    (None, reason)."""
+    src, sample_rate, clip_seconds, stereo, silence_dbfs = job
     try:
-        return to_pcm16(load_audio(src, sample_rate=sample_rate, clip_seconds=clip_seconds)), None
+        pcm = load_audio(src, sample_rate=sample_rate, clip_seconds=clip_seconds, stereo=stereo,
+                         silence_dbfs=silence_dbfs)
+        return to_pcm16(pcm), None
     except AudioDecodeError as e:
         return None, e.reason

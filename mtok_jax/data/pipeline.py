@@ -29,7 +29,7 @@ from typing import Iterator, Mapping, Optional
 import numpy as np
 
 from mtok_jax.audio.io import from_pcm16
-from mtok_jax.data.builder import NAME, VERSION
+from mtok_jax.data.builder import NAME, VERSION, check_config_name
 from mtok_jax.data.images import decode_image
 
 _PAIRING_SALT = 0x9A1B
@@ -39,7 +39,7 @@ _SHUFFLE_SALT = 0x5EED
 def resolve_config(data_dir, config_name: Optional[str] = None) -> str:
     """`config_name`, or the only config built under data_dir when None."""
     if config_name:
-        return config_name
+        return check_config_name(config_name)
     found = sorted(p.parent.parent.name for p in Path(data_dir).glob(f"{NAME}/*/{VERSION}/dataset_info.json"))
     if len(found) != 1:
         raise FileNotFoundError(f"{data_dir}: pass config_name; built {NAME} configs: {found or 'none'}")

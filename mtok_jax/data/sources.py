@@ -10,13 +10,16 @@ Two layouts (DESIGN §2.7) under a manual dir:
   ``audio/`` / ``image/`` folders; ``id`` is a file name with or without extension.
 
 Every file that is not used gets a skip record ``{'path', 'kind', 'reason'}``; nothing is dropped
-silently except hidden files (names starting with '.').
+silently except hidden files (names starting with '.'). A dangling or looping symlink, a symlink to a
+directory (not followed) and a directory that cannot be listed get one record each (the directory's
+files are unknown, so it counts as one skipped entry).
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
+import errno
 import hashlib
 import math
 import os
@@ -111,13 +114,43 @@ def assign_splits(ids: Sequence[str]) -> list[str]:
     return out
 
 
-def _walk_files(root: Path) -> list[Path]:
-    """All non-hidden files below root, sorted (os.walk; hidden dirs skipped)."""
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found.extend(Path(dirpath) / f for f in filenames if not f.startswith("."))
-    return sorted(found)
+def _os_reason(path: str, e: OSError) -> str:
+    """'dangling symlink (…)', 'symlink loop (…)' or 'unreadable (…)' for an OSError on ``path``."""
+    detail = f"{type(e).__name__}: {e.strerror or e}"
+    if e.errno == errno.ELOOP:
+        return f"symlink loop ({detail})"
+    if os.path.islink(path) and e.errno == errno.ENOENT:
+        return f"dangling symlink to '{os.readlink(path)}' ({detail})"
+    return f"unreadable ({detail})"
+
+
+def _walk_files(root: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """Non-hidden files below root (sorted; os.walk, hidden dirs skipped) whose stat succeeds, and
+    [(path, reason)] for the rest: a directory that cannot be listed (os.walk's onerror), a symlink to
+    a directory (not followed), a file whose stat fails (dangling symlink, symlink loop, …)."""
+    found: list[Path] = []
+    bad: list[tuple[Path, str]] = []
+
+    def unlistable(e: OSError) -> None:
+        bad.append((Path(e.filename), f"unreadable directory ({type(e).__name__}: {e.strerror or e}): "
+                                      "its files could not be listed"))
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=unlistable):
+        links = [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]
+        bad.extend((Path(dirpath) / d, "symlink to a directory (not followed)")
+                   for d in links if not d.startswith("."))
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d not in links)
+        for f in filenames:
+            if f.startswith("."):
+                continue
+            p = os.path.join(dirpath, f)
+            try:
+                os.stat(p)
+            except OSError as e:
+                bad.append((Path(p), _os_reason(p, e)))
+                continue
+            found.append(Path(p))
+    return sorted(found), sorted(bad)
 
 
 def _rel(p: Path, manual_dir: Path) -> str:
@@ -129,9 +162,10 @@ def _scan_folders_kind(manual_dir: Path, sub: str, kind: str, exts, labels) -> t
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: missing; the folders layout needs {sub}/<label>/<files>")
     by_norm = {normalize_label(s): i for i, s in enumerate(labels)}
-    skipped: list[dict] = []
+    on_disk, unreadable = _walk_files(root)
+    skipped = [skip_record(_rel(p, manual_dir), kind, why) for p, why in unreadable]
     per_label: dict[int, list[tuple[str, str]]] = defaultdict(list)  # label -> [(id, rel)]
-    for p in _walk_files(root):
+    for p in on_disk:
         rel = _rel(p, manual_dir)
         parts = p.relative_to(root).parts
         if len(parts) < 2:
@@ -171,12 +205,12 @@ def _scan_csv_kind(manual_dir: Path, csv_name: str, sub: str, kind: str, exts, l
         if not need.exists():
             raise FileNotFoundError(f"{need}: missing; the csv layout needs {csv_name} and {sub}/")
     by_norm = {normalize_label(s): i for i, s in enumerate(labels)}
-    on_disk = _walk_files(root)
+    on_disk, unreadable = _walk_files(root)
     by_name = {_rel(p, root): p for p in on_disk}
     by_stem: dict[str, list[Path]] = defaultdict(list)
     for p in on_disk:
         by_stem[os.path.splitext(_rel(p, root))[0]].append(p)
-    skipped: list[dict] = []
+    skipped = [skip_record(_rel(p, manual_dir), kind, why) for p, why in unreadable]
     rows_by_id: dict[str, list[tuple[int, dict]]] = defaultdict(list)
     for line, row in _read_csv_rows(csv_path):
         if not row["id"]:

@@ -134,7 +134,7 @@ def main(argv=None) -> int:
         s = config.sample
         return sample.sample_files(pipe, audio, os.path.join(workdir, "samples"), num_images=s.num_images,
                                    steps=s.steps, guidance=s.guidance, scheduler=s.scheduler, seed=s.seed,
-                                   same_seed=True)  # one seed for all labels: images differ by audio only
+                                   same_seed=True)[0]  # one seed for all labels: images differ by audio only
 
     records = stages.run("5 sample one image per label", sample_per_label)
     dep = _sample_label_dependence(records, os.path.join(workdir, "samples"), os.path.join(root, "manual"))

@@ -501,14 +501,42 @@ def init_params(cfg: Mapping[str, Any], rng: jax.Array | int) -> dict[str, Any]:
     return jax.tree_util.tree_map_with_path(fill, param_shapes(cfg))
 
 
-def save_beats(directory: str | os.PathLike, cfg: Mapping[str, Any], params: Mapping[str, Any]) -> None:
-    """Write a params_io folder: params.safetensors + config.json (the complete cfg)."""
-    params_io.save_params(directory, jax.device_get(params), beats_config(cfg))
+# Provenance keys the converter adds to config.json (not part of the BEATs cfg).
+PROVENANCE_KEYS = ("source_checkpoint", "finetuned_head")
+RANDOM_SOURCE = "random"  # source_checkpoint of random weights (demo models, tests): no provenance warning
+FINETUNED_CHECKPOINT = "BEATs_iter3_plus_AS2M_finetuned_on_AS2M_cpt2.pt"  # what AudioToken and the thesis load
+
+
+def save_beats(directory: str | os.PathLike, cfg: Mapping[str, Any], params: Mapping[str, Any], *,
+               source_checkpoint: str = RANDOM_SOURCE, finetuned_head: bool | None = None) -> None:
+    """Write a params_io folder: params.safetensors + config.json (the complete cfg plus provenance:
+    ``source_checkpoint`` file name and ``finetuned_head`` = whether ``predictor.*`` was in it)."""
+    params_io.save_params(directory, jax.device_get(params),
+                          {**beats_config(cfg), "source_checkpoint": source_checkpoint,
+                           "finetuned_head": finetuned_head})
+
+
+def check_provenance(directory: str | os.PathLike, config: Mapping[str, Any]) -> None:
+    """Warn unless the folder records a fine-tuned source (``predictor.*`` present) or random weights.
+
+    AudioToken and the thesis use the AudioSet-fine-tuned checkpoint; the self-supervised one has the same
+    shapes but different features, so an embedder trained on one silently gets inputs it never saw."""
+    source = config.get("source_checkpoint")
+    if source == RANDOM_SOURCE or config.get("finetuned_head") is True:
+        return
+    what = ("no record of its source checkpoint" if source is None
+            else f"converted from {source}, which has no fine-tuning head (predictor.*)")
+    warnings.warn(f"BEATs at {directory}: {what}; AudioToken and the thesis use {FINETUNED_CHECKPOINT} "
+                  f"(fine-tuned on AudioSet). Convert that file with `python -m mtok_jax.convert beats`.",
+                  stacklevel=3)
 
 
 def load_beats(directory: str | os.PathLike, dtype: Any = jnp.float32,
                split_conv_pos: bool = True) -> tuple[BEATs, dict[str, Any]]:
-    """Read a folder written by :func:`save_beats` / the converter → ``(BEATs module, params)``."""
-    params, cfg = params_io.load_params(directory)
+    """Read a folder written by :func:`save_beats` / the converter → ``(BEATs module, params)``; warns
+    (:func:`check_provenance`) when it was not converted from a fine-tuned checkpoint."""
+    params, config = params_io.load_params(directory)
+    check_provenance(directory, config)
+    cfg = {k: v for k, v in config.items() if k not in PROVENANCE_KEYS}
     model = BEATs(cfg, dtype=dtype, split_conv_pos=split_conv_pos)
     return model, jax.tree.map(jnp.asarray, params)

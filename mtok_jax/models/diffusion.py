@@ -6,7 +6,7 @@ Layout conventions (DESIGN §2.5):
 The NHWC→NCHW transpose happens in :func:`encode_latents` only (and back in :func:`decode_images`).
 
 Loading (``load_unet`` / ``load_vae``) reads a diffusers model folder (or an SD root with ``unet/`` /
-``vae/`` sub-folders, or a hub id) holding either ``diffusion_flax_model.msgpack`` (the SD v1.4 ``flax``
+``vae/`` sub-folders, or a hub id: cached, or fetched with ``allow_download``; ``mtok_jax.models.hub``) holding either ``diffusion_flax_model.msgpack`` (the SD v1.4 ``flax``
 revision) or PyTorch-layout ``diffusion_pytorch_model*.safetensors`` — the latter without torch, with
 diffusers' own PyTorch→Flax key renaming applied to ``safetensors.numpy`` arrays against an
 ``eval_shape`` of the Flax module (no weight init).
@@ -31,6 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
+
+from mtok_jax.models import hub
 
 SAMPLERS = ("pndm", "ddim", "dpm", "euler")
 
@@ -106,23 +108,7 @@ SD14_SCHEDULER_CONFIG: dict[str, Any] = {
 FLAX_WEIGHTS = "diffusion_flax_model.msgpack"
 PT_SAFETENSORS = "diffusion_pytorch_model.safetensors"
 PT_BIN = "diffusion_pytorch_model.bin"
-CONFIG_FILE = "config.json"
-
-
-# ----------------------------------------------------------------------------------------- paths
-def _resolve(path: str | os.PathLike, subfolder: str, marker: str = CONFIG_FILE) -> str:
-    """A local folder holding ``marker``: ``path`` itself, ``path/subfolder``, or a hub snapshot."""
-    path = os.fspath(path)
-    for cand in (os.path.join(path, subfolder), path):
-        if os.path.isfile(os.path.join(cand, marker)):
-            return cand
-    if os.path.exists(path):
-        raise FileNotFoundError(f"no {marker} in {path} or {os.path.join(path, subfolder)}")
-    from huggingface_hub import snapshot_download  # a hub id such as CompVis/stable-diffusion-v1-4
-
-    root = snapshot_download(path, allow_patterns=[f"{subfolder}/*.json", f"{subfolder}/*.safetensors",
-                                                   f"{subfolder}/*.msgpack"])
-    return os.path.join(root, subfolder)
+CONFIG_FILE = hub.CONFIG_FILE
 
 
 def _read_json(path: str) -> dict[str, Any]:
@@ -243,24 +229,24 @@ def _load_model(folder: str, module) -> dict[str, Any]:
     return jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), params)
 
 
-def load_unet(path: str | os.PathLike, dtype=jnp.float32):
+def load_unet(path: str | os.PathLike, dtype=jnp.float32, *, allow_download: bool = False):
     """UNet folder / SD root / hub id → ``(FlaxUNet2DConditionModel, params)``; params float32, compute ``dtype``."""
-    folder = _resolve(path, "unet")
+    folder = hub.resolve_folder(path, "unet", allow_download=allow_download)
     module = unet_from_config(_read_json(os.path.join(folder, CONFIG_FILE)), dtype=dtype)
     return module, _load_model(folder, module)
 
 
-def load_vae(path: str | os.PathLike, dtype=jnp.float32):
+def load_vae(path: str | os.PathLike, dtype=jnp.float32, *, allow_download: bool = False):
     """VAE folder / SD root / hub id → ``(FlaxAutoencoderKL, params)``; params float32, compute ``dtype``."""
-    folder = _resolve(path, "vae")
+    folder = hub.resolve_folder(path, "vae", allow_download=allow_download)
     module = vae_from_config(_read_json(os.path.join(folder, CONFIG_FILE)), dtype=dtype)
     return module, _load_model(folder, module)
 
 
 # ------------------------------------------------------------------------------------ schedulers
-def read_scheduler_config(path: str | os.PathLike) -> dict[str, Any]:
+def read_scheduler_config(path: str | os.PathLike, *, allow_download: bool = False) -> dict[str, Any]:
     """The ``scheduler_config.json`` of an SD root / scheduler folder / hub id."""
-    folder = _resolve(path, "scheduler", "scheduler_config.json")
+    folder = hub.resolve_folder(path, "scheduler", "scheduler_config.json", allow_download=allow_download)
     return _read_json(os.path.join(folder, "scheduler_config.json"))
 
 
@@ -278,9 +264,9 @@ def noise_scheduler_from_config(config: Mapping[str, Any]):
     return _scheduler(FlaxDDPMScheduler, config)
 
 
-def load_noise_scheduler(path: str | os.PathLike):
+def load_noise_scheduler(path: str | os.PathLike, *, allow_download: bool = False):
     """``(FlaxDDPMScheduler, state)`` built from the folder's scheduler config (training noise)."""
-    return noise_scheduler_from_config(read_scheduler_config(path))
+    return noise_scheduler_from_config(read_scheduler_config(path, allow_download=allow_download))
 
 
 def sampler_from_config(config: Mapping[str, Any], kind: str = "pndm"):
@@ -297,9 +283,9 @@ def sampler_from_config(config: Mapping[str, Any], kind: str = "pndm"):
     return _scheduler(classes[kind], config)
 
 
-def make_sampler_scheduler(path: str | os.PathLike, kind: str = "pndm"):
+def make_sampler_scheduler(path: str | os.PathLike, kind: str = "pndm", *, allow_download: bool = False):
     """``(scheduler, state)`` for sampling with ``kind`` ∈ {'pndm','ddim','dpm','euler'} from the SD folder."""
-    return sampler_from_config(read_scheduler_config(path), kind)
+    return sampler_from_config(read_scheduler_config(path, allow_download=allow_download), kind)
 
 
 def sampler_timesteps(scheduler, state, num_steps: int, shape: tuple[int, ...]):

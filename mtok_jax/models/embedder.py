@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from mtok_jax import pt_checkpoint
 from mtok_jax.params_io import load_params, save_params
 
 UNARY_DROPOUT_RATE = 0.5
@@ -104,6 +105,17 @@ class AudioTokenEmbedder(nn.Module):
         return jnp.einsum("bt,btd->bd", attn, h.astype(jnp.float32))
 
 
+# Key prefixes of the reference wrapper's state dict (AudioToken.py / MusicToken_no_accel.py attributes).
+WRAPPER_PARTS = {"embedder": "embedder.", "beats": "aud_encoder.", "unet": "unet.", "text": "text_encoder.",
+                 "vae": "vae."}
+
+
+def wrapper_part(state_dict: Mapping[str, Any], part: str) -> dict[str, Any]:
+    """The keys of one part (a key of WRAPPER_PARTS) of a wrapper state dict, prefix stripped; {} if absent."""
+    prefix = WRAPPER_PARTS[part]
+    return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+
+
 def _conv1x1_kernel(w: np.ndarray) -> np.ndarray:
     """Conv1d k=1 weight [out, in, 1] → Dense kernel [in, out]."""
     return np.ascontiguousarray(np.asarray(w, np.float32)[:, :, 0].T)
@@ -112,12 +124,12 @@ def _conv1x1_kernel(w: np.ndarray) -> np.ndarray:
 def params_from_torch(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     """Reference ``FGAEmbedder`` state dict (key names of the AudioToken repo) → Flax params.
 
-    Accepts numpy arrays or torch tensors; a common ``embedder.`` prefix is stripped.
+    Accepts numpy arrays or torch tensors, and the thesis's whole-wrapper state dict
+    (``model_<timestamp>_<epoch>``: ``embedder.*`` among ``unet.*``, ``aud_encoder.*``, …), of which only
+    the ``embedder.*`` keys are read (:func:`wrapper_part`).
     """
     sd = {k: np.asarray(v.detach().cpu().numpy() if hasattr(v, "detach") else v, np.float32)
-          for k, v in state_dict.items()}
-    if all(k.startswith("embedder.") for k in sd):
-        sd = {k[len("embedder."):]: v for k, v in sd.items()}
+          for k, v in (wrapper_part(state_dict, "embedder") or state_dict).items()}
 
     def linear(prefix):
         return {"kernel": np.ascontiguousarray(sd[prefix + ".weight"].T), "bias": sd[prefix + ".bias"]}
@@ -152,15 +164,24 @@ def embedder_config(params: Mapping[str, Any]) -> dict[str, int]:
     return {"output_dim": int(d), "input_dim": int(c_in)}
 
 
-def convert_checkpoint(learned_embeds_bin: str | os.PathLike, out_dir: str | os.PathLike) -> dict[str, int]:
-    """Reference ``learned_embeds.bin`` (torch state dict) → params_io folder; returns its config."""
-    import torch  # optional extra, converters only
+def load_state_dict(path: str | os.PathLike, *, trusted: bool = False) -> dict[str, Any]:
+    """A torch state dict file (``learned_embeds.bin`` or the thesis wrapper's ``model_<ts>_<epoch>``).
+    ``trusted``: allow full unpickling (:func:`mtok_jax.pt_checkpoint.load`)."""
+    return pt_checkpoint.load(path, trusted=trusted)
 
-    state_dict = torch.load(learned_embeds_bin, map_location="cpu", weights_only=True)
+
+def convert_state_dict(state_dict: Mapping[str, Any], out_dir: str | os.PathLike) -> dict[str, int]:
+    """Embedder state dict (or a wrapper's, see :func:`params_from_torch`) → params_io folder; returns its config."""
     params = params_from_torch(state_dict)
     config = embedder_config(params)
     save_params(out_dir, params, config)
     return config
+
+
+def convert_checkpoint(learned_embeds_bin: str | os.PathLike, out_dir: str | os.PathLike, *,
+                       trusted: bool = False) -> dict[str, int]:
+    """Reference ``learned_embeds.bin`` or wrapper state dict file → params_io folder; returns its config."""
+    return convert_state_dict(load_state_dict(learned_embeds_bin, trusted=trusted), out_dir)
 
 
 def load_embedder(directory: str | os.PathLike, unary_dropout_at_inference: bool = True,

@@ -144,8 +144,10 @@ def params_from_pt_safetensors(file: str | os.PathLike, module: FlaxCLIPTextModu
 
 
 def load_text_encoder(path: str | os.PathLike, dtype=jnp.float32) -> tuple[FlaxCLIPTextModule, dict[str, Any]]:
-    """HF CLIP text folder → (module, params float32).
+    """HF CLIP text folder → (module, params float32 whatever the file's dtype).
 
+    Floating leaves are cast to float32 like the UNet/VAE loaders do: a bf16 ``flax_model.msgpack`` would
+    otherwise keep the token table in bf16 and round the audio token where it replaces the placeholder row.
     ``flax_model.msgpack`` is read by transformers; else ``model.safetensors`` (PyTorch names) is converted
     here without torch; else ``pytorch_model.bin`` is converted by transformers (needs torch).
     """
@@ -160,7 +162,12 @@ def load_text_encoder(path: str | os.PathLike, dtype=jnp.float32) -> tuple[FlaxC
         params = FlaxCLIPTextModel.from_pretrained(path, from_pt=True, dtype=dtype).params
     else:
         raise FileNotFoundError(f"{path}: no flax_model.msgpack, model.safetensors or pytorch_model.bin")
-    return module, jax.tree_util.tree_map(jnp.asarray, unfreeze(params))
+    return module, jax.tree_util.tree_map(_as_float32, unfreeze(params))
+
+
+def _as_float32(x) -> jax.Array:
+    x = jnp.asarray(x)
+    return x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x
 
 
 # ----------------------------------------------------------------------------------------------
