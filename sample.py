@@ -2,7 +2,8 @@
 
   python sample.py --workdir DIR --audio FILE_OR_DIR \
       [--config configs/X.py --num_images 4 --steps 50 --guidance 7.5 --scheduler pndm|ddim|dpm|euler --seed S --out DIR \
-       --checkpoint best|latest|STEP|none --per_label K] [--config.a.b=value ...]
+       --checkpoint best|latest|STEP|none --per_label K --prompt 'a painting of <*>' --negative_prompt TEXT
+       --start SECONDS] [--config.a.b=value ...]
 
 The config is the run's own `DIR/config.json` (written by train.py; `--config FILE` instead), with
 `--config.a.b=value` overrides on top. `--checkpoint` default: `best`, else `latest` (logged). Defaults
@@ -38,6 +39,12 @@ _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "best | latest | a step nu
                                                      "default: best, else latest.")
 _PER_LABEL = flags.DEFINE_integer("per_label", 0, "With the default audio: files per label (0 = all).")
 _SAME_SEED = flags.DEFINE_bool("same_seed", False, "Use --seed for every audio file (images differ by audio only).")
+_PROMPT = flags.DEFINE_string("prompt", None, "Prompt template with exactly one <*> (the audio token) "
+                                              "(default: config.prompt.inference).")
+_NEGATIVE = flags.DEFINE_string("negative_prompt", "", "Negative prompt: the unconditional branch of guidance "
+                                                       "(default: empty).")
+_START = flags.DEFINE_float("start", 0.0, "Seconds into each audio file where its clip starts "
+                                          "(which config.data.clip_seconds window is used).", lower_bound=0.0)
 _BATCH = flags.DEFINE_integer("batch", 8, "Images dispatched per host round trip (each jitted call makes one image "
                                          "per device; the images do not depend on this).")
 
@@ -53,6 +60,8 @@ def main(argv):
     from mtok_jax import checkpoints, sample
     s = config.sample
     workdir = _WORKDIR.value or os.path.join("runs", config.workdir_name)
+    if _PROMPT.value is not None:
+        sample.check_prompt(_PROMPT.value, config.prompt.placeholder)
     # Input errors first, before minutes of model loading.
     checkpoint = checkpoints.select(workdir, _CHECKPOINT.value)
     audio = sample.find_audio(_AUDIO.value) if _AUDIO.value else None
@@ -69,7 +78,8 @@ def main(argv):
         steps=_STEPS.value if _STEPS.value is not None else s.steps,
         guidance=_GUIDANCE.value if _GUIDANCE.value is not None else s.guidance,
         scheduler=_SCHEDULER.value or s.scheduler,
-        seed=_SEED.value if _SEED.value is not None else s.seed, same_seed=_SAME_SEED.value)
+        seed=_SEED.value if _SEED.value is not None else s.seed, same_seed=_SAME_SEED.value,
+        prompt=_PROMPT.value, negative_prompt=_NEGATIVE.value, start=_START.value)
     note = f"; {len(skipped)} of {len(audio)} audio files skipped (skipped.jsonl)" if skipped else ""
     print(f"wrote {len(records)} images to {out}/ (grid.png, samples.jsonl){note}")
 
