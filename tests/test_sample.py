@@ -47,7 +47,7 @@ def test_images_do_not_depend_on_max_batch_or_device_count(pipe):
     device), and on the 8-device mesh. A batched shape changes ~1e-4 of the values by one LSB."""
     mesh = sharding.make_mesh({"data": 1, "fsdp": 1})
     one = dataclasses.replace(pipe, mesh=mesh, params=jax.device_put(pipe.params, sharding.replicated(mesh)),
-                              _uncond=None, _compiled={})
+                              _uncond={}, _plain_states=None, _compiled={})
     waves = np.random.RandomState(1).uniform(-0.5, 0.5, (4, 64000)).astype(np.float32)
     seeds = [3, 4, 5, 6]
     by_batch = {}
