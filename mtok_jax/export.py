@@ -200,9 +200,9 @@ def export(config, workdir: str, out: str, *, checkpoint: str | int = "best", co
         write_beats(written["beats"], params["beats"], dict(system.beats.cfg), source)
     else:
         _place(m.beats_path, written["beats"], copy)
-    model_config = config_utils.apply_overrides(config.copy_and_resolve_references(),
-                                                [f"model.{k}={v}" for k, v in MODEL_PATHS.items()]
-                                                + ["model.allow_download=False"])
+    model_config = config.copy_and_resolve_references()  # the run's, with model paths inside the folder
+    for key, value in {**MODEL_PATHS, "allow_download": False}.items():
+        model_config.model[key] = value
     with open(os.path.join(out, "config.json"), "w") as f:
         f.write(model_config.to_json_best_effort(indent=2, sort_keys=True))
     write_model_card(out, config, workdir, checkpoint, trained, system.labels)
@@ -216,23 +216,19 @@ def load_model_config(directory: str | os.PathLike, overrides: Sequence[str] = (
     path = os.path.join(directory, "config.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--model {directory}: no config.json (a folder written by python -m mtok_jax.export)")
-    config = config_utils.load_json_config(path)
-    resolved = [f"model.{k}={os.path.normpath(os.path.join(directory, config.model[k]))}" for k in MODEL_PATHS]
-    return config_utils.apply_overrides(config, [*resolved, *overrides])
+    recorded = config_utils.read_run_config(path)
+    resolved = [f"model.{k}={os.path.normpath(os.path.join(directory, recorded.model[k]))}" for k in MODEL_PATHS]
+    return config_utils.load_config(path, [*resolved, *overrides])
 
 
 # ------------------------------------------------------------------------------------------ CLI
-def _checkpoint(value: str) -> str | int:
-    return int(value) if value.isdigit() else value
-
-
 def main(argv: Sequence[str]) -> None:
     parser = cli.ArgumentParser(prog="python -m mtok_jax.export",
                                 description="Export a trained run as a self-contained model folder (Hugging Face "
                                             "Hub layout; needs torch). Config: WORKDIR/config.json, "
                                             "--config.a.b=value overrides on top.")
     parser.add_argument("--workdir", required=True, type=cli.existing_dir, help="run directory (train.py's)")
-    parser.add_argument("--checkpoint", default="best", type=_checkpoint, help="best | latest | a step number")
+    parser.add_argument("--checkpoint", default=None, help="best | latest | a step number (default: best, else latest)")
     parser.add_argument("--out", required=True, help="output folder (new or empty)")
     parser.add_argument("--copy", action="store_true", help="copy the unchanged SD / BEATs parts instead of "
                                                             "symlinking them")
@@ -243,8 +239,11 @@ def main(argv: Sequence[str]) -> None:
     path = os.path.join(args.workdir, "config.json")
     if not os.path.isfile(path):
         raise errors.UserError(f"--workdir {args.workdir} has no config.json (written by train.py)")
-    config = config_utils.load_json_config(path, rest)
-    written = export(config, args.workdir, args.out, checkpoint=args.checkpoint, copy=args.copy)
+    config = config_utils.load_config(path, rest)
+    checkpoint = checkpoints.select(args.workdir, args.checkpoint)
+    if checkpoint is None:
+        parser.error("--checkpoint none: an untrained run has nothing to export")
+    written = export(config, args.workdir, args.out, checkpoint=checkpoint, copy=args.copy)
     for part, folder in written.items():
         print(f"{part} → {folder}")
     print(f"model folder {args.out}: python sample.py --model {args.out} --audio FILE", file=sys.stderr)

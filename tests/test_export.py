@@ -164,7 +164,7 @@ def test_export_refuses_a_non_empty_out(run, capsys):
     assert e.value.code == 2 and "is not empty" in capsys.readouterr().err
 
 
-def test_load_json_config_round_trips(run):
+def test_run_config_json_round_trips(run):
     """WORKDIR/config.json → the same config train.py ran with (tuples, floats, strings)."""
-    back = config_utils.load_json_config(os.path.join(run["workdir"], "config.json"))
+    back = config_utils.load_config(os.path.join(run["workdir"], "config.json"))
     assert back.to_dict() == run["config"].to_dict()
