@@ -4,8 +4,8 @@
       [--host 127.0.0.1 --port 7860 --max_upload_mb 100 --upload_dir DIR --keep_uploads]
       [--config.a.b=value ...]
 
-After `make demo` the bare command serves runs/demo. `--model DIR` serves a converted embedder folder
-(`python -m mtok_jax.convert embedder ...`) without a training run. Every image comes from
+After `make demo` the bare command serves runs/demo. `--model DIR` serves an exported model folder
+(`python -m mtok_jax.export`) without a training run. Every image comes from
 `mtok_jax.sample.sample_files` — what `sample.py` runs — on a pipeline loaded once, its sampler
 compiled and warmed at start-up for the default settings; Gradio's queue runs one request at a time
 in a worker thread (never on the event loop). Uploads and results live in one folder (the only one
@@ -34,7 +34,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from mtok_jax import _compat, cli, config_utils, errors
+from mtok_jax import _compat, cli, config_utils, errors, export
 
 log = logging.getLogger("mtok_jax.app")
 MAX_STEPS = 1000  # the schedulers' training timesteps
@@ -152,12 +152,18 @@ def run_facts(pipe, config, config_path: str) -> str:
     return "  \n".join(lines)
 
 
-def sample_command(config_path: str, overrides, workdir, checkpoint, record: dict, audio: str) -> str:
-    """The `sample.py` command that writes the same PNGs and samples.jsonl settings as `record`."""
-    args = ["python", "sample.py", "--config", config_path, *overrides]
-    if workdir:
-        args += ["--workdir", workdir]
-    args += ["--checkpoint", "none" if checkpoint is None else str(checkpoint), "--audio", audio,
+def sample_command(config_path: str, overrides, workdir, checkpoint, record: dict, audio: str,
+                   model: str | None = None) -> str:
+    """The `sample.py` command that writes the same PNGs and samples.jsonl settings as `record`
+    (`model`: an exported model folder, served without config file, workdir or checkpoint)."""
+    if model:
+        args = ["python", "sample.py", "--model", model, *overrides]
+    else:
+        args = ["python", "sample.py", "--config", config_path, *overrides]
+        if workdir:
+            args += ["--workdir", workdir]
+        args += ["--checkpoint", "none" if checkpoint is None else str(checkpoint)]
+    args += ["--audio", audio,
              "--num_images", str(record["num_images"]), "--steps", str(record["steps"]),
              "--guidance", repr(record["guidance"]), "--scheduler", record["scheduler"],
              "--seed", str(record["seed"]), "--prompt", record["prompt"],
@@ -170,8 +176,9 @@ class Server:
     """The loaded pipeline + the one-at-a-time generation the page calls."""
 
     def __init__(self, pipe, config, config_path: str, overrides, upload_dir: str, limits: Limits,
-                 keep_uploads: bool):
+                 keep_uploads: bool, model: str | None = None):
         self.pipe, self.config, self.config_path, self.overrides = pipe, config, config_path, list(overrides)
+        self.model = model  # an exported model folder served instead of a run
         self.upload_dir, self.limits, self.keep_uploads = upload_dir, limits, keep_uploads
         self.lock = threading.Lock()  # one generation at a time, whatever the web layer does
 
@@ -271,7 +278,7 @@ def build_page(server: Server):
             files.append(png)
         files.append(os.path.join(out, "samples.jsonl"))
         cmd = sample_command(server.config_path, server.overrides, server.pipe.workdir, server.pipe.checkpoint,
-                             records[0], os.path.basename(path))
+                             records[0], os.path.basename(path), model=server.model)
         status = (f"{len(records)} images in {seconds:.1f} s ({note}). Same images from the command line:\n\n"
                   f"```\n{cmd}\n```")
         return items, files, status, settings["seed"], settings["seed"]
@@ -331,12 +338,10 @@ def main(argv):
     if _HOST.value not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: --host {_HOST.value} makes the page reachable from other machines: anyone who can "
               f"reach port {_PORT.value} can upload files and use this machine's accelerator", file=sys.stderr)
-    config = _CONFIG.value
-    if _MODEL.value:
-        if not os.path.isdir(_MODEL.value):
-            raise errors.UserError(f"--model={_MODEL.value}: no such folder")
-        config.model.embedder_path = os.path.abspath(_MODEL.value)
-    config = config_utils.validate(config)
+    overrides = [a for a in sys.argv[1:] if a.startswith("--config.")]
+    model = os.path.abspath(_MODEL.value) if _MODEL.value else None
+    # An exported model folder (python -m mtok_jax.export) brings its config; else --config / the run's.
+    config = export.load_model_config(model, overrides) if model else config_utils.validate(_CONFIG.value)
     _compat.quiet_third_party_loggers()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)
@@ -357,12 +362,9 @@ def main(argv):
     workdir = None if _MODEL.value else (_WORKDIR.value or os.path.join("runs", config.workdir_name))
     checkpoint = None if _MODEL.value else checkpoints.select(workdir, _CHECKPOINT.value)
     pipe = sample.load_pipeline(config, workdir, checkpoint)
-    overrides = [a for a in sys.argv[1:] if a.startswith("--config.")]
-    if _MODEL.value:
-        overrides.append(f"--config.model.embedder_path={config.model.embedder_path}")
     config_path = config_flags.get_config_filename(flags.FLAGS["config"])
     server = Server(pipe, config, config_path, overrides, upload_dir,
-                    Limits(max_bytes=int(_MAX_MB.value * 1e6), max_images=_MAX_IMAGES.value), _KEEP.value)
+                    Limits(max_bytes=int(_MAX_MB.value * 1e6), max_images=_MAX_IMAGES.value), _KEEP.value, model)
     loaded = time.perf_counter() - t0
     warm = server.warm_up()
     page = build_page(server)
@@ -386,8 +388,8 @@ def define_flags() -> None:
     global _CONFIG, _WORKDIR, _MODEL, _CHECKPOINT, _HOST, _PORT, _MAX_MB, _UPLOAD_DIR, _KEEP, _MAX_IMAGES
     _CONFIG = cli.define_config_file("config", "configs/demo.py", "Config file (configs/*.py).")
     _WORKDIR = flags.DEFINE_string("workdir", None, "Training run to serve (default: runs/<config.workdir_name>).")
-    _MODEL = flags.DEFINE_string("model", None, "A converted embedder folder to serve instead of a run "
-                                                "(sets model.embedder_path; no checkpoint).")
+    _MODEL = flags.DEFINE_string("model", None, "An exported model folder (python -m mtok_jax.export) to serve "
+                                                "instead of a run: its config.json and weights, no checkpoint.")
     _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "best | latest | a step number | none (untrained); "
                                                           "default best, else latest.")
     _HOST = flags.DEFINE_string("host", "127.0.0.1", "Address to listen on (0.0.0.0 exposes the page to the network).")
