@@ -44,7 +44,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict(dict(
         name="music_image",  # TFDS builder
         data_dir="data/tfds",  # TFDS data_dir holding the built dataset
-        builder_config="folders",  # built config name ("" = the only one built under data_dir)
+        builder_config="",  # built config name ("" = the one built under data_dir whose clip length and image size match)
         clip_seconds=30.0,  # first 30 s of each clip (repeat-padded); must match the built dataset
         image_size=512,  # square side in pixels (bicubic resize); must match the built dataset
         reference_512x320=False,  # dataset built with the reference's 512×320 (W×H) stretched images; samples 512²

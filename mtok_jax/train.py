@@ -327,10 +327,10 @@ def _train(config, workdir: str, stop: signals.GracefulStop) -> dict[str, Any]:
 
     # ---------------------------------------------------------------------------------- input
     d = config.data
-    data_kw = dict(config_name=d.builder_config or None, bgr=d.bgr, prefetch=d.prefetch)
-    _check_dataset(config)
-    num_train = pipeline.num_examples(d.data_dir, "train", d.builder_config or None)
-    num_val = pipeline.num_examples(d.data_dir, "validation", d.builder_config or None)
+    builder_config = _check_dataset(config)
+    data_kw = dict(config_name=builder_config, bgr=d.bgr, prefetch=d.prefetch)
+    num_train = pipeline.num_examples(d.data_dir, "train", builder_config)
+    num_val = pipeline.num_examples(d.data_dir, "validation", builder_config)
     examples_per_step = t.batch_size * t.grad_accum
     steps_per_epoch = pipeline.num_batches(num_train, examples_per_step, jax.process_count())
     if steps_per_epoch == 0:
@@ -520,20 +520,21 @@ def _like_params(opt_shapes: Any, param_sh: Any, default: NamedSharding) -> Any:
     return jax.tree.map(lambda x: param_sh if is_param_like(x) else default, opt_shapes, is_leaf=is_param_like)
 
 
-def _check_dataset(config) -> None:
+def _check_dataset(config) -> str:
     """The built dataset must hold what the config's shapes say (clip length, image size) and mix stereo
-    as `data.stereo` says (datasets built before the option averaged the channels)."""
+    as `data.stereo` says (datasets built before the option averaged the channels). → its config name."""
     d = config.data
-    ds = pipeline.open_dataset(d.data_dir, d.builder_config or None)
+    ds = conditioning.open_dataset(config)
     built = ds.config
     want_samples = conditioning.clip_samples(config)
     want_hw = conditioning.image_hw(config)
     got_hw = (int(built["image_height"]), int(built["image_width"]))
     if int(built["clip_samples"]) != want_samples or got_hw != want_hw:
         raise ValueError(f"dataset {ds.path} holds {built['clip_samples']} samples / {got_hw} images, the config "
-                         f"asks for {want_samples} / {want_hw} (data.clip_seconds, image_size, audio_44k_as_16k, "
-                         f"reference_512x320)")
+                         f"asks for {want_samples} / {want_hw} (data.builder_config={d.builder_config!r}, "
+                         f"clip_seconds, image_size, audio_44k_as_16k, reference_512x320)")
     got_stereo = built.get("stereo", "mean")
     if got_stereo != d.stereo:
         raise ValueError(f"dataset {ds.path} mixed stereo audio with {got_stereo!r}, the config asks for "
                          f"data.stereo={d.stereo!r}: rebuild with --stereo {d.stereo} or set data.stereo={got_stereo}")
+    return ds.path.parent.name
