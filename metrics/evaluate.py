@@ -498,8 +498,9 @@ def generate_test_images(config, workdir, images_dir: str, *, checkpoint="best",
         seeds = [int(s.seed) + start + k for k in range(len(chunk))]
         t = time.perf_counter()
         images = pipe.generate(waves, seeds, num_images=1, steps=int(s.steps), guidance=float(s.guidance),
-                               scheduler=s.scheduler, progress=bar.update)
+                               scheduler=s.scheduler)
         seconds += time.perf_counter() - t
+        bar.update(len(chunk))
         for k, (i, rec) in enumerate(zip(chunk, recs)):
             n = start + k
             image = save_generated(images[k, 0], os.path.join(images_dir, "generated", f"{n:04d}"),

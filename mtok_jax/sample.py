@@ -146,8 +146,13 @@ class Pipeline:
     _progress: Any = None  # the running generate call's step hook
 
     def _step_done(self, i, n) -> None:
+        """Host side of the per-step callback; an error here would abort XLA, so it is only logged."""
         if self._progress is not None:
-            self._progress(int(i), int(n))
+            try:
+                self._progress(int(i), int(n))
+            except Exception as e:  # noqa: BLE001
+                log.warning("progress callback failed (%s: %s); progress reports stop", type(e).__name__, e)
+                self._progress = None
 
     def _sampler(self, kind: str, steps: int):
         """(jitted generate_images for sample.images_per_device × devices images, scheduler state)."""
