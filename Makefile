@@ -16,7 +16,7 @@ $(VENV)/.core: pyproject.toml $(LOCK)
 	touch $@
 
 $(VENV)/.test: $(VENV)/.core
-	$(PIP) install -c $(LOCK) -e ".[test,torch]"
+	$(PIP) install -c $(LOCK) -e ".[test,torch,app]"
 	# pytorch-fid (parity reference for Inception/FID) without its torchvision dependency: PyPI torchvision
 	# needs CUDA torch libraries and breaks transformers' image processors beside the CPU torch wheel.
 	$(PIP) install --no-deps pytorch-fid==0.3.0

@@ -1,10 +1,14 @@
 """Generate images from music with a trained run.
 
-  python sample.py --config configs/X.py --workdir DIR --audio FILE_OR_DIR \
-      [--num_images 4 --steps 50 --guidance 7.5 --scheduler pndm|ddim|dpm|euler --seed S --out DIR \
-       --checkpoint best|latest|STEP|none --per_label K] [--config.a.b=value ...]
+  python sample.py --workdir DIR --audio FILE_OR_DIR \
+      [--config configs/X.py --num_images 4 --steps 50 --guidance 7.5 --scheduler pndm|ddim|dpm|euler --seed S --out DIR \
+       --checkpoint best|latest|STEP|none --per_label K --prompt 'a painting of <*>' --negative_prompt TEXT
+       --start SECONDS] [--config.a.b=value ...]
+  python sample.py --model DIR --audio FILE_OR_DIR [...]    # a folder written by python -m mtok_jax.export
 
-Defaults work after `make demo`: configs/demo.py, runs/demo, the held-out (test split) demo audio of
+The config is the run's own `DIR/config.json` (written by train.py; `--config FILE` instead), with
+`--config.a.b=value` overrides on top. `--checkpoint` default: `best`, else `latest` (logged). Defaults
+work after `make demo`: configs/demo.py, runs/demo, the held-out (test split) demo audio of
 demo_assets/manual, settings from `config.sample`, output WORKDIR/samples/ (one PNG per image,
 grid.png, samples.jsonl with audio path, label, seed and every setting). Undecodable audio files are
 skipped (`path: reason` on the log, listed in skipped.jsonl); the exit status is 0 when at least one
@@ -15,10 +19,11 @@ import mtok_jax  # noqa: F401  (first: sets USE_TF=0 before transformers loads)
 
 import logging
 import os
+import sys
 
 from absl import app, flags
 
-from mtok_jax import _compat, cli, config_utils, errors
+from mtok_jax import _compat, cli, config_utils
 
 _CONFIG = cli.define_config_file("config", "configs/demo.py", "Config file (configs/*.py).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: runs/<config.workdir_name>).")
@@ -32,17 +37,20 @@ _SCHEDULER = flags.DEFINE_enum("scheduler", None, ["pndm", "ddim", "dpm", "euler
 _SEED = flags.DEFINE_integer("seed", None, "Seed of the first audio file; file i uses seed + i "
                                            "(default: config.sample.seed).")
 _OUT = flags.DEFINE_string("out", None, "Output folder (default: WORKDIR/samples).")
-_CHECKPOINT = flags.DEFINE_string("checkpoint", "best", "best | latest | a step number | none (untrained).")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "best | latest | a step number | none (untrained); "
+                                                     "default: best, else latest.")
+_MODEL = flags.DEFINE_string("model", None, "Exported model folder (python -m mtok_jax.export): its config.json and "
+                                            "weights, no workdir or checkpoint (output default: DIR/samples).")
 _PER_LABEL = flags.DEFINE_integer("per_label", 0, "With the default audio: files per label (0 = all).")
 _SAME_SEED = flags.DEFINE_bool("same_seed", False, "Use --seed for every audio file (images differ by audio only).")
+_PROMPT = flags.DEFINE_string("prompt", None, "Prompt template with exactly one <*> (the audio token) "
+                                              "(default: config.prompt.inference).")
+_NEGATIVE = flags.DEFINE_string("negative_prompt", "", "Negative prompt: the unconditional branch of guidance "
+                                                       "(default: empty).")
+_START = flags.DEFINE_float("start", 0.0, "Seconds into each audio file where its clip starts "
+                                          "(which config.data.clip_seconds window is used).", lower_bound=0.0)
 _BATCH = flags.DEFINE_integer("batch", 8, "Images dispatched per host round trip (each jitted call makes one image "
                                          "per device; the images do not depend on this).")
-
-
-def _checkpoint(value: str):
-    if value.lower() == "none":
-        return None
-    return int(value) if value.isdigit() else value
 
 
 def main(argv):
@@ -53,18 +61,22 @@ def main(argv):
     logging.getLogger("absl").setLevel(logging.WARNING)
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # "Unable to initialize backend 'tpu'"
     logging.getLogger("mtok_jax").setLevel(logging.INFO)
-    from mtok_jax import checkpoints, sample
-    s = config.sample
-    workdir = _WORKDIR.value or os.path.join("runs", config.workdir_name)
-    checkpoint = _checkpoint(_CHECKPOINT.value)
+    from mtok_jax import checkpoints, export, sample
     # Input errors first, before minutes of model loading.
-    if checkpoint is not None and not os.path.isdir(checkpoints.checkpoint_dir(workdir)):
-        raise errors.UserError(f"--workdir={workdir} has no checkpoints (train it first, or pass "
-                               f"--checkpoint none for the untrained model)")
+    if _MODEL.value:  # an exported model folder: its config and weights, no workdir or checkpoint
+        config = export.load_model_config(_MODEL.value, [a for a in sys.argv[1:] if a.startswith("--config.")])
+        workdir, checkpoint = _MODEL.value, None
+    else:
+        workdir = _WORKDIR.value or os.path.join("runs", config.workdir_name)
+        checkpoint = checkpoints.select(workdir, _CHECKPOINT.value)
+    s = config.sample
+    if _PROMPT.value is not None:
+        sample.check_prompt(_PROMPT.value, config.prompt.placeholder)
     audio = sample.find_audio(_AUDIO.value) if _AUDIO.value else None
     manual = os.path.join(os.path.dirname(os.path.normpath(config.data.data_dir)), "manual")
     if audio is None and not os.path.isdir(manual):
         raise app.UsageError(f"no --audio given and no demo manual dir at {manual} (run `make demo`)")
+    logging.getLogger("mtok_jax").info("config: %s", cli.config_source())
     pipe = sample.load_pipeline(config, workdir, checkpoint, max_batch=_BATCH.value)
     if audio is None:
         audio = sample.held_out_audio(manual, pipe.system.labels, _PER_LABEL.value)
@@ -74,7 +86,8 @@ def main(argv):
         steps=_STEPS.value if _STEPS.value is not None else s.steps,
         guidance=_GUIDANCE.value if _GUIDANCE.value is not None else s.guidance,
         scheduler=_SCHEDULER.value or s.scheduler,
-        seed=_SEED.value if _SEED.value is not None else s.seed, same_seed=_SAME_SEED.value)
+        seed=_SEED.value if _SEED.value is not None else s.seed, same_seed=_SAME_SEED.value,
+        prompt=_PROMPT.value, negative_prompt=_NEGATIVE.value, start=_START.value)
     note = f"; {len(skipped)} of {len(audio)} audio files skipped (skipped.jsonl)" if skipped else ""
     print(f"wrote {len(records)} images to {out}/ (grid.png, samples.jsonl){note}")
 

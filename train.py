@@ -1,6 +1,7 @@
 """Train a config: python train.py --config configs/X.py [--workdir DIR] [--config.a.b=value ...]
 
-Workdir default: runs/<config.workdir_name>. A run resumes from WORKDIR/checkpoints/latest when it
+Workdir default: runs/<config.workdir_name>. Without --config, an existing WORKDIR/config.json (the
+run's own config) is used, so `python train.py --workdir DIR` resumes DIR as it was started. A run resumes from WORKDIR/checkpoints/latest when it
 exists (rerun the same command after a crash or preemption). SIGTERM / Ctrl-C save `latest` at the next
 step and exit with 0 / 130; a second Ctrl-C exits at once. One run per workdir (WORKDIR/.lock). Examples:
   python train.py --config configs/demo.py
@@ -32,6 +33,7 @@ def main(argv):
     from mtok_jax import signals, train
 
     workdir = _WORKDIR.value or os.path.join("runs", config.workdir_name)
+    logging.getLogger("mtok_jax").info("config: %s", cli.config_source())
     result = train.train_and_evaluate(config, workdir)
     if result["interrupted"]:
         sys.exit(signals.EXIT_CODES[result["interrupted"]])

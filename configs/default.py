@@ -44,7 +44,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict(dict(
         name="music_image",  # TFDS builder
         data_dir="data/tfds",  # TFDS data_dir holding the built dataset
-        builder_config="folders",  # built config name ("" = the only one built under data_dir)
+        builder_config="",  # built config name ("" = the one built under data_dir whose clip length and image size match)
         clip_seconds=30.0,  # first 30 s of each clip (repeat-padded); must match the built dataset
         image_size=512,  # square side in pixels (bicubic resize); must match the built dataset
         reference_512x320=False,  # dataset built with the reference's 512×320 (W×H) stretched images; samples 512²
@@ -80,6 +80,10 @@ def get_config() -> ml_collections.ConfigDict:
         checkpoint_every=500,  # steps between `latest` checkpoints (also at every epoch end)
         max_steps=-1,  # stop after this many optimizer steps (-1: run all epochs; 0: load, compile, train nothing)
         fsdp_min_size=2**22,  # leaves with more elements than this are sharded over `fsdp`
+        report_to=("jsonl", "tensorboard"),  # metrics.jsonl (+ loss.png) and/or WORKDIR/tensorboard/ event files
+        sample_every_epochs=5,  # validation images (one held-out clip per label) every N epochs; 0 = off
+        sample_steps=20,  # denoising steps of the validation images
+        profile_steps=(0, 0),  # jax.profiler trace of steps [start, stop) into WORKDIR/profile/; (0, 0) = off
     ))
 
     # Mesh axis sizes; one may be -1 (all remaining devices).

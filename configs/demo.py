@@ -40,6 +40,8 @@ def get_config():
     c.train.schedule = "cosine"
     c.train.log_every = 6
     c.train.checkpoint_every = 180
+    c.train.sample_every_epochs = 1
+    c.train.sample_steps = 10
     c.mesh.data = -1
     c.mesh.fsdp = 1
     c.sample.num_images = 1

@@ -1,6 +1,6 @@
 """Evaluation command: AIS / IIS / FID and per-label GIILS on generated test images (thesis Tables 5.1–5.4).
 
-  python -m metrics.evaluate --config configs/exp1.py --workdir runs/exp1 [--checkpoint best]
+  python -m metrics.evaluate --workdir runs/exp1 [--checkpoint best|latest|STEP] [--config configs/exp1.py]
       [--num_images 335] [--per_label 10] [--out DIR] [--items FILE] [--config.metrics.clip_path=...]
   python -m metrics.evaluate --images DIR [--config CONFIG] [--out DIR] [--per_label 10]
       [--clip_path P --inception_path P --wav2clip_path P] [--clip_seconds 30]
@@ -30,7 +30,6 @@ on its own (``normalization="item"``), as the thesis embedded one file at a time
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -41,9 +40,11 @@ import time
 from typing import Any, Mapping, Sequence
 
 import mtok_jax  # noqa: F401  (USE_TF=0 before transformers loads)
-from mtok_jax import cli, errors
+from mtok_jax import cli, config_utils, errors
 
 import numpy as np
+import tqdm
+from absl import app, flags
 
 MANIFEST = "manifest.jsonl"
 # metrics.generated_format → (file suffix, PIL save options, description). The thesis saved its generated
@@ -192,7 +193,19 @@ def compute_metrics(emb: Mapping[str, np.ndarray], labels: Sequence[int], label_
     for key, faithful in (("giils", False), ("giils_faithful", True)):
         out[key] = [{"label": label_names.get(k, str(k)), "label_id": k, "n": counts[k], **sim(v)}
                     for k, v in giils(gen, groups, faithful=faithful).items()]
+    dropped = sorted(label_names.get(k, str(k)) for k, n in counts.items() if n < 2)
+    if dropped:
+        out["giils_note"] = giils_note(dropped, len(counts), per_label)
     return out
+
+
+def giils_note(dropped: Sequence[str], num_labels: int, per_label: int) -> str:
+    """Why labels are missing from the GIILS table (a label needs ≥ 2 images among its first per_label)."""
+    what = "every label" if len(dropped) == num_labels else f"{len(dropped)} of {num_labels} labels ({', '.join(dropped)})"
+    fix = ("--per_label ≥ 2" if per_label < 2 else
+           "more images per label (--num_images; --per_label sets how many GIILS uses)")
+    return (f"GIILS needs at least 2 images of a label: {what} had fewer among the first --per_label={per_label} "
+            f"and {'is' if len(dropped) == 1 else 'are'} left out; use {fix}")
 
 
 # ------------------------------------------------------------------------------------------ report
@@ -250,6 +263,8 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     lines += ["", "## GIILS per label (Tables 5.2 / 5.4), ordered", "",
               "| MUSIC INPUTS LABEL | GIILS ↑ | thesis-script variant | n | thesis model 1 | thesis model 2 | grid |",
               "|---|---|---|---|---|---|---|"]
+    if m.get("giils_note"):
+        lines += [f"**{m['giils_note']}.**", ""]
     faithful = {g["label_id"]: g for g in m["giils_faithful"]}
     t1 = {_norm(k): v for k, v in THESIS["exp1"]["giils"].items()}
     t2 = {_norm(k): v for k, v in THESIS["exp2"]["giils"].items()}
@@ -444,13 +459,12 @@ def generate_test_images(config, workdir, images_dir: str, *, checkpoint="best",
     import soundfile as sf
     from PIL import Image
 
-    from mtok_jax import sample
+    from mtok_jax import conditioning, sample
     from mtok_jax.audio.io import to_pcm16
-    from mtok_jax.data import pipeline
     from mtok_jax.data.images import decode_image
 
     d, s = config.data, config.sample
-    ds = pipeline.open_dataset(d.data_dir, d.builder_config or None)
+    ds = conditioning.open_dataset(config)
     test_labels = ds.labels("test")
     if test_labels.shape[0] == 0:
         raise ValueError(f"{ds.path}: the test split is empty")
@@ -476,6 +490,7 @@ def generate_test_images(config, workdir, images_dir: str, *, checkpoint="best",
     for sub in ("generated", "ground_truth", "audio"):
         os.makedirs(os.path.join(images_dir, sub), exist_ok=True)
     rows, seconds = [], 0.0
+    bar = tqdm.tqdm(total=len(items), unit="image", desc=f"generating test images ({int(s.steps)} steps each)")
     for start in range(0, len(items), batch):
         chunk = items[start:start + batch]
         recs = [src[int(i)] for i in chunk]
@@ -485,6 +500,7 @@ def generate_test_images(config, workdir, images_dir: str, *, checkpoint="best",
         images = pipe.generate(waves, seeds, num_images=1, steps=int(s.steps), guidance=float(s.guidance),
                                scheduler=s.scheduler)
         seconds += time.perf_counter() - t
+        bar.update(len(chunk))
         for k, (i, rec) in enumerate(zip(chunk, recs)):
             n = start + k
             image = save_generated(images[k, 0], os.path.join(images_dir, "generated", f"{n:04d}"),
@@ -496,7 +512,7 @@ def generate_test_images(config, workdir, images_dir: str, *, checkpoint="best",
             Image.fromarray(decode_image(rec["image"])).save(os.path.join(images_dir, row["ground_truth"]))
             sf.write(os.path.join(images_dir, row["audio"]), to_pcm16(waves[k]), rate, subtype="PCM_16")
             rows.append(row)
-        print(f"generated {len(rows)}/{len(items)} images", file=sys.stderr)
+    bar.close()
     with open(os.path.join(images_dir, MANIFEST), "w") as f:
         f.write("".join(json.dumps(r) + "\n" for r in rows))
     return {"generation": {**settings, "num_images": len(rows), "seconds": seconds,
@@ -508,12 +524,11 @@ def reference_embeddings(models: MetricModels, config, batch: int = 64) -> dict[
     audio, resampled to 16 kHz, ``data.clip_seconds``) → 'reference_audio_wav2clip' [T, d], and CLIP of every
     test-split image (``test_images``) → 'reference_image_clip' [T', d]. Read and embedded in chunks."""
     from metrics.clip_image import embed_images
-    from mtok_jax import sample
+    from mtok_jax import conditioning, sample
     from mtok_jax.audio.io import fit_length, from_pcm16, resample
-    from mtok_jax.data import pipeline
     from mtok_jax.data.images import decode_image
 
-    ds = pipeline.open_dataset(config.data.data_dir, config.data.builder_config or None)
+    ds = conditioning.open_dataset(config)
     rate, n_out = sample.sample_rate(config), int(round(float(config.data.clip_seconds) * 16000))
     out = {}
     for split, key, read, embed in (
@@ -548,43 +563,50 @@ def evaluate_checkpoint(config, workdir, *, checkpoint="best", num_images: int =
 
 
 # ------------------------------------------------------------------------------------------ CLI
-def _parser() -> argparse.ArgumentParser:
-    p = cli.ArgumentParser(prog="python -m metrics.evaluate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="experiment config file (configs/*.py); --config.a.b=value overrides")
-    p.add_argument("--workdir", help="training workdir holding the checkpoints (generation mode)")
-    p.add_argument("--checkpoint", default="best",
-                   help="best | latest | a step | none (untrained init; smoke tests) (generation mode)")
-    p.add_argument("--images", help="score an existing manifest folder instead of generating")
-    p.add_argument("--items", help="generation mode: the test records to generate from (a manifest.jsonl of an "
-                                   "earlier run, or one test index / audio id per line) instead of the "
-                                   "metrics.seed random draw")
-    p.add_argument("--num_images", type=int, help="generated test images (default config.metrics.num_images)")
-    p.add_argument("--per_label", type=int, help="GIILS images per label (default config.metrics.per_label)")
-    p.add_argument("--out", help="output folder (default <workdir>/eval or <images>/eval)")
-    p.add_argument("--clip_path", help="CLIP folder (default config.metrics.clip_path)")
-    p.add_argument("--inception_path", help="Inception folder (default config.metrics.inception_path)")
-    p.add_argument("--wav2clip_path", help="Wav2CLIP folder (default config.metrics.wav2clip_path)")
-    p.add_argument("--clip_seconds", type=float, help="audio clip length (default config.data.clip_seconds or 30)")
-    p.add_argument("--reference_sets", action="store_true",
-                   help="--images mode: also score AIS/IIS with baselines over the --config dataset's whole test "
-                        "split (generation mode always does)")
-    return p
+def _flags(argv: Sequence[str]) -> flags.FlagValues:
+    """The command's absl flags (a FlagValues of its own, so `main(argv)` can be called in-process),
+    `--config` / `--config.a.b=value` exactly as train.py and sample.py (mtok_jax.cli)."""
+    fv = flags.FlagValues()
+    cli.define_config_file("config", None, "experiment config file (configs/*.py); default with --workdir: the "
+                           "run's config.json", argv, flag_values=fv)
+    define = lambda kind, name, default, help_: getattr(flags, f"DEFINE_{kind}")(  # noqa: E731
+        name, default, help_, flag_values=fv)
+    define("string", "workdir", None, "training workdir holding the checkpoints (generation mode)")
+    define("string", "checkpoint", None, "best | latest | a step | none (untrained init; smoke tests); "
+                                         "default: best, else latest (generation mode)")
+    define("string", "images", None, "score an existing manifest folder instead of generating")
+    define("string", "items", None, "generation mode: the test records to generate from (a manifest.jsonl of an "
+                                    "earlier run, or one test index / audio id per line) instead of the "
+                                    "metrics.seed random draw")
+    define("integer", "num_images", None, "generated test images (default config.metrics.num_images)")
+    define("integer", "per_label", None, "GIILS images per label (default config.metrics.per_label)")
+    define("string", "out", None, "output folder (default <workdir>/eval or <images>/eval)")
+    define("string", "clip_path", None, "CLIP folder (default config.metrics.clip_path)")
+    define("string", "inception_path", None, "Inception folder (default config.metrics.inception_path)")
+    define("string", "wav2clip_path", None, "Wav2CLIP folder (default config.metrics.wav2clip_path)")
+    define("float", "clip_seconds", None, "audio clip length (default config.data.clip_seconds or 30)")
+    define("bool", "reference_sets", False, "--images mode: also score AIS/IIS with baselines over the --config "
+                                            "dataset's whole test split (generation mode always does)")
+    define("bool", "verbose", False, cli.VERBOSE_HELP)
+    return fv
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    argv = ["python -m metrics.evaluate", *(sys.argv[1:] if argv is None else argv)]
+    if {"--help", "-h", "--helpfull"} & set(argv):
+        print(__doc__ + "\n" + _flags(argv[:1]).get_help())
+        raise SystemExit(0)
     mtok_jax._compat.quiet_third_party_loggers()
-    args, rest = _parser().parse_known_args(argv)
-    bad = [a for a in rest if not a.startswith("--config.")]
-    if bad:
-        _parser().error(f"unrecognized arguments: {' '.join(bad)}")
-    config = None
-    if args.config:
-        from mtok_jax.config_utils import load_config
-
-        config = load_config(args.config, rest)
-    elif rest:
-        _parser().error("--config.* overrides need --config")
+    fv = _flags(argv)
+    rest = cli.parse_flags(argv, fv)
+    if len(rest) > 1:
+        raise app.UsageError(f"unexpected arguments: {rest[1:]}")
+    config = None if fv.config is None else config_utils.validate(fv.config)
+    if config is not None:
+        print(f"config: {cli.config_source('config', fv)}", file=sys.stderr)
+    if not fv.images and (config is None or not fv.workdir):
+        raise app.UsageError("generation mode needs --workdir (with its config.json, or --config) "
+                             "(or use --images DIR)")
     cm = config.metrics if config is not None else None
 
     def pick(flag, key, default=None):
@@ -593,37 +615,35 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         if cm is not None and key in cm:
             return cm[key]
         if default is None:
-            _parser().error(f"--{key} is needed (or --config with metrics.{key})")
+            raise app.UsageError(f"--{key} is needed (or --config with metrics.{key})")
         return default
 
-    per_label = int(pick(args.per_label, "per_label", 10))
-    clip_seconds = args.clip_seconds or (float(config.data.clip_seconds) if config is not None else 30.0)
-    paths = [pick(args.clip_path, "clip_path"), pick(args.inception_path, "inception_path"),
-             pick(args.wav2clip_path, "wav2clip_path")]
+    per_label = int(pick(fv.per_label, "per_label", 10))
+    clip_seconds = fv.clip_seconds or (float(config.data.clip_seconds) if config is not None else 30.0)
+    paths = [pick(fv.clip_path, "clip_path"), pick(fv.inception_path, "inception_path"),
+             pick(fv.wav2clip_path, "wav2clip_path")]
     for key, path in zip(("clip_path", "inception_path", "wav2clip_path"), paths):  # fail before loading
         if not os.path.isdir(path):
             raise errors.UserError(f"metric model folder not found: --{key} / metrics.{key}={path} "
                                    f"(README, step 4: metric models)")
-    if args.images:
-        read_manifest(args.images)
-    if args.images:
-        out = args.out or os.path.join(args.images, "eval")
+    if fv.images:
+        read_manifest(fv.images)
+        out = fv.out or os.path.join(fv.images, "eval")
+        if fv.reference_sets and config is None:
+            raise app.UsageError("--reference_sets needs --config (its dataset's test split)")
         models = MetricModels.load(*paths)
-        if args.reference_sets and config is None:
-            _parser().error("--reference_sets needs --config (its dataset's test split)")
-        reference = reference_embeddings(models, config) if args.reference_sets else None
-        report = score_images(args.images, models, out, per_label=per_label, clip_seconds=clip_seconds,
+        reference = reference_embeddings(models, config) if fv.reference_sets else None
+        report = score_images(fv.images, models, out, per_label=per_label, clip_seconds=clip_seconds,
                               reference=reference)
     else:
-        if config is None or not args.workdir:
-            _parser().error("generation mode needs --config and --workdir (or use --images DIR)")
-        num_images = int(pick(args.num_images, "num_images", 335))
-        out = args.out or os.path.join(args.workdir, "eval")
-        checkpoint = None if args.checkpoint.lower() == "none" else args.checkpoint
-        checkpoint = int(checkpoint) if checkpoint is not None and checkpoint.isdigit() else checkpoint
-        report = evaluate_checkpoint(config, args.workdir, checkpoint=checkpoint, num_images=num_images,
+        from mtok_jax import checkpoints
+
+        checkpoint = checkpoints.select(fv.workdir, fv.checkpoint)  # before any model loads
+        num_images = int(pick(fv.num_images, "num_images", 335))
+        out = fv.out or os.path.join(fv.workdir, "eval")
+        report = evaluate_checkpoint(config, fv.workdir, checkpoint=checkpoint, num_images=num_images,
                                      per_label=per_label, out_dir=out, metric_paths=paths,
-                                     items=read_items(args.items) if args.items else None)
+                                     items=read_items(fv.items) if fv.items else None)
     print(render_markdown(report))
     print(f"\nwrote {os.path.join(out, 'report.md')}", file=sys.stderr)
     return report

@@ -357,6 +357,40 @@ class Checkpointer:
                     log.debug("closing %s: %s", mgr.directory, _one_line(e))
 
 
+def saved_steps(workdir: str | os.PathLike) -> dict[str, list[int]]:
+    """{'best': [steps], 'latest': [steps]}: the step folders on disk (read without orbax or any model)."""
+    out = {}
+    for name in (BEST, LATEST):
+        folder = os.path.join(checkpoint_dir(workdir), name)
+        out[name] = sorted(int(n) for n in (os.listdir(folder) if os.path.isdir(folder) else ()) if n.isdigit())
+    return out
+
+
+def select(workdir: str | os.PathLike, value: str | None) -> str | int | None:
+    """The checkpoint a `--checkpoint` value names, checked on disk before any model loads.
+
+    value: None or '' (default: `best`, else `latest` with a log line), 'best', 'latest', a step, or
+    'none' (→ None, the untrained model). One-line CheckpointError naming what exists when it is missing."""
+    value = (value or "").strip().lower()
+    if value == "none":
+        return None
+    if value not in ("", BEST, LATEST) and not value.isdigit():
+        raise CheckpointError(f"--checkpoint={value}: expected best, latest, a step number or none")
+    have = saved_steps(workdir)
+    which = int(value) if value.isdigit() else value
+    if which == "" and not have[BEST] and have[LATEST]:
+        log.info("no best checkpoint yet (no validation has finished) in %s: using latest/%d",
+                 workdir, have[LATEST][-1])
+        return LATEST
+    which = which or BEST
+    if (have[which] if isinstance(which, str) else which in have[BEST] + have[LATEST]):
+        return which
+    exist = "; ".join(f"{name}: {', '.join(map(str, steps))}" for name, steps in have.items() if steps)
+    hint = f"exist: {exist}" if exist else "none exist (train it first, or --checkpoint none for the untrained model)"
+    raise CheckpointError(f"no {which if isinstance(which, str) else f'step {which}'} checkpoint in "
+                          f"{checkpoint_dir(workdir)}; {hint}")
+
+
 def restore_trained(workdir: str | os.PathLike, params: Mapping[str, Any], which: str | int = "best") -> dict:
     """The full params dict with the trained leaves replaced by those of a checkpoint of `workdir`.
 

@@ -88,7 +88,7 @@ def run_absl(main: Callable[[list[str]], Any]) -> None:
     flags.DEFINE_bool("verbose", False, VERBOSE_HELP)
     verbose = wants_verbose(sys.argv[1:])
     app.run(lambda argv: guarded(main, argv, verbose=verbose),
-            flags_parser=lambda argv: guarded(_parse_absl_flags, argv, verbose=verbose))
+            flags_parser=lambda argv: guarded(parse_flags, argv, verbose=verbose))
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -117,38 +117,56 @@ def existing_dir(path: str) -> str:
     return path
 
 
-def define_config_file(name: str, default: str, help_string: str) -> flags.FlagHolder:
-    """`config_flags.DEFINE_config_file(..., lock_config=True)` with one-line errors: with a default it
-    loads that config and applies the `--NAME.*` overrides of sys.argv right here, at import time."""
-    return guarded(_config_flag_call, config_flags.DEFINE_config_file, sys.argv[1:], name, default,
-                   help_string, lock_config=True, verbose=wants_verbose(sys.argv[1:]))
+def define_config_file(name: str, default: str | None, help_string: str, argv: Sequence[str] | None = None,
+                       flag_values: flags.FlagValues = flags.FLAGS) -> flags.FlagHolder:
+    """The locked `--NAME` config flag (ml_collections config_flags) with one-line errors; its
+    `--NAME.a.b=value` overrides are read from `argv` (default sys.argv) and applied here.
+
+    Without `--NAME` on the command line, a run's own config is the default when `--workdir DIR` is given
+    and `DIR/config.json` exists (written by train.py), else `default` (None: no config)."""
+    argv = sys.argv if argv is None else list(argv)
+    path = run_config(argv, name) or default
+    holder = guarded(config_utils.call_with_key_errors, config_utils.define_config_flag, argv[1:], flag_values,
+                     argv, path, name, help_string, verbose=wants_verbose(argv[1:]))
+    _CONFIG_SOURCES[name] = path
+    return holder
 
 
-def _parse_absl_flags(argv: list[str]) -> list[str]:
-    rest = _config_flag_call(flags.FLAGS, argv[1:], argv)
-    for name in list(flags.FLAGS):
-        flag = flags.FLAGS[name]
-        if isinstance(flag.parser, ConfigFileFlagParser):
+def run_config(argv: Sequence[str], name: str = "config") -> str | None:
+    """`WORKDIR/config.json` when `argv` gives `--workdir WORKDIR` (not `--NAME`) and the file exists."""
+    workdir, args = None, list(argv[1:])
+    for i, arg in enumerate(args):
+        if arg == "--":
+            break
+        flag, eq, value = arg.lstrip("-").partition("=")
+        if arg.startswith("-") and flag == name:
+            return None
+        if arg.startswith("-") and flag == "workdir":
+            workdir = value if eq else (args[i + 1] if i + 1 < len(args) else None)
+    path = workdir and os.path.join(workdir, config_utils.RUN_CONFIG)
+    return path if path and os.path.isfile(path) else None
+
+
+def config_source(name: str = "config", flag_values: flags.FlagValues = flags.FLAGS) -> str:
+    """Where the parsed `--NAME` config came from, for the log: a config file or a run's config.json."""
+    flag = flag_values[name]
+    if isinstance(flag.parser, ConfigFileFlagParser) and flag.present:
+        return config_flags.get_config_filename(flag)
+    path = _CONFIG_SOURCES.get(name)
+    return f"{path} (the run's config)" if path and path.endswith(".json") else str(path)
+
+
+_CONFIG_SOURCES: dict[str, str | None] = {}
+
+
+def parse_flags(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> list[str]:
+    """Parse `argv` (argv[0] = program) into `flag_values`; an unknown `--config.*` key or a missing
+    config file is one line. → the remaining arguments."""
+    rest = config_utils.call_with_key_errors(flag_values, argv[1:], argv)
+    for name in list(flag_values):
+        flag = flag_values[name]
+        if isinstance(flag.parser, ConfigFileFlagParser) and flag.value is not None:
             path = config_flags.get_config_filename(flag).split(":", 1)[0]
             if not os.path.isfile(path):
                 raise errors.UserError(f"--{name}={path}: config file not found (relative to {os.getcwd()})")
     return rest
-
-
-def _config_flag_call(fn: Callable[..., Any], args: Sequence[str], *fn_args: Any, **fn_kwargs: Any) -> Any:
-    """`fn(*fn_args, **fn_kwargs)`; config_flags' KeyError / AttributeError for an unknown `--config.a.name`
-    key in `args` (message: 'name', then `Did you mean "x"`) becomes a ConfigError naming the whole key."""
-    try:
-        return fn(*fn_args, **fn_kwargs)
-    except (AttributeError, KeyError) as e:
-        inner = e.args[0] if e.args else e
-        text = inner.args[0] if isinstance(inner, KeyError) and inner.args else str(inner)
-        match = re.match(r"'([^']*)'", text)
-        guess = re.search(r'Did you mean "([^"]+)"', text)
-        for arg in args:
-            key = re.match(r"-{1,2}\w+\.([\w.]+)", arg)
-            if match and key and match.group(1) in key.group(1).split("."):
-                parts = key.group(1).split(".")
-                suggestion = guess and ".".join(guess.group(1) if p == match.group(1) else p for p in parts)
-                raise config_utils.unknown_key_error(key.group(1), suggestion or None) from e
-        raise

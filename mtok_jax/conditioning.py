@@ -131,13 +131,17 @@ def audio_token(system: System, params: Mapping[str, Any], waveforms: jax.Array,
     return jax.vmap(one)(feats, k[:, 1])
 
 
-def text_states(system: System, params: Mapping[str, Any], token: jax.Array, prompt: str) -> jax.Array:
-    """audio token [B, D] → CLIP last_hidden_state [B, 77, D] of prompt 'train' or 'inference' with
-    the placeholder's token embedding replaced by the audio token."""
-    if prompt not in PROMPTS:
+def text_states(system: System, params: Mapping[str, Any], token: jax.Array, prompt) -> jax.Array:
+    """audio token [B, D] → CLIP last_hidden_state [B, 77, D] of prompt 'train' or 'inference' (or a
+    tokenized prompt: (ids int32 [1, 77], placeholder position int32 [1])) with the placeholder's
+    token embedding replaced by the audio token."""
+    if isinstance(prompt, tuple):
+        ids, pos = prompt
+    elif prompt not in PROMPTS:
         raise ValueError(f"prompt {prompt!r}: expected one of {PROMPTS}")
-    ids, pos = (system.train_ids, system.train_pos) if prompt == "train" else (system.inference_ids,
-                                                                                  system.inference_pos)
+    else:
+        ids, pos = (system.train_ids, system.train_pos) if prompt == "train" else (system.inference_ids,
+                                                                                      system.inference_pos)
     b = token.shape[0]
     ids = jnp.broadcast_to(ids, (b, ids.shape[-1]))
     pos = jnp.broadcast_to(pos, (b,))
@@ -147,12 +151,22 @@ def text_states(system: System, params: Mapping[str, Any], token: jax.Array, pro
 # ---------------------------------------------------------------------------------------------------
 # Loading
 # ---------------------------------------------------------------------------------------------------
+def open_dataset(config):
+    """The configured built dataset: `data.builder_config`, or ("") the built config whose clip length
+    and image size are the config's (`pipeline.resolve_config`)."""
+    from mtok_jax.data import pipeline
+
+    h, w = image_hw(config)
+    return pipeline.open_dataset(config.data.data_dir, config.data.builder_config or None,
+                                 shapes={"clip_samples": clip_samples(config), "image_height": h, "image_width": w})
+
+
 def dataset_labels(config) -> tuple[str, ...]:
     """Label names of the configured dataset (its metadata), else the 18 thesis labels."""
-    from mtok_jax.data import pipeline, sources
+    from mtok_jax.data import sources
 
     try:
-        return tuple(pipeline.open_dataset(config.data.data_dir, config.data.builder_config or None).label_names)
+        return tuple(open_dataset(config).label_names)
     except FileNotFoundError:
         return tuple(sources.DEFAULT_LABELS)
 

@@ -1,22 +1,24 @@
 """Load, override and validate experiment configs (`configs/*.py` → locked `ml_collections.ConfigDict`).
 
-Entry points parse `--config` with `ml_collections.config_flags` (lock_config=True); library code and
-tests use :func:`load_config`, which gives the same result for the same `a.b=value` overrides. Unknown
-keys are errors in both paths (the config is locked), and :func:`validate` checks the values.
+One override syntax: entry points and :func:`load_config` both parse `--config.a.b=value` with
+`ml_collections.config_flags` (:func:`define_config_flag`, lock_config=True), so an unknown key is an
+error everywhere; :func:`validate` checks the values. A run's `WORKDIR/config.json` loads the same way.
 """
 
 from __future__ import annotations
 
-import ast
-import difflib
 import importlib.util
+import json
 import os
 import re
 from typing import Sequence
 
 import ml_collections
+from absl import flags
 
 from mtok_jax.errors import ConfigError
+
+flags.disclaim_key_flags()  # the --config flag defined here belongs to the entry point (its --help lists it)
 
 _DTYPES = ("float32", "bfloat16")
 _SCHEDULES = ("cosine", "constant")
@@ -24,53 +26,84 @@ _SAMPLERS = ("pndm", "ddim", "dpm", "euler")
 _PARTS = ("beats", "embedder", "text", "unet", "vae")
 
 
-def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
-    """Run `get_config()` of the config file at `path`, apply 'a.b=value' overrides, validate.
+RUN_CONFIG = "config.json"  # WORKDIR/config.json: the config a run was trained with (written by train.py)
+_DEFAULT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "default.py")
 
-    Values are parsed as Python literals when possible (`3`, `1e-5`, `(3, 7, 11)`, `True`), otherwise
-    kept as strings; `ml_collections` then type-checks them against the existing field.
-    """
-    path = os.fspath(path)
-    spec = importlib.util.spec_from_file_location(f"_mtok_config_{abs(hash(path))}", path)
-    if spec is None or spec.loader is None:
-        raise FileNotFoundError(f"config file {path} not found")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
-    config.lock()
-    for item in overrides:
-        key, sep, raw = item.removeprefix("--config.").partition("=")
-        if not sep:
-            raise ValueError(f"override {item!r} is not of the form a.b=value")
-        try:
-            value = ast.literal_eval(raw)
-        except (ValueError, SyntaxError):
-            value = raw
-        _set(config, key, value)
-    validate(config)
+
+def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+    """The config file at `path` (a `configs/*.py` with `get_config()`, or a run's `config.json`) with the
+    'a.b=value' (or '--config.a.b=value') overrides applied exactly as the entry points' `--config.a.b=value`
+    flags (ml_collections config_flags, locked), validated."""
+    argv = ["load_config"] + [f"--config.{o.removeprefix('--config.')}" for o in overrides]
+    fv = flags.FlagValues()
+    try:
+        holder = call_with_key_errors(define_config_flag, argv[1:], fv, argv, os.fspath(path))
+        call_with_key_errors(fv, argv[1:], argv)
+    except flags.Error as e:  # a value config_flags cannot parse or ml_collections' type check refuses
+        raise ConfigError(" ".join(str(e).split())) from e
+    return validate(holder.value)
+
+
+def define_config_flag(flag_values, argv: Sequence[str], path: str | None, name: str = "config",
+                       help_string: str = "Config file (configs/*.py) or a run's config.json."):
+    """Define the locked `--NAME` config flag on `flag_values` (overrides `--NAME.a.b=value` read from
+    `argv`): a run's `config.json` as a config dict, anything else as a config file (None: no default)."""
+    from ml_collections import config_flags
+
+    if path is not None and path.endswith(".json"):
+        return config_flags.DEFINE_config_dict(name, read_run_config(path), help_string, flag_values=flag_values,
+                                               lock_config=True, sys_argv=list(argv))
+    return config_flags.DEFINE_config_file(name, path, help_string, flag_values=flag_values, lock_config=True,
+                                           sys_argv=list(argv))
+
+
+def read_run_config(path: str | os.PathLike) -> ml_collections.ConfigDict:
+    """A run's `config.json` on top of `configs/default.py` (unlocked, not validated): the field types are
+    the config files' (JSON lists become tuples again) and keys added to the code since the run keep
+    their defaults."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no run config")
+    with open(path, encoding="utf-8") as f:
+        values = json.load(f)
+    config = _exec_config(_DEFAULT)
+
+    def merge(node: ml_collections.ConfigDict, new: dict) -> None:
+        for key, value in new.items():
+            if isinstance(value, dict) and isinstance(node.get(key), ml_collections.ConfigDict):
+                merge(node[key], value)
+            elif key in node and node[key] is not None and value is not None:
+                setattr(node, key, type(node[key])(value) if isinstance(node[key], tuple) else value)
+            else:  # a key of the run's config file that default.py lacks, or a None either side
+                node[key] = ml_collections.ConfigDict(value) if isinstance(value, dict) else value
+
+    merge(config, values)
     return config
 
 
-def _set(config: ml_collections.ConfigDict, dotted: str, value) -> None:
-    parts = dotted.split(".")
-    node = config
-    for depth, name in enumerate(parts):
-        keys = list(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
-        if name not in keys:
-            close = difflib.get_close_matches(name, keys, n=1)
-            raise unknown_key_error(dotted, ".".join(parts[:depth] + close + parts[depth + 1:]) if close else None)
-        if depth < len(parts) - 1:
-            node = node[name]
-    leaf = parts[-1]
-    old = node[leaf]
-    if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if isinstance(old, tuple) and isinstance(value, list):
-        value = tuple(value)
+def _exec_config(path: str) -> ml_collections.ConfigDict:
+    spec = importlib.util.spec_from_file_location(f"_mtok_config_{abs(hash(path))}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def call_with_key_errors(fn, args: Sequence[str], *fn_args, **fn_kwargs):
+    """`fn(*fn_args, **fn_kwargs)`; config_flags' KeyError / AttributeError for an unknown `--config.a.name`
+    key in `args` (message: 'name', then `Did you mean "x"`) becomes a ConfigError naming the whole key."""
     try:
-        setattr(node, leaf, value)
-    except TypeError as e:  # ml_collections type check: the message names the field and both types
-        raise ConfigError(f"{dotted}={value!r}: {' '.join(str(e).split())}") from e
+        return fn(*fn_args, **fn_kwargs)
+    except (AttributeError, KeyError) as e:
+        inner = e.args[0] if e.args else e
+        text = inner.args[0] if isinstance(inner, KeyError) and inner.args else str(inner)
+        match = re.match(r"'([^']*)'", text)
+        guess = re.search(r'Did you mean "([^"]+)"', text)
+        for arg in args:
+            key = re.match(r"-{1,2}\w+\.([\w.]+)", arg)
+            if match and key and match.group(1) in key.group(1).split("."):
+                parts = key.group(1).split(".")
+                suggestion = guess and ".".join(guess.group(1) if p == match.group(1) else p for p in parts)
+                raise unknown_key_error(key.group(1), suggestion or None) from e
+        raise
 
 
 def unknown_key_error(dotted: str, suggestion: str | None = None) -> ConfigError:
@@ -127,6 +160,12 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     sizes = (config.mesh.data, config.mesh.fsdp)
     need(all(s == -1 or s > 0 for s in sizes) and sizes.count(-1) <= 1,
          f"mesh.data={sizes[0]}, mesh.fsdp={sizes[1]}: sizes must be positive, with at most one -1")
+    bad = sorted(set(t.report_to) - {"jsonl", "tensorboard"})
+    need(not bad, f"train.report_to={tuple(t.report_to)!r}: unknown {bad} (choose from 'jsonl', 'tensorboard')")
+    need(t.sample_every_epochs >= 0 and t.sample_steps > 0,
+         f"train.sample_every_epochs={t.sample_every_epochs} must be >= 0 and train.sample_steps={t.sample_steps} > 0")
+    need(len(t.profile_steps) == 2 and 0 <= t.profile_steps[0] <= t.profile_steps[1],
+         f"train.profile_steps={tuple(t.profile_steps)!r} must be (start, stop) with 0 <= start <= stop")
     s = config.sample
     need(s.scheduler in _SAMPLERS, f"sample.scheduler={s.scheduler!r} not in {_SAMPLERS}")
     return config

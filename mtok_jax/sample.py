@@ -3,20 +3,23 @@
   pipe = load_pipeline(config, workdir, checkpoint='best')
   images = pipe.generate(waveforms [B, N], seeds [B], num_images=4, steps=50, guidance=7.5,
                          scheduler='pndm')                     # uint8 [B, num_images, H, W, 3]
+  # optional: prompt='a painting of <*>', negative_prompt='blurry', progress=lambda k, n: ...
 
 One jit per (scheduler, steps): audio token (embedder dropout per the config), text states of the
-inference prompt, the unconditional states of "" (classifier-free guidance), initial noise, the whole
-denoising loop (`lax.fori_loop`, mtok_jax.models.diffusion.denoise_latents) and the VAE decode. It is
-compiled for one batch shape only, `config.sample.images_per_device` (default 1) images per device,
-the example axis sharded over the mesh (`config.mesh`); `max_batch` only sets how many such calls are
-dispatched per host round trip. Image j of an audio with seed s uses the key fold_in(key(s), j) for
-both its audio-token dropout and its noise, so an image depends only on (audio, seed, j, settings),
-never on the batch it was generated in or on `max_batch` (XLA's float summation order follows the
-compiled shape, so another shape changes ≈1e-4 of the uint8 values by one LSB). With 1 image per
-device: measured byte-identical for max_batch 1/3/8 and 1 vs 8 devices (CPU); cost on the shared
-2-core CPU demo (18 images, 20 steps, interleaved runs) 9.4–9.6 s vs 6.2–9.6 s with 8 per device.
-On an accelerator a larger `images_per_device` fills the chip better; images then depend on that
-value (recorded in samples.jsonl) but still not on `max_batch` or the device count.
+prompt (default: the config's inference prompt; the tokenized prompt is an argument, so another prompt
+needs no recompile), the unconditional states of the negative prompt (default "") for classifier-free
+guidance, initial noise, the whole denoising loop (`lax.fori_loop`, mtok_jax.models.diffusion.denoise_latents)
+and the VAE decode. It is compiled for one batch shape only, `config.sample.images_per_device`
+(default 1) images per device, the example axis sharded over the mesh (`config.mesh`); `max_batch`
+only sets how many such calls are dispatched per host round trip. Image j of an audio with seed s
+uses the key fold_in(key(s), j) for both its audio-token dropout and its noise, so an image depends
+only on (audio, seed, j, settings), never on the batch it was generated in or on `max_batch` (XLA's
+float summation order follows the compiled shape, so another shape changes ≈1e-4 of the uint8 values
+by one LSB). With 1 image per device: measured byte-identical for max_batch 1/3/8 and 1 vs 8 devices
+(CPU); cost on the shared 2-core CPU demo (18 images, 20 steps, interleaved runs) 9.4–9.6 s vs
+6.2–9.6 s with 8 per device. On an accelerator a larger `images_per_device` fills the chip better;
+images then depend on that value (recorded in samples.jsonl) but still not on `max_batch` or the
+device count. Every denoising step reports to the host (`jax.debug.callback`) for `progress(k, n)`.
 
 `sample_files` adds file handling: audio decode (any format `mtok_jax.audio.io` reads), labels from
 the folder names, PNG per image, a captioned grid and `samples.jsonl` (one line per image with the
@@ -37,15 +40,17 @@ import math
 import os
 import textwrap
 import time
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tqdm
 
 from mtok_jax import checkpoints, conditioning, errors, sharding
 from mtok_jax.audio.io import AudioDecodeError, load_audio
 from mtok_jax.models import diffusion
+from mtok_jax.models import text as text_lib
 
 log = logging.getLogger("mtok_jax.sample")
 UNCONDITIONAL_PROMPT = ""
@@ -55,12 +60,33 @@ class NoImages(errors.UserError, ValueError):
     """`sample_files` could decode none of its audio files (each is listed in skipped.jsonl)."""
 
 
-def unconditional_states(system: conditioning.System, text_params: Mapping[str, Any]) -> jax.Array:
-    """CLIP last_hidden_state [1, 77, D] of the empty prompt (plain CLIP, no audio token)."""
-    ids = np.asarray(system.tokenizer([UNCONDITIONAL_PROMPT], padding="max_length",
-                                      max_length=system.inference_ids.shape[-1], truncation=True,
-                                      return_tensors="np")["input_ids"], np.int32)
-    ids = jnp.asarray(ids)
+def negative_prompt_ids(system: conditioning.System, prompt: str = UNCONDITIONAL_PROMPT) -> np.ndarray:
+    """int32 [1, 77] ids of a plain prompt (the negative prompt of classifier-free guidance)."""
+    return np.asarray(system.tokenizer([prompt], padding="max_length", max_length=system.inference_ids.shape[-1],
+                                       truncation=True, return_tensors="np")["input_ids"], np.int32)
+
+
+def check_prompt(prompt: str, placeholder: str) -> str:
+    """`prompt` if it holds `placeholder` (the audio token, `<*>`) exactly once, else UserError."""
+    if prompt.count(placeholder) != 1:
+        raise errors.UserError(f"the prompt must contain {placeholder} exactly once, where the music goes "
+                               f"(found {prompt.count(placeholder)}): {prompt!r}")
+    return prompt
+
+
+def prompt_ids(system: conditioning.System, prompt: str) -> tuple[np.ndarray, np.ndarray]:
+    """A prompt template with exactly one placeholder (`<*>`) → (ids int32 [1, 77], position int32 [1])."""
+    placeholder = system.config.prompt.placeholder
+    check_prompt(prompt, placeholder)
+    ids, pos = text_lib.tokenize_prompts(system.tokenizer, [prompt], placeholder)
+    return np.asarray(ids, np.int32), np.asarray(pos, np.int32)
+
+
+def unconditional_states(system: conditioning.System, text_params: Mapping[str, Any],
+                         ids: jax.Array | None = None) -> jax.Array:
+    """CLIP last_hidden_state [1, 77, D] of the negative prompt `ids` [1, 77] (default: the empty
+    prompt; plain CLIP, no audio token)."""
+    ids = jnp.asarray(negative_prompt_ids(system) if ids is None else ids)
     positions = jnp.arange(ids.shape[-1], dtype=jnp.int32)[None]
     out = system.text.apply({"params": text_params}, ids, jnp.ones_like(ids), positions, deterministic=True)
     return out[0].astype(jnp.float32)
@@ -75,20 +101,22 @@ def latent_shape(system: conditioning.System) -> tuple[int, int, int]:
 
 def generate_images(system: conditioning.System, params: Mapping[str, Any], uncond: jax.Array,
                     waveforms: jax.Array, key_data: jax.Array, guidance: jax.Array, *, scheduler, state,
-                    steps: int) -> jax.Array:
+                    steps: int, prompt: tuple[jax.Array, jax.Array] | None = None, on_step=None) -> jax.Array:
     """The jittable core: waveforms [N, S], raw keys uint32 [N, 2] → uint8 images [N, H, W, 3].
 
-    uncond: [1, 77, D] unconditional states; guidance: scalar. Pure function of its arguments.
+    uncond: [1, 77, D] unconditional states; guidance: scalar; prompt: `prompt_ids` of the prompt
+    (default: the config's inference prompt); on_step: host function of the step index (progress).
+    Pure function of its arguments.
     """
     keys = jax.random.wrap_key_data(key_data)
     token_keys, noise_keys = jnp.moveaxis(jax.vmap(jax.random.split)(keys), 1, 0)
     token = conditioning.audio_token(system, params, waveforms, rng=token_keys, train=False)
-    cond = conditioning.text_states(system, params, token, "inference").astype(jnp.float32)
+    cond = conditioning.text_states(system, params, token, prompt or "inference").astype(jnp.float32)
     uncond = jnp.broadcast_to(uncond, cond.shape)
     shape = latent_shape(system)
     latents = jax.vmap(lambda k: jax.random.normal(k, shape, jnp.float32))(noise_keys)
     latents = diffusion.denoise_latents(system.unet, params["unet"], scheduler, state, cond, uncond, latents,
-                                        num_steps=steps, guidance=guidance)
+                                        num_steps=steps, guidance=guidance, on_step=on_step)
     images = diffusion.decode_images(system.vae, params["vae"], latents)
     return jnp.clip(jnp.round((images + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
 
@@ -112,8 +140,19 @@ class Pipeline:
     checkpoint: str | int | None = None
     workdir: str | None = None
     max_batch: int = 8  # images dispatched per host round trip (no effect on the images)
-    _uncond: Any = None
+    _uncond: dict = dataclasses.field(default_factory=dict)  # negative prompt → states [1, 77, D]
+    _plain_states: Any = None
     _compiled: dict = dataclasses.field(default_factory=dict)
+    _progress: Any = None  # the running generate call's step hook
+
+    def _step_done(self, i, n) -> None:
+        """Host side of the per-step callback; an error here would abort XLA, so it is only logged."""
+        if self._progress is not None:
+            try:
+                self._progress(int(i), int(n))
+            except Exception as e:  # noqa: BLE001
+                log.warning("progress callback failed (%s: %s); progress reports stop", type(e).__name__, e)
+                self._progress = None
 
     def _sampler(self, kind: str, steps: int):
         """(jitted generate_images for sample.images_per_device × devices images, scheduler state)."""
@@ -123,18 +162,39 @@ class Pipeline:
                 diffusion.read_scheduler_config(self.config.model.sd_path,
                                                 allow_download=self.config.model.allow_download), kind)
             data = sharding.batch_sharding(self.mesh)
-            fn = functools.partial(generate_images, self.system, scheduler=sched, steps=steps)
+            fn = functools.partial(generate_images, self.system, scheduler=sched, steps=steps,
+                                   on_step=self._step_done)
             self._compiled[key] = (jax.jit(fn, out_shardings=data), state)
         return self._compiled[key]
 
+    def with_params(self, params: Mapping[str, Any]) -> "Pipeline":
+        """The same pipeline (sharing its compiled samplers) with other params, e.g. the current
+        training params for validation images."""
+        return dataclasses.replace(self, params=params, _uncond={})  # states of the new text params
+
+    def negative_states(self, negative_prompt: str = UNCONDITIONAL_PROMPT) -> jax.Array:
+        """Unconditional states [1, 77, D] of `negative_prompt` (one jit for every prompt; cached)."""
+        if negative_prompt not in self._uncond:
+            if self._plain_states is None:
+                self._plain_states = jax.jit(functools.partial(unconditional_states, self.system))
+            ids = jnp.asarray(negative_prompt_ids(self.system, negative_prompt))
+            self._uncond[negative_prompt] = self._plain_states(self.params["text"], ids)
+        return self._uncond[negative_prompt]
+
     def generate(self, waveforms, seeds: Sequence[int], *, num_images: int, steps: int, guidance: float,
-                 scheduler: str = "pndm") -> np.ndarray:
-        """waveforms float32 [B, N] (16 kHz, [-1, 1]), one seed per waveform → uint8 [B, num_images, H, W, 3]."""
+                 scheduler: str = "pndm", prompt: str | None = None,
+                 negative_prompt: str = UNCONDITIONAL_PROMPT, progress=None) -> np.ndarray:
+        """waveforms float32 [B, N] (16 kHz, [-1, 1]), one seed per waveform → uint8 [B, num_images, H, W, 3].
+
+        prompt: template with one `<*>` (default: config.prompt.inference); negative_prompt: the
+        unconditional branch of guidance; progress(k, n): called at denoising step k of n (all jit
+        calls of this request together; PNDM takes steps + 1)."""
         waveforms = np.asarray(waveforms, np.float32)
         if waveforms.ndim != 2 or len(seeds) != waveforms.shape[0]:
             raise ValueError(f"waveforms {waveforms.shape} need shape [B, N] and one seed each (got {len(seeds)})")
-        if self._uncond is None:
-            self._uncond = jax.jit(functools.partial(unconditional_states, self.system))(self.params["text"])
+        ids = tuple(jnp.asarray(a) for a in prompt_ids(self.system, self.config.prompt.inference
+                                                        if prompt is None else prompt))
+        uncond = self.negative_states(negative_prompt)
         waves = np.repeat(waveforms, num_images, axis=0)
         keys = image_keys(seeds, num_images)
         total = waves.shape[0]
@@ -143,15 +203,36 @@ class Pipeline:
         fn, state = self._sampler(scheduler, int(steps))
         data = sharding.batch_sharding(self.mesh)
         idx = np.minimum(np.arange(int(math.ceil(total / chunk)) * chunk), total - 1)  # pad by repetition
-        per_trip = max(1, int(math.ceil(self.max_batch / chunk)))  # calls dispatched before one device_get
+        # With a progress hook every call is waited for (the hook knows which call reports); without,
+        # up to max_batch images are dispatched per host round trip.
+        per_trip = 1 if progress is not None else max(1, int(math.ceil(self.max_batch / chunk)))
+        calls = len(idx) // chunk
         out = []
-        for start in range(0, len(idx), per_trip * chunk):
-            pending = [fn(self.params, self._uncond, jax.device_put(waves[idx[a:a + chunk]], data),
-                          jax.device_put(keys[idx[a:a + chunk]], data), jnp.float32(guidance), state=state)
-                       for a in range(start, min(start + per_trip * chunk, len(idx)), chunk)]
-            out.extend(np.asarray(x) for x in jax.device_get(pending))
+        for first in range(0, calls, per_trip):
+            self._progress = None if progress is None else _once_per_step(progress, first, calls)
+            try:
+                pending = [fn(self.params, uncond, jax.device_put(waves[idx[c * chunk:(c + 1) * chunk]], data),
+                              jax.device_put(keys[idx[c * chunk:(c + 1) * chunk]], data), jnp.float32(guidance),
+                              state=state, prompt=ids)
+                           for c in range(first, min(first + per_trip, calls))]
+                out.extend(np.asarray(x) for x in jax.device_get(pending))
+            finally:
+                self._progress = None
         images = np.concatenate(out)[:total]
         return images.reshape(waveforms.shape[0], num_images, *images.shape[1:])
+
+
+def _once_per_step(progress, call: int, calls: int):
+    """Step hook for jit call `call` of `calls` (n loop steps each): progress(call·n + i + 1, calls·n)
+    the first time step i reports."""
+    seen = [-1]
+
+    def hook(i: int, n: int) -> None:
+        if i > seen[0]:
+            seen[0] = i
+            progress(call * n + i + 1, calls * n)
+
+    return hook
 
 
 def load_pipeline(config, workdir: str | os.PathLike | None, checkpoint: str | int | None = "best",
@@ -218,6 +299,14 @@ def sample_rate(config) -> int:
     return int(round(conditioning.clip_samples(config) / config.data.clip_seconds))
 
 
+def load_clip(config, path: str | os.PathLike, start: float = 0.0) -> np.ndarray:
+    """The model's input from an audio file: `config.data.clip_seconds` from `start` seconds on, mono,
+    resampled, a shorter rest repeat-padded as in training (also under 1 s; silence and undecodable
+    files raise `AudioDecodeError`)."""
+    return load_audio(path, sample_rate(config), config.data.clip_seconds, start_seconds=float(start),
+                      min_seconds=0.0, stereo=config.data.stereo)
+
+
 def _caption_cell(image: np.ndarray, caption: str, side: int):
     from PIL import Image, ImageDraw
 
@@ -255,22 +344,26 @@ def _write_jsonl(path: str, records: Sequence[Mapping[str, Any]]) -> None:
 
 
 def sample_files(pipe: Pipeline, audio_paths: Sequence[str], out_dir: str | os.PathLike, *, num_images: int,
-                 steps: int, guidance: float, scheduler: str, seed: int, same_seed: bool = False
-                 ) -> tuple[list[dict], list[dict]]:
+                 steps: int, guidance: float, scheduler: str, seed: int, same_seed: bool = False,
+                 prompt: str | None = None, negative_prompt: str = UNCONDITIONAL_PROMPT,
+                 start: float = 0.0, progress=None) -> tuple[list[dict], list[dict]]:
     """Generate for each audio file (seed + i for the i-th file; `same_seed`: `seed` for all, so images
     differ only through the audio) → PNGs, grid.png, samples.jsonl and skipped.jsonl in `out_dir`;
     returns (the image records of samples.jsonl, the skip records {'audio', 'reason'} of skipped.jsonl).
-    Undecodable files are skipped (logged); with none left, `NoImages` is raised (no image, no grid)."""
+    prompt (one `<*>`; default config.prompt.inference), negative_prompt and start (seconds into each
+    file: which clip window is used), progress as in `generate`. Undecodable files are skipped
+    (logged); with none left, `NoImages` is raised (no image, no grid)."""
     from PIL import Image
 
     config = pipe.config
+    prompt = config.prompt.inference if prompt is None else prompt
+    prompt_ids(pipe.system, prompt)  # a bad template fails before any decoding
     os.makedirs(out_dir, exist_ok=True)
-    rate = sample_rate(config)
     seeds = [int(seed) + (0 if same_seed else i) for i in range(len(audio_paths))]
     kept, waves, skipped = [], [], []
     for i, path in enumerate(audio_paths):
         try:
-            waves.append(load_audio(path, rate, config.data.clip_seconds, stereo=config.data.stereo))
+            waves.append(load_clip(config, path, start))
             kept.append(i)
         except (AudioDecodeError, OSError) as e:
             reason = e.reason if isinstance(e, AudioDecodeError) else f"{type(e).__name__}: {e}"
@@ -282,12 +375,24 @@ def sample_files(pipe: Pipeline, audio_paths: Sequence[str], out_dir: str | os.P
         raise NoImages(f"no image made: all {len(audio_paths)} audio files were skipped (reasons in "
                        f"{os.path.join(out_dir, 'skipped.jsonl')})")
     t0 = time.time()
-    images = pipe.generate(np.stack(waves), [seeds[i] for i in kept], num_images=num_images, steps=steps,
-                           guidance=guidance, scheduler=scheduler)
+    bar = None
+    if progress is None:  # a terminal bar over the denoising steps of all images
+        bar = tqdm.tqdm(total=1, unit="step", desc=f"{len(kept) * num_images} images", dynamic_ncols=True)
+
+        def progress(k: int, n: int) -> None:
+            bar.total, bar.n = n, k
+            bar.refresh()
+    try:
+        images = pipe.generate(np.stack(waves), [seeds[i] for i in kept], num_images=num_images, steps=steps,
+                               guidance=guidance, scheduler=scheduler, prompt=prompt,
+                               negative_prompt=negative_prompt, progress=progress)
+    finally:
+        if bar is not None:
+            bar.close()
     seconds = time.time() - t0
     settings = dict(scheduler=scheduler, steps=int(steps), guidance=float(guidance), num_images=int(num_images),
                     images_per_device=int(config.sample.images_per_device),
-                    prompt=config.prompt.inference, unconditional_prompt=UNCONDITIONAL_PROMPT,
+                    prompt=prompt, negative_prompt=negative_prompt, start=float(start),
                     image_size=list(conditioning.sample_hw(config)), checkpoint=pipe.checkpoint,
                     sd_path=config.model.sd_path, beats_path=config.model.beats_path,
                     unary_dropout_at_inference=bool(config.model.unary_dropout_at_inference),

@@ -13,7 +13,10 @@ step, train_loss, val_loss, lr; cut back to the resumed step at every start, so 
 uninterrupted run's), loss.png (train/val loss per epoch, like thesis Fig. 5.1),
 checkpoints/{latest,best}/<step>/ (mtok_jax.checkpoints: newest two `latest` kept, checksummed,
 fallback to the older), checkpoints/corrupt/ (steps that failed to restore), .lock (the running
-process's PID and host). SIGTERM / SIGINT stop the run at the next step boundary after saving `latest`
+process's PID and host), tensorboard/ (TensorBoard event files: losses, lr, grad norm, step time,
+examples/s, FLOP/s, device memory, validation images; `train.report_to`), samples/epoch_K/grid.png
+(validation images every `train.sample_every_epochs`), profile/ (`train.profile_steps`); see
+mtok_jax.monitor. Timing goes to TensorBoard only: metrics.jsonl holds no wall-clock values. SIGTERM / SIGINT stop the run at the next step boundary after saving `latest`
 (mtok_jax.signals).
 """
 
@@ -35,7 +38,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding
 
-from mtok_jax import checkpoints, conditioning, config_utils, losses, sharding, signals, workdir_lock
+from mtok_jax import checkpoints, conditioning, config_utils, losses, monitor, sharding, signals, workdir_lock
 from mtok_jax.data import pipeline
 from mtok_jax.models import diffusion
 
@@ -311,7 +314,7 @@ def _train(config, workdir: str, stop: signals.GracefulStop) -> dict[str, Any]:
     if is_main:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-    metrics_log = MetricsLog(workdir, enabled=is_main)
+    metrics_log = MetricsLog(workdir, enabled=is_main and "jsonl" in config.train.report_to)
     t = config.train
 
     # ---------------------------------------------------------------------------------- mesh
@@ -324,10 +327,10 @@ def _train(config, workdir: str, stop: signals.GracefulStop) -> dict[str, Any]:
 
     # ---------------------------------------------------------------------------------- input
     d = config.data
-    data_kw = dict(config_name=d.builder_config or None, bgr=d.bgr, prefetch=d.prefetch)
-    _check_dataset(config)
-    num_train = pipeline.num_examples(d.data_dir, "train", d.builder_config or None)
-    num_val = pipeline.num_examples(d.data_dir, "validation", d.builder_config or None)
+    builder_config = _check_dataset(config)
+    data_kw = dict(config_name=builder_config, bgr=d.bgr, prefetch=d.prefetch)
+    num_train = pipeline.num_examples(d.data_dir, "train", builder_config)
+    num_val = pipeline.num_examples(d.data_dir, "validation", builder_config)
     examples_per_step = t.batch_size * t.grad_accum
     steps_per_epoch = pipeline.num_batches(num_train, examples_per_step, jax.process_count())
     if steps_per_epoch == 0:
@@ -381,6 +384,10 @@ def _train(config, workdir: str, stop: signals.GracefulStop) -> dict[str, Any]:
     started = time.perf_counter()
     train_step = train_step.lower(trainable, opt_state, frozen, abstract_batch, jnp.int32(0), root_key).compile()
     log.info("train step compiled in %.1f s", time.perf_counter() - started)
+    flops_per_step = monitor.compiled_flops(train_step)
+    tb = monitor.TensorBoard(workdir, enabled=is_main and "tensorboard" in t.report_to)
+    validation_images = monitor.ValidationImages(config, system, mesh, workdir, enabled=is_main)
+    profile = monitor.Profile(workdir, tuple(t.profile_steps), enabled=is_main)
 
     # ---------------------------------------------------------------------------------- checkpoint
     ckpt = checkpoints.Checkpointer(workdir)
@@ -416,6 +423,7 @@ def _train(config, workdir: str, stop: signals.GracefulStop) -> dict[str, Any]:
     max_steps = t.max_steps if t.max_steps >= 0 else t.epochs * steps_per_epoch
     val_losses: list[float] = []
     interrupted = None
+    speed = monitor.Throughput(examples_per_step, flops_per_step)
     try:
         while epoch < t.epochs and step < max_steps and interrupted is None:
             bar = _progress(steps_per_epoch, start_batch, examples_per_step, f"epoch {epoch + 1}/{t.epochs}",
@@ -425,9 +433,12 @@ def _train(config, workdir: str, stop: signals.GracefulStop) -> dict[str, Any]:
             for host_batch in host_batches:
                 host_batch = {k: v.reshape(t.grad_accum, -1, *v.shape[1:]) for k, v in host_batch.items()}
                 batch = pipeline.to_global(host_batch, train_batch_sh)
+                profile.before(step)
                 trainable, opt_state, metrics = train_step(trainable, opt_state, frozen, batch, jnp.int32(step),
                                                            root_key)
                 loss = float(metrics["loss"])
+                profile.after(step + 1, trainable)
+                perf = speed.tick()
                 if not math.isfinite(loss):
                     ckpt.wait()
                     raise FloatingPointError(
@@ -436,11 +447,15 @@ def _train(config, workdir: str, stop: signals.GracefulStop) -> dict[str, Any]:
                 step, start_batch = step + 1, start_batch + 1
                 epoch_loss_sum, epoch_loss_n = epoch_loss_sum + loss, epoch_loss_n + 1
                 bar.update(examples_per_step)
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{float(metrics['lr']):.2e}")
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{float(metrics['lr']):.2e}",
+                                run_eta=speed.eta(min(max_steps, t.epochs * steps_per_epoch) - step))
                 if step % t.log_every == 0:
+                    terms = {k: float(metrics[k]) for k in ("mse", "l1", "l2", "cosine", "grad_norm")}
                     metrics_log.write(kind="step", epoch=epoch + start_batch / steps_per_epoch, step=step,
-                                      train_loss=loss, val_loss=None, lr=float(metrics["lr"]),
-                                      **{k: float(metrics[k]) for k in ("mse", "l1", "l2", "cosine", "grad_norm")})
+                                      train_loss=loss, val_loss=None, lr=float(metrics["lr"]), **terms)
+                    tb.scalars(step, {"train/loss": loss, "train/lr": float(metrics["lr"]),
+                                      **{f"train/{k}": v for k, v in terms.items()}, **perf,
+                                      **monitor.device_memory()})
                 if step >= max_steps or stop.requested:
                     break
                 if step % t.checkpoint_every == 0 and start_batch < steps_per_epoch:
@@ -459,14 +474,20 @@ def _train(config, workdir: str, stop: signals.GracefulStop) -> dict[str, Any]:
             metrics_log.write(kind="epoch", epoch=epoch, step=step, train_loss=train_loss, val_loss=val_loss,
                               lr=float(schedule(step)))
             metrics_log.plot()
+            tb.scalars(step, {"epoch/train_loss": train_loss, "epoch/val_loss": val_loss, "epoch/epoch": epoch})
             log.info("epoch %d: train loss %.5f, validation loss %.5f", epoch, train_loss, val_loss)
             if val_loss < best_val:
                 best_val = val_loss
                 ckpt.save_best(step, trainable, {**meta(), "val_loss": val_loss})
             ckpt.save_latest(step, trainable, opt_state, meta())
+            if validation_images.due(epoch):  # after the saves: a kill here loses no training
+                validation_images.write(epoch, step, sharding.merge_params(trainable, frozen), tb)
             interrupted = stop.requested
+            speed.exclude_since_last()  # the next step time leaves out validation and its images
         ckpt.wait()
     finally:
+        profile.end()
+        tb.close()
         _close_quietly_on_error(ckpt)
     if interrupted:
         where = f"epoch {epoch + 1}, batch {start_batch}/{steps_per_epoch}" if start_batch else f"end of epoch {epoch}"
@@ -499,20 +520,21 @@ def _like_params(opt_shapes: Any, param_sh: Any, default: NamedSharding) -> Any:
     return jax.tree.map(lambda x: param_sh if is_param_like(x) else default, opt_shapes, is_leaf=is_param_like)
 
 
-def _check_dataset(config) -> None:
+def _check_dataset(config) -> str:
     """The built dataset must hold what the config's shapes say (clip length, image size) and mix stereo
-    as `data.stereo` says (datasets built before the option averaged the channels)."""
+    as `data.stereo` says (datasets built before the option averaged the channels). → its config name."""
     d = config.data
-    ds = pipeline.open_dataset(d.data_dir, d.builder_config or None)
+    ds = conditioning.open_dataset(config)
     built = ds.config
     want_samples = conditioning.clip_samples(config)
     want_hw = conditioning.image_hw(config)
     got_hw = (int(built["image_height"]), int(built["image_width"]))
     if int(built["clip_samples"]) != want_samples or got_hw != want_hw:
         raise ValueError(f"dataset {ds.path} holds {built['clip_samples']} samples / {got_hw} images, the config "
-                         f"asks for {want_samples} / {want_hw} (data.clip_seconds, image_size, audio_44k_as_16k, "
-                         f"reference_512x320)")
+                         f"asks for {want_samples} / {want_hw} (data.builder_config={d.builder_config!r}, "
+                         f"clip_seconds, image_size, audio_44k_as_16k, reference_512x320)")
     got_stereo = built.get("stereo", "mean")
     if got_stereo != d.stereo:
         raise ValueError(f"dataset {ds.path} mixed stereo audio with {got_stereo!r}, the config asks for "
                          f"data.stereo={d.stereo!r}: rebuild with --stereo {d.stereo} or set data.stereo={got_stereo}")
+    return ds.path.parent.name

@@ -71,3 +71,18 @@ def tiny_assets(tmp_path_factory, demo_models) -> dict[str, str]:
     build(manual, data_dir, make_config("folders", clip_seconds=TINY_CLIP_SECONDS, image_size=32, labels=labels,
                                         name="tiny"), workers=0, progress=False)
     return {"sd": demo_models["sd"], "beats": demo_models["beats"], "data": str(data_dir)}
+
+
+@pytest.fixture(scope="session")
+def metric_models(tmp_path_factory) -> dict[str, str]:
+    """Tiny random metric models in their real formats → {'clip', 'inception', 'wav2clip'} folders."""
+    from metrics.inception import save_random_inception
+    from mtok_jax.demo.metric_models import write_tiny_clip
+    from mtok_jax.demo.wav2clip import write_tiny_wav2clip
+
+    root = tmp_path_factory.mktemp("metric_models")
+    paths = {"clip": str(root / "clip"), "inception": str(root / "inception"), "wav2clip": str(root / "wav2clip")}
+    write_tiny_clip(paths["clip"], seed=0)
+    save_random_inception(paths["inception"], seed=0)
+    write_tiny_wav2clip(paths["wav2clip"], seed=0)
+    return paths

@@ -9,6 +9,7 @@ import os
 
 import numpy as np
 import pytest
+from absl import app
 
 from metrics.evaluate import (
     GENERATED_FORMATS,
@@ -30,20 +31,6 @@ from test_metrics_scores import (
 )
 
 LABELS = ["Heavy metal", "Electronic music", "Renaissance symbolism"]
-
-
-@pytest.fixture(scope="module")
-def metric_models(tmp_path_factory):
-    from metrics.inception import save_random_inception
-    from mtok_jax.demo.metric_models import write_tiny_clip
-    from mtok_jax.demo.wav2clip import write_tiny_wav2clip
-
-    root = tmp_path_factory.mktemp("metric_models")
-    paths = {"clip": str(root / "clip"), "inception": str(root / "inception"), "wav2clip": str(root / "wav2clip")}
-    write_tiny_clip(paths["clip"], seed=0)
-    save_random_inception(paths["inception"], seed=0)
-    write_tiny_wav2clip(paths["wav2clip"], seed=0)
-    return paths
 
 
 @pytest.fixture(scope="module")
@@ -163,8 +150,8 @@ def test_manifest_errors(tmp_path, metric_models):
     (tmp_path / "manifest.jsonl").write_text(json.dumps({"image": "a.png", "label": 0}) + "\n")
     with pytest.raises(ValueError, match="audio"):
         read_manifest(str(tmp_path))
-    with pytest.raises(SystemExit):
-        main(["--workdir", str(tmp_path)])  # generation mode without --config
+    with pytest.raises(app.UsageError, match="generation mode needs --workdir"):
+        main(["--workdir", str(tmp_path)])  # generation mode without --config or WORKDIR/config.json
 
 
 @pytest.mark.slow

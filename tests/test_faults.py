@@ -33,7 +33,8 @@ def train_args(assets, workdir, *extra) -> list[str]:
             "--config.data.clip_seconds=1.0", "--config.train.trainable=embedder",
             f"--config.train.epochs={EPOCHS}", "--config.train.batch_size=2", "--config.train.val_batch_size=1",
             "--config.train.log_every=1", "--config.train.checkpoint_every=2", "--config.train.warmup_steps=0",
-            "--config.mesh.data=2", "--config.mesh.fsdp=1", *extra]
+            "--config.mesh.data=2", "--config.mesh.fsdp=1",
+            "--config.train.sample_every_epochs=0", *extra]  # validation images: tests/test_train.py
 
 
 def run(assets, workdir, fault: str | None = None, *extra, timeout: int = 300) -> subprocess.CompletedProcess:

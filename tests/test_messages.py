@@ -39,7 +39,7 @@ BAD_VALUES = [
     ("mesh.fsdp=0", "mesh.data=-1, mesh.fsdp=0"),
     ("model.beats_layers=(3, -1)", "model.beats_layers=(3, -1)"),
     ("train.schedule=linear", "train.schedule='linear'"),
-    ("train.batch_size=abc", "train.batch_size='abc'"),  # the type check of ml_collections
+    ("train.batch_size=abc", "--config.train.batch_size=abc: invalid literal for int()"),  # config_flags' parser
     ("train.batch_sise=4", "unknown config key train.batch_sise (did you mean train.batch_size?)"),
     ("trian.lr=1e-4", "unknown config key trian.lr (did you mean train.lr?)"),
 ]

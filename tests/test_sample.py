@@ -47,7 +47,7 @@ def test_images_do_not_depend_on_max_batch_or_device_count(pipe):
     device), and on the 8-device mesh. A batched shape changes ~1e-4 of the values by one LSB."""
     mesh = sharding.make_mesh({"data": 1, "fsdp": 1})
     one = dataclasses.replace(pipe, mesh=mesh, params=jax.device_put(pipe.params, sharding.replicated(mesh)),
-                              _uncond=None, _compiled={})
+                              _uncond={}, _plain_states=None, _compiled={})
     waves = np.random.RandomState(1).uniform(-0.5, 0.5, (4, 64000)).astype(np.float32)
     seeds = [3, 4, 5, 6]
     by_batch = {}
@@ -85,6 +85,67 @@ def test_sample_files_writes_pngs_grid_and_manifest(pipe, waves, tmp_path):
         np.testing.assert_array_equal(np.asarray(Image.open(out / r["image"])), ref[b, r["index"]])
     grid = Image.open(out / "grid.png")
     assert grid.size[0] == 2 * 128 and grid.size[1] >= 2 * 128
+
+
+def test_prompt_negative_prompt_and_start_options(pipe, tmp_path):
+    """sample_files' prompt / negative_prompt / start reach the images and samples.jsonl."""
+    import soundfile as sf
+
+    from mtok_jax.audio.io import load_audio
+
+    path = tmp_path / "long.flac"
+    sf.write(path, np.random.RandomState(1).uniform(-0.5, 0.5, 16000 * 7).astype(np.float32), 16000)
+    opts = dict(prompt="a watercolor of <*>", negative_prompt="grey", start=2.5)
+    records, _ = sample.sample_files(pipe, [str(path)], tmp_path / "out", seed=5, **opts, **SETTINGS)
+    assert all({k: r[k] for k in opts} == opts for r in records)
+    window = load_audio(path, 16000, 4.0, start_seconds=2.5)
+    np.testing.assert_array_equal(window, load_audio(path, 16000, 7.0)[40000:104000])
+    want = pipe.generate(window[None], [5], prompt="a watercolor of <*>", negative_prompt="grey", **SETTINGS)[0]
+    for r in records:
+        np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "out" / r["image"])), want[r["index"]])
+    plain = pipe.generate(window[None], [5], **SETTINGS)[0]
+    other_start = pipe.generate(load_audio(path, 16000, 4.0)[None], [5], prompt="a watercolor of <*>",
+                                negative_prompt="grey", **SETTINGS)[0]
+    no_negative = pipe.generate(window[None], [5], prompt="a watercolor of <*>", **SETTINGS)[0]
+    for other in (plain, other_start, no_negative):  # every option changes the images
+        assert (other != want).mean() > 0.3
+    with pytest.raises(Exception, match="exactly once"):
+        sample.sample_files(pipe, [str(path)], tmp_path / "bad", seed=5, prompt="no token", **SETTINGS)
+
+
+def test_progress_reports_each_step_once_and_changes_nothing(pipe, waves):
+    """progress(k, n) sees every loop step of every jit call once, in order; the images equal those of
+    the same jitted core without the step callback."""
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+
+    from mtok_jax import sharding
+    from mtok_jax.models import diffusion
+
+    seen = []
+    imgs = pipe.generate(waves, [0, 1], progress=lambda k, n: seen.append((k, n)), **dict(SETTINGS, num_images=8))
+    n = 2 * (SETTINGS["steps"] + 1)  # 16 images in 2 calls of 8; PNDM runs steps + 1 iterations
+    assert seen == [(k, n) for k in range(1, n + 1)]
+    sched, state = diffusion.sampler_from_config(diffusion.read_scheduler_config(pipe.config.model.sd_path), "pndm")
+    data = sharding.batch_sharding(pipe.mesh)  # placed as Pipeline places it: only the callback differs
+    plain = jax.jit(functools.partial(sample.generate_images, pipe.system, scheduler=sched, steps=3),
+                    out_shardings=data)
+    ref = plain(pipe.params, pipe.negative_states(), jax.device_put(np.repeat(waves[:1], 8, 0), data),
+                jax.device_put(sample.image_keys([0], 8), data), jnp.float32(7.5), state=state)
+    np.testing.assert_array_equal(np.asarray(ref), imgs[0])
+
+
+def test_sample_py_rejects_a_prompt_without_one_placeholder():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "sample.py", "--checkpoint", "none", "--audio", "sample.py",
+                          "--prompt", "a painting"], capture_output=True, text=True)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines()[-1] == ("error: the prompt must contain <*> exactly once, where the "
+                                                   "music goes (found 0): 'a painting'")
 
 
 def test_sample_files_skips_undecodable_audio(pipe, waves, tmp_path, caplog):

@@ -156,7 +156,7 @@ def test_accumulation_equals_big_batch_and_exp1_freezes(loaded):
 # 6 train clips (3 steps of 2 per epoch), 3 validation clips (batches of 2, the second padded + masked).
 LOOP = ("train.trainable=embedder", "train.epochs=2", "train.batch_size=2", "train.val_batch_size=1",
         "train.log_every=1",
-        "train.checkpoint_every=100", "mesh.data=2", "mesh.fsdp=1")
+        "train.checkpoint_every=100", "mesh.data=2", "mesh.fsdp=1", "train.sample_every_epochs=0")
 
 
 def test_resume_is_bit_identical(assets, tmp_path):
@@ -228,3 +228,68 @@ def test_dataset_stereo_mismatch_refused(assets):
     train._check_dataset(demo_config(assets))
     with pytest.raises(ValueError, match="data.stereo='mean'.*--stereo mean"):
         train._check_dataset(demo_config(assets, "data.stereo=mean"))
+
+
+def read_events(directory: pathlib.Path) -> tuple[dict[str, list[tuple[int, float]]], dict[str, list[int]]]:
+    """TensorBoard event files of a folder, read back record by record (length + masked CRC32C framing,
+    both checked) → ({scalar tag: [(step, value)]}, {image tag: [step]})."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+    from tensorboardX.record_writer import masked_crc32c
+
+    scalars, images = {}, {}
+    files = sorted(directory.glob("events.out.tfevents.*"))
+    assert files, f"no event files in {directory}"
+    for path in files:
+        data, pos = path.read_bytes(), 0
+        while pos < len(data):
+            header = data[pos:pos + 8]
+            assert struct.unpack("I", data[pos + 8:pos + 12])[0] == masked_crc32c(header)
+            (n,) = struct.unpack("Q", header)
+            body = data[pos + 12:pos + 12 + n]
+            assert struct.unpack("I", data[pos + 12 + n:pos + 16 + n])[0] == masked_crc32c(body)
+            pos += 16 + n
+            event = event_pb2.Event.FromString(body)
+            for v in event.summary.value:
+                if v.HasField("image"):
+                    assert v.image.encoded_image_string[:4] == b"\x89PNG"
+                    images.setdefault(v.tag, []).append(event.step)
+                else:
+                    scalars.setdefault(v.tag, []).append((event.step, v.simple_value))
+    return scalars, images
+
+
+def test_tensorboard_validation_images_and_profile(assets, tmp_path):
+    """TensorBoard scalars + one validation grid per epoch, a profile of steps 1–3; params and
+    metrics.jsonl bit-identical to a run with neither (watching never changes training)."""
+    watched = train.train_and_evaluate(demo_config(
+        assets, *LOOP, "train.sample_every_epochs=1", "train.sample_steps=2", "train.profile_steps=(1, 3)"),
+        str(tmp_path / "watched"))
+    plain = train.train_and_evaluate(demo_config(assets, *LOOP, "train.report_to=('jsonl',)"), str(tmp_path / "plain"))
+    a, b = flat(watched["trainable"]), flat(plain["trainable"])
+    for key in a:
+        assert np.array_equal(np.asarray(a[key]), np.asarray(b[key])), key
+    assert (tmp_path / "watched" / "metrics.jsonl").read_bytes() == (tmp_path / "plain" / "metrics.jsonl").read_bytes()
+    assert not (tmp_path / "plain" / "tensorboard").exists() and not (tmp_path / "plain" / "samples").exists()
+    assert not (tmp_path / "plain" / "profile").exists()
+
+    scalars, images = read_events(tmp_path / "watched" / "tensorboard")
+    steps = list(range(1, 7))  # log_every=1, 2 epochs × 3 steps
+    for tag in ("train/loss", "train/lr", "train/grad_norm", "train/mse", "perf/step_seconds",
+                "perf/examples_per_second", "perf/flops_per_second"):
+        assert [s for s, _ in scalars[tag]] == steps, tag
+    losses = [json.loads(x)["train_loss"] for x in (tmp_path / "watched" / "metrics.jsonl").read_text().splitlines()
+              if json.loads(x)["kind"] == "step"]
+    np.testing.assert_allclose([v for _, v in scalars["train/loss"]], losses, rtol=1e-6)
+    assert all(v > 1e6 for _, v in scalars["perf/flops_per_second"])  # XLA's cost analysis counted the step
+    assert [s for s, _ in scalars["epoch/val_loss"]] == [3, 6]
+    np.testing.assert_allclose([v for _, v in scalars["epoch/val_loss"]], watched["val_losses"], rtol=1e-6)
+    assert images == {"validation/images": [3, 6]}  # one grid per epoch
+    from PIL import Image
+
+    for k in (1, 2):
+        grid = Image.open(tmp_path / "watched" / "samples" / f"epoch_{k}" / "grid.png")
+        assert grid.width >= 2 * 128  # 3 labels (one held-out clip each) → a 2-column grid
+    profile = [p for p in (tmp_path / "watched" / "profile").rglob("*") if p.is_file()]
+    assert profile and any(p.name.endswith((".xplane.pb", ".trace.json.gz")) for p in profile), profile

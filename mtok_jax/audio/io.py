@@ -33,24 +33,27 @@ class AudioDecodeError(ValueError):
         super().__init__(f"{self.path}: {reason}")
 
 
-def _read_soundfile(path: str, max_frames: int) -> tuple[np.ndarray, int]:
+def _read_soundfile(path: str, max_frames: int, start_frame: int = 0) -> tuple[np.ndarray, int]:
     import soundfile as sf
 
     with sf.SoundFile(path) as f:
+        if start_frame:
+            f.seek(min(start_frame, f.frames))
         x = f.read(frames=max_frames if max_frames > 0 else -1, dtype="float32", always_2d=True)
         return x, int(f.samplerate)
 
 
-def _read_librosa(path: str, max_seconds: float) -> tuple[np.ndarray, int]:
+def _read_librosa(path: str, max_seconds: float, start_seconds: float = 0.0) -> tuple[np.ndarray, int]:
     import librosa  # optional extra; only reached when soundfile cannot open the file
 
-    x, sr = librosa.load(path, sr=None, mono=False, duration=max_seconds or None)
+    x, sr = librosa.load(path, sr=None, mono=False, offset=start_seconds, duration=max_seconds or None)
     x = np.asarray(x, np.float32)
     return (x[:, None] if x.ndim == 1 else x.T), int(sr)
 
 
-def decode_audio(path, max_seconds: Optional[float] = None) -> tuple[np.ndarray, int]:
-    """Decode a file to (float32 [frames, channels], native sample rate), at most `max_seconds`."""
+def decode_audio(path, max_seconds: Optional[float] = None, start_seconds: float = 0.0) -> tuple[np.ndarray, int]:
+    """Decode a file to (float32 [frames, channels], native sample rate): at most `max_seconds` from
+    `start_seconds` on (a start at or past the end is an error naming the track's length)."""
     path = os.fspath(path)
     try:
         size = os.path.getsize(path)
@@ -61,15 +64,22 @@ def decode_audio(path, max_seconds: Optional[float] = None) -> tuple[np.ndarray,
     try:
         import soundfile as sf
 
-        sr = int(sf.info(path).samplerate)
-        x, sr = _read_soundfile(path, int(math.ceil(max_seconds * sr)) if max_seconds else 0)
+        info = sf.info(path)
+        sr = int(info.samplerate)
+        if start_seconds and info.frames > 0 and start_seconds * sr >= info.frames:
+            raise AudioDecodeError(path, f"start {start_seconds:g} s is past the end of the track "
+                                         f"({info.frames / sr:.2f} s)")
+        x, sr = _read_soundfile(path, int(math.ceil(max_seconds * sr)) if max_seconds else 0,
+                                int(round(start_seconds * sr)))
+    except AudioDecodeError:
+        raise
     except Exception as sf_err:  # noqa: BLE001 - libsndfile raises several types
         try:
             import librosa  # noqa: F401
         except ImportError:
             raise AudioDecodeError(path, f"unreadable audio ({type(sf_err).__name__}: {sf_err})") from None
         try:
-            x, sr = _read_librosa(path, max_seconds or 0.0)
+            x, sr = _read_librosa(path, max_seconds or 0.0, start_seconds)
         except Exception as lr_err:  # noqa: BLE001
             raise AudioDecodeError(
                 path, f"unreadable audio (soundfile: {sf_err}; librosa: {lr_err})") from None
@@ -88,6 +98,20 @@ def to_mono(x: np.ndarray, stereo: str = "mean") -> np.ndarray:
     if x.shape[1] == 1 or stereo == "first":
         return x[:, 0]
     return x.mean(axis=1, dtype=np.float32)
+
+
+def duration_seconds(path) -> float:
+    """Length of an audio file in seconds (header only where libsndfile reads it, else a full decode)."""
+    try:
+        import soundfile as sf
+
+        info = sf.info(os.fspath(path))
+        if info.frames > 0:
+            return info.frames / info.samplerate
+    except Exception:  # noqa: BLE001 - decode_audio gives the proper error below
+        pass
+    x, sr = decode_audio(path)
+    return x.shape[0] / sr
 
 
 def resample(x: np.ndarray, sr_in: int, sr_out: int) -> np.ndarray:
@@ -118,6 +142,7 @@ def load_audio(
     sample_rate: int = 16000,
     clip_seconds: float = 30.0,
     *,
+    start_seconds: float = 0.0,
     min_seconds: float = 1.0,
     silence_dbfs: Optional[float] = SILENCE_DBFS,
     stereo: str = "mean",
@@ -125,14 +150,14 @@ def load_audio(
     """Decode `path` to a mono float32 clip of exactly round(clip_seconds · sample_rate) samples.
 
     Channels are mixed per `stereo` (:func:`to_mono`); the source is resampled (soxr HQ) to `sample_rate`; the first
-    `clip_seconds` are kept and a shorter clip is repeat-padded. Samples are clipped to [-1, 1].
+    `clip_seconds` from `start_seconds` on are kept and a shorter clip is repeat-padded. Samples are clipped to [-1, 1].
     Raises `AudioDecodeError` ('<path>: <reason>') for empty, unreadable, non-finite, shorter than
     `min_seconds`, or silent input: RMS level (`rms_dbfs`) of the decoded mono part ≤ `silence_dbfs`
     (None: keep silent clips).
     """
     n_out = int(round(clip_seconds * sample_rate))
     # Decode slightly more than needed so the resampler's filter sees real signal at the clip end.
-    x, sr = decode_audio(path, max_seconds=clip_seconds + 0.25)
+    x, sr = decode_audio(path, max_seconds=clip_seconds + 0.25, start_seconds=start_seconds)
     duration = x.shape[0] / sr
     if duration < min_seconds:
         raise AudioDecodeError(path, f"too short ({duration:.2f} s < {min_seconds:g} s)")

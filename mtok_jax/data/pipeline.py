@@ -36,14 +36,29 @@ _PAIRING_SALT = 0x9A1B
 _SHUFFLE_SALT = 0x5EED
 
 
-def resolve_config(data_dir, config_name: Optional[str] = None) -> str:
-    """`config_name`, or the only config built under data_dir when None."""
+def resolve_config(data_dir, config_name: Optional[str] = None, shapes: Optional[Mapping] = None) -> str:
+    """`config_name`; when None, the config built under data_dir whose metadata matches `shapes` (e.g.
+    {'clip_samples': 480000, 'image_height': 512, 'image_width': 512}), or the only one built."""
     if config_name:
         return check_config_name(config_name)
     found = sorted(p.parent.parent.name for p in Path(data_dir).glob(f"{NAME}/*/{VERSION}/dataset_info.json"))
+    if shapes and found:
+        built = {n: _built_shapes(data_dir, n) for n in found}
+        match = [n for n, got in built.items() if all(got.get(k) == v for k, v in shapes.items())]
+        if len(match) == 1 or len(found) == 1:
+            return (match or found)[0]
+        raise FileNotFoundError(f"{data_dir}: {'several' if match else 'no'} built {NAME} configs match the config's "
+                                f"{dict(shapes)}; set data.builder_config to one of " + "; ".join(
+                                    f"{n} {built[n]}" for n in (match or found)))
     if len(found) != 1:
-        raise FileNotFoundError(f"{data_dir}: pass config_name; built {NAME} configs: {found or 'none'}")
+        raise FileNotFoundError(f"{data_dir}: set data.builder_config; built {NAME} configs: {found or 'none'}")
     return found[0]
+
+
+def _built_shapes(data_dir, config_name: str) -> dict:
+    """The shapes a built config holds ({'clip_samples', 'image_height', 'image_width'}, from its metadata)."""
+    meta = json.loads((Path(data_dir) / NAME / config_name / VERSION / "metadata.json").read_text(encoding="utf-8"))
+    return {k: int(meta["config"][k]) for k in ("clip_samples", "image_height", "image_width")}
 
 
 @dataclasses.dataclass
@@ -90,9 +105,10 @@ def _open(path: str, stamp: int) -> Dataset:
     return Dataset(Path(path), meta, tfds.builder_from_directory(path))
 
 
-def open_dataset(data_dir, config_name: Optional[str] = None) -> Dataset:
-    """Open DATA_DIR/music_image/<config>/<version> (cached per process, refreshed after a rebuild)."""
-    path = Path(data_dir) / NAME / resolve_config(data_dir, config_name) / VERSION
+def open_dataset(data_dir, config_name: Optional[str] = None, shapes: Optional[Mapping] = None) -> Dataset:
+    """Open DATA_DIR/music_image/<config>/<version> (:func:`resolve_config`; cached per process, refreshed
+    after a rebuild)."""
+    path = Path(data_dir) / NAME / resolve_config(data_dir, config_name, shapes) / VERSION
     info = path / "dataset_info.json"
     if not info.exists():
         raise FileNotFoundError(f"{path}: no built dataset (run python -m mtok_jax.data.build)")

@@ -9,7 +9,9 @@ Stages (each idempotent; timings printed per stage):
   4. training of configs/demo.py (resumes if already trained)   → runs/demo/{metrics.jsonl,loss.png,checkpoints/}
   5. one image per label from the held-out test audio           → runs/demo/samples/{*.png,grid.png,samples.jsonl}
      (prints how far the images' colours follow their labels: `label_dependence`)
-  6. evaluation (AIS / IIS / FID / GIILS) of the best checkpoint → runs/demo/eval/
+  6. evaluation (AIS / IIS / FID / GIILS) of the best checkpoint → runs/demo/eval/, and of the untrained
+     init (checkpoint none) → runs/demo/eval_untrained/; both rows printed side by side (the fitted tiny
+     metric models give ≈ 50 for label-blind images)
 """
 
 from __future__ import annotations
@@ -85,6 +87,19 @@ def _sample_label_dependence(records: list[dict], samples_dir: str, manual_dir: 
                             [targets[r["label"]] for r in records])
 
 
+def comparison_table(reports: dict[str, dict]) -> str:
+    """Markdown rows AIS / IIS / FID / GIILS (mean, min–max over labels) per evaluated model
+    (`evaluate.score_images` reports keyed by row name)."""
+    lines = ["| model | AIS | IIS | FID | GIILS mean (min–max) |", "|---|---|---|---|---|"]
+    for name, r in reports.items():
+        m = r["metrics"] if "metrics" in r else r
+        g = [x["score"] for x in m.get("giils", [])]
+        giils = f"{sum(g) / len(g):.2f} ({min(g):.2f}–{max(g):.2f})" if g else "–"
+        lines.append(f"| {name} | {m['ais']['score']:.2f} | {m.get('iis', {}).get('score', float('nan')):.2f} | "
+                     f"{m.get('fid', float('nan')):.2f} | {giils} |")
+    return "\n".join(lines)
+
+
 def _val_losses(workdir: str) -> list[tuple[int, float]]:
     path = os.path.join(workdir, "metrics.jsonl")
     out = []
@@ -144,9 +159,11 @@ def main(argv=None) -> int:
         from metrics import evaluate
 
         m = config.metrics
-        report = stages.run("6 evaluate (AIS/IIS/FID/GIILS)", evaluate.evaluate_checkpoint, config, workdir,
-                            checkpoint="best", num_images=m.num_images, per_label=m.per_label,
-                            out_dir=os.path.join(workdir, "eval"))
+        reports = {name: stages.run(f"6 evaluate {name} (AIS/IIS/FID/GIILS)", evaluate.evaluate_checkpoint, config,
+                                    workdir, checkpoint=ckpt, num_images=m.num_images, per_label=m.per_label,
+                                    out_dir=os.path.join(workdir, out))
+                   for name, ckpt, out in (("trained", "best", "eval"), ("untrained", None, "eval_untrained"))}
+        report = comparison_table(reports)
 
     val = _val_losses(workdir)
     print("\n=== demo done ===")
@@ -158,7 +175,9 @@ def main(argv=None) -> int:
           f"{dep['colour_corr']:.2f} (0 = unrelated); colour distance between two labels' images "
           f"{dep['spread']:.3f} (training images: {dep['label_spread']:.3f})")
     if report is not None:
-        print(f"evaluation → {os.path.join(workdir, 'eval')}/report.md")
+        print(f"evaluation → {os.path.join(workdir, 'eval')}/report.md, untrained init → "
+              f"{os.path.join(workdir, 'eval_untrained')}/report.md")
+        print(report)
     return 0
 
 

@@ -23,7 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import struct
+from flax import struct, traverse_util
 
 from mtok_jax import params_io
 from mtok_jax.audio.fbank import beats_normalize, kaldi_fbank
@@ -400,6 +400,56 @@ def _weight_norm(g: np.ndarray, v: np.ndarray) -> np.ndarray:
     return (g.astype(np.float64).reshape(1, 1, -1) * v64 / norm).astype(np.float32)
 
 
+POS_CONV = "encoder.pos_conv.0."  # the weight-normed conv-pos (weight_g / weight_v in the official files)
+
+
+def _torch_layout(c: Mapping[str, Any]) -> list[tuple[str, tuple[str, ...], str]]:
+    """The one key map both directions use: (torch key, Flax path, kind) per tensor of a complete cfg ``c``.
+
+    kind: 'linear' (weight [out, in] ↔ kernel [in, out]), 'conv2d' ([out, in, kh, kw] ↔ [kh, kw, in,
+    out]), 'conv1d' ([out, in/g, k] ↔ [k, in/g, out]), 'grep_a' ([1, H, 1, 1] ↔ [H]), 'copy'. The conv-pos
+    weight is listed as its recomposed ``weight`` and the shared relative-bias table once (layer 0)."""
+    out: list[tuple[str, tuple[str, ...], str]] = []
+
+    def dense(key, path):
+        out.extend([(key + ".weight", path + ("kernel",), "linear"), (key + ".bias", path + ("bias",), "copy")])
+
+    def layer_norm(key, path):
+        out.extend([(key + ".weight", path + ("scale",), "copy"), (key + ".bias", path + ("bias",), "copy")])
+
+    out.append(("patch_embedding.weight", ("patch_embedding", "kernel"), "conv2d"))
+    if c["conv_bias"]:
+        out.append(("patch_embedding.bias", ("patch_embedding", "bias"), "copy"))
+    layer_norm("layer_norm", ("layer_norm",))
+    if c["embed_dim"] != c["encoder_embed_dim"]:
+        dense("post_extract_proj", ("post_extract_proj",))
+    out.extend([(POS_CONV + "weight", ("encoder", "pos_conv", "kernel"), "conv1d"),
+                (POS_CONV + "bias", ("encoder", "pos_conv", "bias"), "copy")])
+    layer_norm("encoder.layer_norm", ("encoder", "layer_norm"))
+    if c["relative_position_embedding"]:
+        out.append(("encoder.layers.0.self_attn.relative_attention_bias.weight",
+                    ("encoder", "relative_attention_bias"), "copy"))
+    for i in range(c["encoder_layers"]):
+        pre, path = f"encoder.layers.{i}.", ("encoder", f"layers_{i}")
+        for n in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            dense(pre + "self_attn." + n, path + ("self_attn", n))
+        if c["gru_rel_pos"]:
+            dense(pre + "self_attn.grep_linear", path + ("self_attn", "grep_linear"))
+            out.append((pre + "self_attn.grep_a", path + ("self_attn", "grep_a"), "grep_a"))
+        layer_norm(pre + "self_attn_layer_norm", path + ("self_attn_layer_norm",))
+        layer_norm(pre + "final_layer_norm", path + ("final_layer_norm",))
+        dense(pre + "fc1", path + ("fc1",))
+        dense(pre + "fc2", path + ("fc2",))
+    return out
+
+
+_TO_FLAX = {"linear": lambda w: w.T, "conv2d": lambda w: w.transpose(2, 3, 1, 0),
+            "conv1d": lambda w: w.transpose(2, 1, 0), "grep_a": lambda w: w.reshape(-1), "copy": lambda w: w}
+_TO_TORCH = {"linear": lambda w: w.T, "conv2d": lambda w: w.transpose(3, 2, 0, 1),
+             "conv1d": lambda w: w.transpose(2, 1, 0), "grep_a": lambda w: w.reshape(1, -1, 1, 1),
+             "copy": lambda w: w}
+
+
 def params_from_torch(state_dict: Mapping[str, Any], cfg: Mapping[str, Any]) -> dict[str, Any]:
     """Reference state dict (``checkpoint['model']``, key names as in microsoft/unilm) → Flax params.
 
@@ -407,6 +457,7 @@ def params_from_torch(state_dict: Mapping[str, Any], cfg: Mapping[str, Any]) -> 
     out]``; the conv-pos weight norm (``weight_g``/``weight_v``, or the parametrizations names) is
     recomposed; the shared relative-bias table is taken from layer 0. ``predictor.*`` (fine-tuned
     heads; AudioToken drops them) is ignored. Any other unused or missing key raises ``ValueError``.
+    Inverse: :func:`params_to_torch`.
     """
     c = beats_config(cfg)
     sd = {k: np.asarray(v) for k, v in state_dict.items()}
@@ -418,53 +469,43 @@ def params_from_torch(state_dict: Mapping[str, Any], cfg: Mapping[str, Any]) -> 
         used.add(key)
         return sd[key].astype(np.float32)
 
-    def dense(prefix):
-        return {"kernel": take(prefix + ".weight").T, "bias": take(prefix + ".bias")}
-
-    def layer_norm(prefix):
-        return {"scale": take(prefix + ".weight"), "bias": take(prefix + ".bias")}
-
-    patch = {"kernel": take("patch_embedding.weight").transpose(2, 3, 1, 0)}
-    if c["conv_bias"]:
-        patch["bias"] = take("patch_embedding.bias")
-    params: dict[str, Any] = {"patch_embedding": patch, "layer_norm": layer_norm("layer_norm")}
-    if c["embed_dim"] != c["encoder_embed_dim"]:
-        params["post_extract_proj"] = dense("post_extract_proj")
-
-    pc = "encoder.pos_conv.0."
-    if pc + "weight_g" in sd:
-        w = _weight_norm(take(pc + "weight_g"), take(pc + "weight_v"))
-    elif pc + "parametrizations.weight.original0" in sd:
-        w = _weight_norm(take(pc + "parametrizations.weight.original0"),
-                         take(pc + "parametrizations.weight.original1"))
-    else:
-        w = take(pc + "weight")
-    enc: dict[str, Any] = {"pos_conv": {"kernel": w.transpose(2, 1, 0), "bias": take(pc + "bias")},
-                           "layer_norm": layer_norm("encoder.layer_norm")}
+    for g, v in (("weight_g", "weight_v"), ("parametrizations.weight.original0", "parametrizations.weight.original1")):
+        if POS_CONV + g in sd:
+            sd[POS_CONV + "weight"] = _weight_norm(take(POS_CONV + g), take(POS_CONV + v))
+            break
     if c["relative_position_embedding"]:
-        keys = [f"encoder.layers.{i}.self_attn.relative_attention_bias.weight"
-                for i in range(c["encoder_layers"])]
+        keys = [f"encoder.layers.{i}.self_attn.relative_attention_bias.weight" for i in range(c["encoder_layers"])]
         tables = [take(k) for k in keys if k in sd or k == keys[0]]
         if any(not np.array_equal(t, tables[0]) for t in tables[1:]):
             warnings.warn("relative_attention_bias copies differ between layers; using layer 0's "
                           "(the reference shares one table)")
-        enc["relative_attention_bias"] = tables[0]
-    for i in range(c["encoder_layers"]):
-        pre = f"encoder.layers.{i}."
-        attn = {n: dense(pre + "self_attn." + n) for n in ("q_proj", "k_proj", "v_proj", "out_proj")}
-        if c["gru_rel_pos"]:
-            attn["grep_linear"] = dense(pre + "self_attn.grep_linear")
-            attn["grep_a"] = take(pre + "self_attn.grep_a").reshape(-1)
-        enc[f"layers_{i}"] = {"self_attn": attn,
-                              "self_attn_layer_norm": layer_norm(pre + "self_attn_layer_norm"),
-                              "final_layer_norm": layer_norm(pre + "final_layer_norm"),
-                              "fc1": dense(pre + "fc1"), "fc2": dense(pre + "fc2")}
-    params["encoder"] = enc
+    flat = {path: _TO_FLAX[kind](take(key)) for key, path, kind in _torch_layout(c)}
     unused = sorted(k for k in sd if k not in used and not k.startswith("predictor."))
     if unused:
         raise ValueError(f"unexpected BEATs state-dict keys (cfg and checkpoint disagree?): {unused[:8]}"
                          + (f" … ({len(unused)} in all)" if len(unused) > 8 else ""))
-    return params
+    return traverse_util.unflatten_dict(flat)
+
+
+def params_to_torch(params: Mapping[str, Any], cfg: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Flax params → the official state dict (``checkpoint['model']`` of microsoft/unilm BEATs), float32.
+
+    The conv-pos kernel W is written weight-normed (dim=2) as ``weight_g`` [1, 1, K] = ‖W[:, :, k]‖ and
+    ``weight_v`` = W, which the reference recomposes to W (float64 norm; ≤ 1 ulp); the shared
+    relative-bias table is written into every layer, as the reference's state dict holds it.
+    Inverse of :func:`params_from_torch`."""
+    c = beats_config(cfg)
+    flat = traverse_util.flatten_dict(dict(params))
+    sd = {key: np.ascontiguousarray(_TO_TORCH[kind](np.asarray(flat[path], np.float32)))
+          for key, path, kind in _torch_layout(c)}
+    w = sd.pop(POS_CONV + "weight")
+    norm = np.sqrt((w.astype(np.float64) ** 2).sum(axis=(0, 1), keepdims=True))
+    sd[POS_CONV + "weight_g"], sd[POS_CONV + "weight_v"] = norm.astype(np.float32), w
+    if c["relative_position_embedding"]:
+        table = sd["encoder.layers.0.self_attn.relative_attention_bias.weight"]
+        for i in range(1, c["encoder_layers"]):
+            sd[f"encoder.layers.{i}.self_attn.relative_attention_bias.weight"] = table
+    return sd
 
 
 def _dummy_waveform(cfg: Mapping[str, Any]) -> jax.ShapeDtypeStruct:

@@ -313,11 +313,14 @@ def sampler_step(scheduler, state, model_output, index, sample):
 
 
 def denoise_latents(unet, unet_params, scheduler, state, text_states, uncond_states, latents, *,
-                    num_steps: int, guidance: float | jax.Array):
+                    num_steps: int, guidance: float | jax.Array, on_step=None):
     """Classifier-free-guided denoising loop (one ``lax.fori_loop``; call it inside ``jax.jit``).
 
     text_states, uncond_states: [B, 77, D] conditional / unconditional CLIP states.
     latents: [B, C, h, w] initial standard-normal noise (scaled here by ``init_noise_sigma``).
+    on_step: optional host function ``on_step(i, n)`` of the loop index i of n iterations (PNDM runs
+    num_steps + 1) through ``jax.debug.callback``; it reads no value of the loop, so the images are
+    the same with or without it.
     Returns the final latents [B, C, h, w] (still × scaling_factor).
     """
     state = sampler_timesteps(scheduler, state, num_steps, latents.shape)
@@ -333,6 +336,8 @@ def denoise_latents(unet, unet_params, scheduler, state, text_states, uncond_sta
         out = unet.apply({"params": unet_params}, x_in, t_in, context, train=False).sample
         uncond, cond = jnp.split(out.astype(jnp.float32), 2, axis=0)
         guided = uncond + guidance * (cond - uncond)
+        if on_step is not None:
+            jax.debug.callback(on_step, i, len(state.timesteps))
         return sampler_step(scheduler, st, guided, i, x)
 
     latents, _ = jax.lax.fori_loop(0, len(state.timesteps), body, (latents, state))

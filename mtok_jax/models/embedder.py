@@ -116,9 +116,23 @@ def wrapper_part(state_dict: Mapping[str, Any], part: str) -> dict[str, Any]:
     return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
 
 
-def _conv1x1_kernel(w: np.ndarray) -> np.ndarray:
-    """Conv1d k=1 weight [out, in, 1] → Dense kernel [in, out]."""
-    return np.ascontiguousarray(np.asarray(w, np.float32)[:, :, 0].T)
+# Flax module name → (reference FGAEmbedder state-dict prefix, layer kind): the one key map both
+# directions use. 'linear': weight [out, in] ↔ kernel [in, out]; 'conv1x1': Conv1d k=1 weight [out, in, 1]
+# ↔ kernel [in, out]; 'conv1x1_nobias': the same without a bias.
+TORCH_KEYS = {
+    "fc1": ("fc1", "linear"),
+    "fc2": ("fc2", "linear"),
+    "unary_embed": ("fga.un_models.0.embed", "conv1x1"),
+    "unary_reduce": ("fga.un_models.0.feature_reduce", "conv1x1"),
+    "pairwise_embed_x": ("fga.pp_models.0.embed_X", "conv1x1"),
+    "pairwise_embed_y": ("fga.pp_models.0.embed_Y", "conv1x1"),
+    "potential_mix": ("fga.reduce_potentials.0", "conv1x1_nobias"),
+}
+
+
+def _torch_key_set() -> set[str]:
+    return {f"{prefix}.{leaf}" for prefix, kind in TORCH_KEYS.values()
+            for leaf in (("weight",) if kind.endswith("nobias") else ("weight", "bias"))}
 
 
 def params_from_torch(state_dict: Mapping[str, Any]) -> dict[str, Any]:
@@ -126,36 +140,34 @@ def params_from_torch(state_dict: Mapping[str, Any]) -> dict[str, Any]:
 
     Accepts numpy arrays or torch tensors, and the thesis's whole-wrapper state dict
     (``model_<timestamp>_<epoch>``: ``embedder.*`` among ``unet.*``, ``aud_encoder.*``, …), of which only
-    the ``embedder.*`` keys are read (:func:`wrapper_part`).
+    the ``embedder.*`` keys are read (:func:`wrapper_part`). Inverse: :func:`params_to_torch`.
     """
     sd = {k: np.asarray(v.detach().cpu().numpy() if hasattr(v, "detach") else v, np.float32)
           for k, v in (wrapper_part(state_dict, "embedder") or state_dict).items()}
-
-    def linear(prefix):
-        return {"kernel": np.ascontiguousarray(sd[prefix + ".weight"].T), "bias": sd[prefix + ".bias"]}
-
-    def conv(prefix):
-        return {"kernel": _conv1x1_kernel(sd[prefix + ".weight"]), "bias": sd[prefix + ".bias"]}
-
-    expected = {"fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias",
-                "fga.un_models.0.embed.weight", "fga.un_models.0.embed.bias",
-                "fga.un_models.0.feature_reduce.weight", "fga.un_models.0.feature_reduce.bias",
-                "fga.pp_models.0.embed_X.weight", "fga.pp_models.0.embed_X.bias",
-                "fga.pp_models.0.embed_Y.weight", "fga.pp_models.0.embed_Y.bias",
-                "fga.reduce_potentials.0.weight"}
+    expected = _torch_key_set()
     missing, extra = expected - set(sd), set(sd) - expected
     if missing or extra:
         raise KeyError(f"not an AudioToken FGAEmbedder state dict: missing {sorted(missing)}, "
                        f"unexpected {sorted(extra)}")
-    return {
-        "fc1": linear("fc1"),
-        "fc2": linear("fc2"),
-        "unary_embed": conv("fga.un_models.0.embed"),
-        "unary_reduce": conv("fga.un_models.0.feature_reduce"),
-        "pairwise_embed_x": conv("fga.pp_models.0.embed_X"),
-        "pairwise_embed_y": conv("fga.pp_models.0.embed_Y"),
-        "potential_mix": {"kernel": _conv1x1_kernel(sd["fga.reduce_potentials.0.weight"])},
-    }
+    params = {}
+    for name, (prefix, kind) in TORCH_KEYS.items():
+        w = sd[prefix + ".weight"]
+        params[name] = {"kernel": np.ascontiguousarray((w.T if kind == "linear" else w[:, :, 0].T))}
+        if not kind.endswith("nobias"):
+            params[name]["bias"] = sd[prefix + ".bias"]
+    return params
+
+
+def params_to_torch(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Flax params → the reference ``FGAEmbedder`` state dict (AudioToken's ``learned_embeds.bin``
+    key names and layouts; float32 numpy, contiguous). Inverse of :func:`params_from_torch`."""
+    sd = {}
+    for name, (prefix, kind) in TORCH_KEYS.items():
+        k = np.asarray(params[name]["kernel"], np.float32).T                 # [out, in]
+        sd[prefix + ".weight"] = np.ascontiguousarray(k if kind == "linear" else k[:, :, None])
+        if not kind.endswith("nobias"):
+            sd[prefix + ".bias"] = np.ascontiguousarray(np.asarray(params[name]["bias"], np.float32))
+    return sd
 
 
 def embedder_config(params: Mapping[str, Any]) -> dict[str, int]:
