@@ -3,6 +3,7 @@
 XLA_FLAGS must be set before jax initialises its backend, so this runs before any test imports jax.
 """
 
+import json
 import os
 import pathlib
 
@@ -32,13 +33,29 @@ def golden_dir() -> pathlib.Path:
     return GOLDEN
 
 
+def built_once(tmp_path_factory, name: str, build) -> dict[str, str]:
+    """A session asset built once for the whole run, also under pytest-xdist (its workers share the parent
+    of their temp dirs; a file lock makes one build it, the others wait) → build(folder)'s dict of paths."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    done = root / f"{name}.json"
+    with FileLock(str(root / f"{name}.lock")):
+        if not done.exists():
+            paths = {k: str(v) for k, v in build(root / name).items()}
+            done.write_text(json.dumps(paths))
+    return json.loads(done.read_text())
+
+
 @pytest.fixture(scope="session")
 def demo_models(tmp_path_factory) -> dict[str, str]:
     """The tiny demo SD / BEATs folders (``mtok_jax.demo.models.write_demo_models``), written once per
-    test session (the VAE fit takes ~1 min) → ``{'sd': path, 'beats': path}``."""
+    test run (the VAE fit takes ~1 min) → ``{'sd': path, 'beats': path}``."""
     from mtok_jax.demo.models import write_demo_models
 
-    return write_demo_models(tmp_path_factory.getbasetemp() / "demo_models")
+    return built_once(tmp_path_factory, "demo_models", write_demo_models)
 
 
 def torch_or_skip():
@@ -63,14 +80,16 @@ def tiny_assets(tmp_path_factory, demo_models) -> dict[str, str]:
     from mtok_jax.data.builder import build, make_config
     from mtok_jax.demo.data import write_demo_sources
 
-    labels = sources.DEFAULT_LABELS[:TINY_LABELS_N]
-    root = tmp_path_factory.mktemp("tiny")
-    manual = write_demo_sources(root / "manual", per_label={"train": 2, "validation": 1, "test": 1},
-                                clip_seconds=TINY_CLIP_SECONDS, labels=labels)
-    data_dir = root / "data"
-    build(manual, data_dir, make_config("folders", clip_seconds=TINY_CLIP_SECONDS, image_size=32, labels=labels,
-                                        name="tiny"), workers=0, progress=False)
-    return {"sd": demo_models["sd"], "beats": demo_models["beats"], "data": str(data_dir)}
+    def make(root: pathlib.Path) -> dict:
+        labels = sources.DEFAULT_LABELS[:TINY_LABELS_N]
+        manual = write_demo_sources(root / "manual", per_label={"train": 2, "validation": 1, "test": 1},
+                                    clip_seconds=TINY_CLIP_SECONDS, labels=labels)
+        build(manual, root / "data", make_config("folders", clip_seconds=TINY_CLIP_SECONDS, image_size=32,
+                                                 labels=labels, name="tiny"), workers=0, progress=False)
+        return {"data": root / "data"}
+
+    return {"sd": demo_models["sd"], "beats": demo_models["beats"],
+            **built_once(tmp_path_factory, "tiny", make)}
 
 
 @pytest.fixture(scope="session")
@@ -80,9 +99,21 @@ def metric_models(tmp_path_factory) -> dict[str, str]:
     from mtok_jax.demo.metric_models import write_tiny_clip
     from mtok_jax.demo.wav2clip import write_tiny_wav2clip
 
-    root = tmp_path_factory.mktemp("metric_models")
-    paths = {"clip": str(root / "clip"), "inception": str(root / "inception"), "wav2clip": str(root / "wav2clip")}
-    write_tiny_clip(paths["clip"], seed=0)
-    save_random_inception(paths["inception"], seed=0)
-    write_tiny_wav2clip(paths["wav2clip"], seed=0)
-    return paths
+    def make(root: pathlib.Path) -> dict:
+        paths = {"clip": root / "clip", "inception": root / "inception", "wav2clip": root / "wav2clip"}
+        write_tiny_clip(str(paths["clip"]), seed=0)
+        save_random_inception(str(paths["inception"]), seed=0)
+        write_tiny_wav2clip(str(paths["wav2clip"]), seed=0)
+        return paths
+
+    return built_once(tmp_path_factory, "metric_models", make)
+
+
+# The slowest test files first (seconds, 2 workers), so that pytest-xdist's workers finish together.
+SLOWEST_FIRST = ("test_faults.py", "test_export.py", "test_evaluate.py", "test_train.py", "test_app.py",
+                 "test_readme.py", "test_sample.py", "test_demo_metric_models.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: in-file order kept

@@ -161,7 +161,8 @@ def tiny_run(tiny_assets, tmp_path_factory):
                  f"--config.data.data_dir={tiny_assets['data']}", "--config.data.builder_config=tiny",
                  "--config.data.clip_seconds=1.0", "--config.train.trainable=embedder", "--config.train.epochs=1",
                  "--config.train.batch_size=2", "--config.train.val_batch_size=1", "--config.train.log_every=1",
-                 "--config.mesh.data=2", "--config.mesh.fsdp=1", "--config.sample.steps=3",
+                 "--config.mesh.data=2", "--config.mesh.fsdp=1", "--config.train.sample_every_epochs=0",
+                 "--config.sample.steps=3",
                  "--config.sample.num_images=2"]
     config = config_utils.load_config(REPO / "configs" / "demo.py", [o[len("--config."):] for o in overrides])
     workdir = tmp_path_factory.mktemp("run")

@@ -1,6 +1,7 @@
-"""Export of a trained run (mtok_jax.export): a tiny exp2-like run (embedder, UNet and BEATs trained, one
-epoch of 3 steps on the tiny dataset) exported through the CLI, then every output loaded the way its users
-load it — `model.embedder_path`, torch.load of learned_embeds.bin, diffusers' PyTorch
+"""Export of a trained run (mtok_jax.export), on the README's user path: the README's marked block
+(train → sample → evaluate → export, tests/test_readme.py) run as written on a tiny exp2-like config
+(embedder, UNet and BEATs trained, one epoch of 3 steps on the tiny dataset), then every exported output
+loaded the way its users load it — `model.embedder_path`, torch.load of learned_embeds.bin, diffusers' PyTorch
 `UNet2DConditionModel.from_pretrained`, `mtok_jax.convert beats` of BEATs.pt, `sample.py --model` — and
 compared with the run's own checkpoint.
 """
@@ -14,16 +15,15 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from mtok_jax import checkpoints, cli, conditioning, config_utils, convert, export, sample, train
+from mtok_jax import checkpoints, cli, conditioning, config_utils, convert, export, sample
 from mtok_jax.models import beats as beats_lib
 from mtok_jax.models import diffusion
 from mtok_jax.models import embedder as embedder_lib
 from mtok_jax.params_io import load_params
 from conftest import torch_or_skip
-from test_train import demo_config
+from test_readme import run_readme_block
 
-EXP2 = ("train.trainable=embedder|unet|beats", "train.epochs=1", "train.batch_size=2", "train.val_batch_size=1",
-        "train.lr=1e-3", "train.warmup_steps=0", "train.checkpoint_every=100", "mesh.data=2", "mesh.fsdp=1")
+EXP2 = ("train.trainable=embedder|unet|beats", "train.lr=1e-3")
 
 
 def flat(tree):
@@ -31,20 +31,24 @@ def flat(tree):
 
 
 @pytest.fixture(scope="module")
-def run(tiny_assets, tmp_path_factory):
-    """Trained workdir + its export (CLI) → dict(config, workdir, out, params = the run's best full params,
-    init = the untrained params)."""
+def run(tiny_assets, metric_models, tmp_path_factory):
+    """The README block's run (its export in RUN/model) → dict(config = RUN/config.json, workdir, out,
+    params = the run's best full params, init = the untrained params)."""
     torch_or_skip()
-    root = tmp_path_factory.mktemp("export")
-    config = demo_config(tiny_assets, *EXP2)
-    workdir, out = str(root / "run"), str(root / "model")
-    train.train_and_evaluate(config, workdir)
-    with pytest.raises(SystemExit) as e:  # cli.run exits 0
-        cli.run(export.main, ["--workdir", workdir, "--out", out, "--checkpoint", "best"])
-    assert e.value.code == 0
+    workdir = run_readme_block(tmp_path_factory.mktemp("readme"), tiny_assets, metric_models, *EXP2)
+    config = config_utils.load_config(workdir / "config.json")
     _, init = conditioning.load_system(config)
     params = jax.device_get(checkpoints.restore_trained(workdir, init, "best"))
-    return dict(config=config, workdir=workdir, out=out, params=params, init=jax.device_get(init))
+    return dict(config=config, workdir=str(workdir), out=str(workdir / "model"), params=params,
+                init=jax.device_get(init))
+
+
+def test_readme_path_uses_the_run_config(run, tiny_assets):
+    """sample and evaluate got only --workdir: they ran on RUN/config.json (its model paths, its metrics)."""
+    records = [json.loads(line) for line in open(os.path.join(run["workdir"], "samples", "samples.jsonl"))]
+    assert records and records[0]["sd_path"] == tiny_assets["sd"]  # not configs/demo.py's demo_assets/sd
+    report = json.load(open(os.path.join(run["workdir"], "eval", "report.json")))
+    assert report["num_images"] == 3 and "GIILS needs at least 2 images" in report["metrics"]["giils_note"]
 
 
 def test_layout_and_model_card(run):
@@ -69,20 +73,24 @@ def test_trained_parts_differ_from_init(run):
         assert any(not np.array_equal(a[k], b[k]) for k in a), part
 
 
-def test_embedder_path_gives_the_same_audio_token(run):
+def check_embedder_token(out, run_config, params, init) -> None:
     """The exported embedder (+ exported BEATs) via model.embedder_path / model.beats_path → the trained
-    run's audio token within 1e-6; the untrained embedder's differs."""
-    config = export.load_model_config(run["out"])
-    assert config.model.embedder_path == os.path.join(run["out"], "embedder")
-    system, params = conditioning.load_system(config)
-    run_system, _ = conditioning.load_system(run["config"])
+    run's audio token within 1e-6; the untrained embedder's differs (so the check can fail)."""
+    config = export.load_model_config(out)
+    assert config.model.embedder_path == os.path.join(out, "embedder")
+    system, exported = conditioning.load_system(config)
+    run_system, _ = conditioning.load_system(run_config)
     waves = jnp.asarray(0.3 * np.random.default_rng(0).standard_normal((2, 16000)), jnp.float32)
     key = jax.random.key(3)
-    token = conditioning.audio_token(system, params, waves, rng=key, train=False)
-    want = conditioning.audio_token(run_system, run["params"], waves, rng=key, train=False)
-    untrained = conditioning.audio_token(run_system, run["init"], waves, rng=key, train=False)
+    token = conditioning.audio_token(system, exported, waves, rng=key, train=False)
+    want = conditioning.audio_token(run_system, params, waves, rng=key, train=False)
+    untrained = conditioning.audio_token(run_system, init, waves, rng=key, train=False)
     np.testing.assert_allclose(np.asarray(token), np.asarray(want), atol=1e-6, rtol=0)
     assert np.abs(np.asarray(untrained) - np.asarray(want)).max() > 1e-3
+
+
+def test_embedder_path_gives_the_same_audio_token(run):
+    check_embedder_token(run["out"], run["config"], run["params"], run["init"])
 
 
 def test_learned_embeds_bin_round_trips(run, tmp_path):
@@ -105,27 +113,31 @@ def test_learned_embeds_bin_round_trips(run, tmp_path):
     assert twin.keys() == state.keys() and all(np.array_equal(twin[k], state[k].numpy()) for k in twin)
 
 
-def test_unet_loads_in_diffusers_pytorch(run):
-    """unet/ loads with diffusers' PyTorch from_pretrained; its weights are ours (exactly, through the
-    loader's PyTorch→Flax map) and one forward agrees with the Flax UNet."""
+def check_unet_loads_in_pytorch(out, sd_path, unet_params) -> None:
+    """unet/ loads with diffusers' PyTorch from_pretrained; its weights are the given ones (exactly, through
+    the loader's PyTorch→Flax map) and one forward agrees with the Flax UNet."""
     torch = torch_or_skip()
     from diffusers import UNet2DConditionModel
 
-    pt = UNet2DConditionModel.from_pretrained(os.path.join(run["out"], "unet")).eval()
-    ours = run["params"]["unet"]
-    back = flat(diffusion.pytorch_to_flax({k: v.numpy() for k, v in pt.state_dict().items()}, ours))
-    want = flat(ours)
+    pt = UNet2DConditionModel.from_pretrained(os.path.join(out, "unet")).eval()
+    back = flat(diffusion.pytorch_to_flax({k: v.numpy() for k, v in pt.state_dict().items()}, unet_params))
+    want = flat(unet_params)
     assert back.keys() == want.keys() and all(np.array_equal(back[k], want[k]) for k in want)
 
-    unet, _ = diffusion.load_unet(run["config"].model.sd_path)
+    unet, _ = diffusion.load_unet(sd_path)
     rng = np.random.default_rng(1)
     lat = rng.standard_normal((1, unet.in_channels, 4, 4)).astype(np.float32)
     states = rng.standard_normal((1, 77, unet.cross_attention_dim)).astype(np.float32)
     t = np.array([500], np.int32)
-    flax_out = unet.apply({"params": ours}, jnp.asarray(lat), jnp.asarray(t), jnp.asarray(states), train=False).sample
+    flax_out = unet.apply({"params": unet_params}, jnp.asarray(lat), jnp.asarray(t), jnp.asarray(states),
+                          train=False).sample
     with torch.no_grad():
         pt_out = pt(torch.from_numpy(lat), torch.from_numpy(t), torch.from_numpy(states)).sample.numpy()
     np.testing.assert_allclose(pt_out, np.asarray(flax_out), atol=1e-4, rtol=1e-4)
+
+
+def test_unet_loads_in_diffusers_pytorch(run):
+    check_unet_loads_in_pytorch(run["out"], run["config"].model.sd_path, run["params"]["unet"])
 
 
 def test_beats_pt_round_trips_through_convert(run, tmp_path):
@@ -164,7 +176,9 @@ def test_export_refuses_a_non_empty_out(run, capsys):
     assert e.value.code == 2 and "is not empty" in capsys.readouterr().err
 
 
-def test_run_config_json_round_trips(run):
-    """WORKDIR/config.json → the same config train.py ran with (tuples, floats, strings)."""
-    back = config_utils.load_config(os.path.join(run["workdir"], "config.json"))
-    assert back.to_dict() == run["config"].to_dict()
+def test_run_config_json_round_trips(run, tiny_assets):
+    """WORKDIR/config.json → the same config train.py ran with: the README's $CONFIG file with its
+    --config.model.sd_path override (tuples, floats, strings)."""
+    config_file = os.path.join(os.path.dirname(run["workdir"]), "tiny.py")
+    ran = config_utils.load_config(config_file, [f"model.sd_path={tiny_assets['sd']}"])
+    assert run["config"].to_dict() == ran.to_dict()
