@@ -10,9 +10,9 @@ token can steer it; BEATs, CLIP and the VAE stay frozen; the VAE is fitted on sy
 when demo_assets/ is written, the rest is random). 144 training / 36 validation clips, batch 8 →
 18 steps per epoch, 40 epochs (720 steps): lr 3e-3 after a 2-epoch warm-up, cosine decay (without
 the warm-up 3e-3 collapses to predicting zero noise; 2e-3 learns the hues less well).
-Measured on the shared 2-core CPU: training ~3.8 min (≈15 s compile, ~0.28 s/step), validation loss
-0.47 → 0.082; sampled images follow the label's hue (orange/yellow for the first labels, green,
-cyan/blue, then pink/magenta); the whole `make demo` ~6 min.
+Measured on the shared 2-core CPU (fresh clone): training 507 s including a validation grid every
+epoch (~3.5 s each), validation loss 0.47 → 0.083; sampled images follow the label's hue
+(orange/yellow for the first labels, green, cyan/blue, then pink/magenta); the whole `make demo` 794 s.
 """
 
 from configs import default
