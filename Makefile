@@ -28,11 +28,12 @@ venv-test: $(VENV)/.test
 demo: $(VENV)/.core
 	$(PY) -m mtok_jax.demo.run
 
-# TEST_WORKERS pytest-xdist processes, each test file in one of them (its module fixtures built once).
+# TEST_WORKERS pytest-xdist processes, each test file in one of them (its module fixtures built once), in
+# collection order: tests/conftest.py puts the slowest files first.
 TEST_WORKERS ?= 2
 test: $(VENV)/.test
 	XLA_FLAGS="--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0" \
-	  $(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile tests
+	  $(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder tests
 
 clean-demo:
 	rm -rf runs/demo demo_assets

@@ -109,7 +109,8 @@ def metric_models(tmp_path_factory) -> dict[str, str]:
     return built_once(tmp_path_factory, "metric_models", make)
 
 
-# The slowest test files first (seconds, 2 workers), so that pytest-xdist's workers finish together.
+# The slowest test files first, so that pytest-xdist's workers finish together (make test passes
+# --no-loadscope-reorder: xdist would otherwise order files by their number of tests).
 SLOWEST_FIRST = ("test_faults.py", "test_export.py", "test_evaluate.py", "test_train.py", "test_app.py",
                  "test_readme.py", "test_sample.py", "test_demo_metric_models.py")
 
