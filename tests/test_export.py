@@ -18,7 +18,6 @@ from flax import traverse_util
 from mtok_jax import checkpoints, cli, conditioning, config_utils, convert, export, sample
 from mtok_jax.models import beats as beats_lib
 from mtok_jax.models import diffusion
-from mtok_jax.models import embedder as embedder_lib
 from mtok_jax.params_io import load_params
 from conftest import torch_or_skip
 from test_readme import run_readme_block
