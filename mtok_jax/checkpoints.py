@@ -163,7 +163,14 @@ class _DropOrbaxErrors(logging.Filter):
     failure reaches the user once, as CheckpointError's one line."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname)
+        if record.levelno < logging.ERROR:
+            return True
+        orbax = f"{os.sep}orbax{os.sep}"
+        if orbax in record.pathname:
+            return False
+        # asyncio's "Task exception was never retrieved" for orbax's own write tasks ("future: <Task ...
+        # coro=<...> defined at .../orbax/...>") when a write fails with others in flight.
+        return not (record.name == "asyncio" and orbax in record.getMessage())
 
 
 _ORBAX_FILTER = _DropOrbaxErrors()
@@ -201,7 +208,8 @@ class Checkpointer:
     """Writes `latest` and `best` checkpoints of one run (asynchronously); restores `latest`."""
 
     def __init__(self, workdir: str | os.PathLike, keep_latest: int = 2):
-        logging.getLogger("absl").addFilter(_ORBAX_FILTER)  # orbax logs through absl's logger
+        for name in ("absl", "asyncio"):  # orbax logs through absl's logger; its write tasks through asyncio's
+            logging.getLogger(name).addFilter(_ORBAX_FILTER)
         _quiet_orbax_cleanup()
         self.workdir = os.path.abspath(os.fspath(workdir))
         self._remove_leftover_tmp()
@@ -391,11 +399,37 @@ def select(workdir: str | os.PathLike, value: str | None) -> str | int | None:
                           f"{checkpoint_dir(workdir)}; {hint}")
 
 
+def _verified_step(mgr: ocp.CheckpointManager, name: str, which: str | int) -> int | None:
+    """The step of `mgr` that `which` names, its files checked against their checksums; None when it has
+    none. `latest` falls back to the older kept step (a warning) when the newest is damaged; a damaged
+    `best` or explicit step is a one-line CheckpointError (never sampled from silently)."""
+    steps = sorted(mgr.all_steps(), reverse=True)
+    if isinstance(which, int):
+        steps = [which] if which in steps else []
+    elif name == BEST:
+        steps = steps[:1]
+    problems = []
+    for step in steps:
+        try:
+            verify_checksums(os.path.join(os.fspath(mgr.directory), str(step)))
+        except CheckpointError as e:
+            problems.append(f"{name}/{step}: {e}")
+            continue
+        for problem in problems:
+            log.warning("checkpoint %s is damaged; using %s/%d", problem, name, step)
+        return step
+    if problems:
+        raise CheckpointError(f"checkpoint {'; '.join(problems)} (under {mgr.directory}): choose another with "
+                              f"--checkpoint best|latest|STEP")
+    return None
+
+
 def restore_trained(workdir: str | os.PathLike, params: Mapping[str, Any], which: str | int = "best") -> dict:
     """The full params dict with the trained leaves replaced by those of a checkpoint of `workdir`.
 
     which: 'best' (lowest validation loss), 'latest', or an int step (searched in latest, then best).
-    Restored leaves get the dtype and sharding of the leaves they replace.
+    Restored leaves get the dtype and sharding of the leaves they replace. The step's files are checked
+    against their checksums first (`_verified_step`).
     """
     candidates = [LATEST, BEST] if isinstance(which, int) else [which]
     if which not in (LATEST, BEST) and not isinstance(which, int):
@@ -404,8 +438,8 @@ def restore_trained(workdir: str | os.PathLike, params: Mapping[str, Any], which
         if not os.path.isdir(os.path.join(checkpoint_dir(workdir), name)):
             continue
         mgr = _manager(workdir, name, None, read_only=True)
-        step = mgr.latest_step() if not isinstance(which, int) else which
-        if step is None or step not in mgr.all_steps():
+        step = _verified_step(mgr, name, which)
+        if step is None:
             mgr.close()
             continue
         meta = mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]

@@ -9,7 +9,9 @@ the NaN guard names the step.
 
 import functools
 import json
+import logging
 import pathlib
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -159,7 +161,7 @@ LOOP = ("train.trainable=embedder", "train.epochs=2", "train.batch_size=2", "tra
         "train.checkpoint_every=100", "mesh.data=2", "mesh.fsdp=1", "train.sample_every_epochs=0")
 
 
-def test_resume_is_bit_identical(assets, tmp_path):
+def test_resume_is_bit_identical(assets, tmp_path, caplog):
     full = train.train_and_evaluate(demo_config(assets, *LOOP), str(tmp_path / "full"))
     steps_per_epoch = pipeline.num_batches(pipeline.num_examples(assets["data"], "train", "tiny"), 2)
     assert steps_per_epoch == 3 and pipeline.num_examples(assets["data"], "validation", "tiny") == 3
@@ -193,6 +195,25 @@ def test_resume_is_bit_identical(assets, tmp_path):
     assert np.array_equal(np.asarray(restored["unet"]["conv_in"]["kernel"]),
                           np.asarray(params["unet"]["conv_in"]["kernel"]))  # frozen: from the model folder
     assert checkpoints.restore_trained(str(tmp_path / "full"), params, best_step) is not None
+
+    # Damaged files are found before sampling: a flipped byte in `best` is a one-line error; in the newest
+    # `latest` the older kept step is used, with a warning.
+    damaged = tmp_path / "damaged"
+    shutil.copytree(tmp_path / "full", damaged)
+    ckpts = damaged / "checkpoints"
+    for which in ("best", "latest"):
+        step_dir = ckpts / which / str(max(int(p.name) for p in (ckpts / which).iterdir() if p.name.isdigit()))
+        data = max((p for p in step_dir.rglob("*") if p.is_file() and "/d/" in str(p)), key=lambda p: p.stat().st_size)
+        flipped = bytearray(data.read_bytes())
+        flipped[len(flipped) // 2] ^= 0x10
+        data.write_bytes(bytes(flipped))
+    with pytest.raises(checkpoints.CheckpointError, match=r"best/\d+: .*checksum.*--checkpoint"):
+        checkpoints.restore_trained(str(damaged), params, "best")
+    with caplog.at_level(logging.WARNING, logger="mtok_jax"):
+        older = checkpoints.restore_trained(str(damaged), params, "latest")
+    assert f"using latest/{steps_per_epoch}" in caplog.text
+    assert not np.array_equal(np.asarray(older["embedder"]["fc1"]["kernel"]),
+                              np.asarray(full["trainable"]["embedder"]["fc1"]["kernel"]))
 
 
 def test_nan_guard_names_the_step(assets, tmp_path, monkeypatch):
