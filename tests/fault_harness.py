@@ -11,6 +11,11 @@ the N-th time POINT is reached:
   latest_committed   after a `latest` save is committed
   seconds            N/10 seconds after the first training step (a moment anywhere in the run)
 Before acting it prints `FAULT ACTION@POINT:N` to stderr, so the test knows the fault fired.
+
+  MTOK_NO_SPACE_CHECK=1 python tests/fault_harness.py <train.py flags>
+
+turns off the checkpointer's free-space check before a save, so that a full disk fails inside orbax's
+own (asynchronous) writes; MTOK_FAULT may then be left out.
 """
 
 import os
@@ -27,11 +32,11 @@ import mtok_jax  # noqa: E402,F401
 from mtok_jax import checkpoints, train  # noqa: E402
 from mtok_jax.data import pipeline  # noqa: E402
 
-ACTION, _, WHERE = os.environ["MTOK_FAULT"].partition("@")
+ACTION, _, WHERE = os.environ.get("MTOK_FAULT", "none@none:0").partition("@")
 POINT, _, COUNT = WHERE.partition(":")
 COUNT = int(COUNT)
 SIGNALS = {"kill": [signal.SIGKILL], "term": [signal.SIGTERM], "int": [signal.SIGINT],
-           "int2": [signal.SIGINT, signal.SIGINT]}[ACTION]
+           "int2": [signal.SIGINT, signal.SIGINT], "none": []}[ACTION]
 hits = {"n": 0}
 
 
@@ -88,6 +93,9 @@ def save_latest(self, *args, **kwargs):
         self.wait()
         reached("latest_committed")
 
+
+if os.environ.get("MTOK_NO_SPACE_CHECK") == "1":
+    checkpoints.Checkpointer._check_space = lambda self, mgr, step, nbytes: None
 
 train.MetricsLog.write = write
 pipeline.batches = batches

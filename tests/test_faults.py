@@ -10,6 +10,7 @@ Faults are injected by tests/fault_harness.py (MTOK_FAULT=ACTION@POINT:N). Each 
 import json
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -37,12 +38,17 @@ def train_args(assets, workdir, *extra) -> list[str]:
             "--config.train.sample_every_epochs=0", *extra]  # validation images: tests/test_train.py
 
 
-def run(assets, workdir, fault: str | None = None, *extra, timeout: int = 300) -> subprocess.CompletedProcess:
+def run(assets, workdir, fault: str | None = None, *extra, timeout: int = 300,
+        space_check: bool = True) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     env.pop("MTOK_FAULT", None)
+    env.pop("MTOK_NO_SPACE_CHECK", None)
     cmd = [sys.executable, str(REPO / "train.py")]
     if fault:
         env["MTOK_FAULT"] = fault
+    if not space_check:
+        env["MTOK_NO_SPACE_CHECK"] = "1"
+    if fault or not space_check:
         cmd = [sys.executable, str(HARNESS)]
     return subprocess.run(cmd + train_args(assets, workdir, *extra), env=env, capture_output=True, text=True,
                           timeout=timeout, cwd=REPO)
@@ -168,8 +174,12 @@ def test_kills_signals_and_damage_resume_bit_identical(tiny_assets, reference, t
             assert "interrupted at step" in proc.stderr and "rerun the same command" in proc.stderr
             last = json.loads((workdir / "metrics.jsonl").read_text().splitlines()[-1])["step"]
             assert int(newest_latest(workdir).name) == last, fault
+        if action == "int2":  # the second SIGINT exits at once, without saving
+            assert "second SIGINT: exiting now without saving" in proc.stderr
+            assert "interrupted at step" not in proc.stderr
         kills += action == "kill"
-        outcomes.append((fault, proc.returncode))
+        resumed = re.search(r"resumed from step (\d+)", proc.stderr)
+        outcomes.append((fault, proc.returncode, int(resumed.group(1)) if resumed else 0, damage))
         damage_pending = damage
         if damage:
             DAMAGE[damage](workdir)
@@ -178,7 +188,9 @@ def test_kills_signals_and_damage_resume_bit_identical(tiny_assets, reference, t
     assert final.returncode == 0, final.stderr[-3000:]
     assert "Traceback" not in final.stderr
     assert_same_run(workdir, reference)
-    print("fault outcomes:", outcomes)
+    print("fault outcomes (fault, exit code, resumed from step, damage done after it):")
+    for row in outcomes:
+        print("  ", row)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -195,7 +207,10 @@ def small_tmpfs(tmp_path):
     subprocess.run(["umount", "-l", str(mount)], capture_output=True)
 
 
-def test_disk_full_is_one_line_and_keeps_the_previous_checkpoint(tiny_assets, small_tmpfs):
+@pytest.mark.parametrize("space_check", [True, False], ids=["refused_before_writing", "failing_inside_orbax"])
+def test_disk_full_is_one_line_and_keeps_the_previous_checkpoint(tiny_assets, small_tmpfs, space_check):
+    """The free-space check refuses a save that cannot fit; without it (a disk filling while orbax writes)
+    the failing asynchronous write must end the same way: one line, no tmp dirs, the old step intact."""
     workdir = small_tmpfs / "run"
     first = run(tiny_assets, workdir, None, "--config.train.max_steps=2")
     assert first.returncode == 0, first.stderr[-3000:]
@@ -204,10 +219,11 @@ def test_disk_full_is_one_line_and_keeps_the_previous_checkpoint(tiny_assets, sm
     # Leave room for the logs but not for another checkpoint.
     free = os.statvfs(small_tmpfs).f_bavail * os.statvfs(small_tmpfs).f_frsize
     (small_tmpfs / "filler").write_bytes(b"\0" * max(free - size // 3, 0))
-    full = run(tiny_assets, workdir)
+    full = run(tiny_assets, workdir, space_check=space_check)
     assert full.returncode != 0
     errors = [line for line in full.stderr.splitlines() if "no space left" in line]
     assert errors and "not saved" in errors[0] and str(workdir) in errors[0], full.stderr[-3000:]
+    assert ("MB free" in errors[0]) == space_check, errors[0]  # which of the two paths reported it
     assert "Traceback" not in full.stderr and len(full.stderr.splitlines()) < 200, full.stderr[-3000:]
     assert not [p for p in (workdir / "checkpoints" / "latest").iterdir() if checkpoints.TMP_MARK in p.name]
     assert checkpoints.verify_checksums(str(step_dir))  # the previous checkpoint is intact
