@@ -12,7 +12,7 @@ work after `make demo`: configs/demo.py, runs/demo, the held-out (test split) de
 demo_assets/manual, settings from `config.sample`, output WORKDIR/samples/ (one PNG per image,
 grid.png, samples.jsonl with audio path, label, seed and every setting). Undecodable audio files are
 skipped (`path: reason` on the log, listed in skipped.jsonl); the exit status is 0 when at least one
-image was made, 1 (with one line) when none.
+image was made, 2 (with one line) when none.
 """
 
 import mtok_jax  # noqa: F401  (first: sets USE_TF=0 before transformers loads)

@@ -2,6 +2,9 @@
 
 import dataclasses
 import json
+import pathlib
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -190,3 +193,33 @@ def test_reference_512x320_samples_square(demo_models, waves):
     assert conditioning.image_hw(config) == (320, 512)
     p = sample.load_pipeline(config, None, checkpoint=None, max_batch=8)
     assert p.generate(waves[:1], [0], num_images=1, steps=1, guidance=7.5).shape == (1, 1, 32, 32, 3)
+
+
+def test_sample_py_exit_status_with_bad_audio(demo_models, waves, tmp_path):
+    """sample.py on a folder with one good and one corrupt file exits 0 (the good one's image written, the
+    bad one named); on a folder holding only the corrupt file it exits 2 with one line."""
+    import soundfile as sf
+
+    mixed, bad_only = tmp_path / "mixed", tmp_path / "bad_only"
+    for folder in (mixed, bad_only):
+        folder.mkdir()
+        (folder / "bad.wav").write_bytes(b"RIFF\x24\x00\x00\x00WAVEjunk" + bytes(range(256)))
+    sf.write(mixed / "good.flac", waves[0], 16000)
+    repo = pathlib.Path(__file__).resolve().parents[1]
+
+    def run(folder):
+        return subprocess.run(
+            [sys.executable, "sample.py", "--config", "configs/demo.py", "--checkpoint", "none",
+             f"--config.model.sd_path={demo_models['sd']}", f"--config.model.beats_path={demo_models['beats']}",
+             "--audio", str(folder), "--out", str(folder / "out"), "--num_images", "1", "--steps", "1"],
+            cwd=repo, capture_output=True, text=True, timeout=300)
+
+    ok = run(mixed)
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    assert f"{mixed / 'bad.wav'}: unreadable audio" in ok.stderr
+    assert [json.loads(x)["audio"] for x in (mixed / "out" / "samples.jsonl").read_text().splitlines()] == [
+        str(mixed / "good.flac")]
+    none = run(bad_only)
+    assert none.returncode == 2, none.stderr[-3000:]
+    assert none.stderr.strip().splitlines()[-1].startswith("error: no image made: all 1 audio files were skipped")
+    assert "Traceback" not in none.stderr
