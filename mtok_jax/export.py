@@ -102,7 +102,7 @@ def write_beats(directory: str, params: dict[str, Any], cfg: dict[str, Any], sou
     in the official layout {'cfg': complete cfg, 'model': state dict of torch tensors}."""
     torch = _torch()
     beats_lib.save_beats(directory, cfg, params,
-                         source_checkpoint=f"fine-tuned from {source.get('source_checkpoint')}",
+                         source_checkpoint=f"{beats_lib.FINETUNED_FROM}{source.get('source_checkpoint')}",
                          finetuned_head=source.get("finetuned_head"))
     state = beats_lib.params_to_torch(params, cfg)
     torch.save({"cfg": beats_lib.beats_config(cfg), "model": {k: torch.tensor(v) for k, v in state.items()}},

@@ -65,6 +65,15 @@ def test_checkpoint_without_head_warns(golden_dir, tmp_path, capsys):
     (out_dir / "config.json").write_text(json.dumps(config))
     with pytest.warns(UserWarning, match="no record of its source checkpoint"):
         B.load_beats(out_dir)
+    # A run's export of BEATs trained from random weights (the demo) loads silently; from the
+    # self-supervised file it still warns.
+    for source, warns in ((B.RANDOM_SOURCE, False), ("BEATs_iter3_plus_AS2M.pt", True)):
+        (out_dir / "config.json").write_text(json.dumps({**config, "source_checkpoint": B.FINETUNED_FROM + source,
+                                                         "finetuned_head": None}))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            B.load_beats(out_dir)
+        assert any("BEATs at" in str(w.message) for w in caught) == warns, source
 
 
 @pytest.mark.torch

@@ -545,6 +545,7 @@ def init_params(cfg: Mapping[str, Any], rng: jax.Array | int) -> dict[str, Any]:
 # Provenance keys the converter adds to config.json (not part of the BEATs cfg).
 PROVENANCE_KEYS = ("source_checkpoint", "finetuned_head")
 RANDOM_SOURCE = "random"  # source_checkpoint of random weights (demo models, tests): no provenance warning
+FINETUNED_FROM = "fine-tuned from "  # source_checkpoint prefix of a BEATs trained further by a run (export)
 FINETUNED_CHECKPOINT = "BEATs_iter3_plus_AS2M_finetuned_on_AS2M_cpt2.pt"  # what AudioToken and the thesis load
 
 
@@ -563,7 +564,8 @@ def check_provenance(directory: str | os.PathLike, config: Mapping[str, Any]) ->
     AudioToken and the thesis use the AudioSet-fine-tuned checkpoint; the self-supervised one has the same
     shapes but different features, so an embedder trained on one silently gets inputs it never saw."""
     source = config.get("source_checkpoint")
-    if source == RANDOM_SOURCE or config.get("finetuned_head") is True:
+    origin = source.removeprefix(FINETUNED_FROM) if isinstance(source, str) else source
+    if origin == RANDOM_SOURCE or config.get("finetuned_head") is True:
         return
     what = ("no record of its source checkpoint" if source is None
             else f"converted from {source}, which has no fine-tuning head (predictor.*)")
