@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 import re
@@ -45,6 +46,8 @@ from mtok_jax import cli, config_utils, errors
 import numpy as np
 import tqdm
 from absl import app, flags
+
+log = logging.getLogger("mtok_jax.evaluate")
 
 MANIFEST = "manifest.jsonl"
 # metrics.generated_format → (file suffix, PIL save options, description). The thesis saved its generated
@@ -161,6 +164,17 @@ def giils_groups(labels: Sequence[int], per_label: int) -> np.ndarray:
     return groups
 
 
+def paired_found(reference: np.ndarray, paired: np.ndarray, metric: str, what: str) -> int:
+    """How many of the M paired embeddings [M, d] occur exactly among the reference rows [T, d] (the
+    reference baselines drop a pair's own term by exact equality, as the scripts do); a warning for
+    those that do not (their own term then stays in their baseline)."""
+    found = int(np.sum(np.any(np.all(np.asarray(reference)[:, None] == np.asarray(paired)[None], -1), 0)))
+    if found < len(paired):
+        log.warning("%s over the test split: %d of %d paired %s are not exactly in the reference set, so their "
+                    "own term stays in their baseline", metric, len(paired) - found, len(paired), what)
+    return found
+
+
 def compute_metrics(emb: Mapping[str, np.ndarray], labels: Sequence[int], label_names: Mapping[int, str],
                     per_label: int) -> dict[str, Any]:
     """AIS / IIS / FID / GIILS (default and faithful) from the embeddings of :func:`embed_all`."""
@@ -179,6 +193,7 @@ def compute_metrics(emb: Mapping[str, np.ndarray], labels: Sequence[int], label_
         out["ais_reference"] = {**sim(ais(emb["audio_wav2clip"], gen, reference=ref)), "T": len(ref)}
         out["ais_reference_faithful"] = {**sim(ais(emb["audio_wav2clip"], gen, reference=ref, faithful=True)),
                                          "T": len(ref)}
+        out["ais_reference"]["paired_found"] = paired_found(ref, emb["audio_wav2clip"], "AIS", "audios")
     if "ground_truth_clip" in emb:
         out["iis"] = sim(iis(gen, emb["ground_truth_clip"]))
         out["iis_faithful"] = sim(iis(gen, emb["ground_truth_clip"], faithful=True))
@@ -187,6 +202,7 @@ def compute_metrics(emb: Mapping[str, np.ndarray], labels: Sequence[int], label_
             out["iis_reference"] = {**sim(iis(gen, emb["ground_truth_clip"], reference=ref)), "T": len(ref)}
             out["iis_reference_faithful"] = {**sim(iis(gen, emb["ground_truth_clip"], reference=ref,
                                                        faithful=True)), "T": len(ref)}
+            out["iis_reference"]["paired_found"] = paired_found(ref, emb["ground_truth_clip"], "IIS", "images")
         out["fid"] = fid(emb["generated_inception"], emb["ground_truth_inception"])
     groups = giils_groups(labels, per_label)
     counts = {int(k): int(np.sum(groups == k)) for k in np.unique(groups) if k >= 0}
@@ -246,7 +262,8 @@ def render_markdown(report: Mapping[str, Any]) -> str:
              f"{report['num_images']} generated images; AIS/IIS against the paired test audios / ground-truth "
              f"images, FID against the ground-truth images, GIILS over {report['per_label']} images per label "
              f"within the pool of all {report['num_images']}. Checkpoint: `{report.get('checkpoint', '–')}`. "
-             f"Generated images scored as: {report.get('generated_format', '–')}.", "",
+             f"Generated images scored as: {report.get('generated_format', '–')}. "
+             f"Wav2CLIP input: {report.get('wav2clip_input', '–')}.", "",
              "## AIS, IIS and FID (Tables 5.1 / 5.3)", "",
              "| METHOD | AIS ↑ | IIS ↑ | FID ↓ |", "|---|---|---|---|",
              f"| {method} | {_fmt(m['ais']['score'])} | {_fmt(m.get('iis', {}).get('score'))} | {_fmt(m.get('fid'))} |",
@@ -328,6 +345,18 @@ def save_generated(rgb: np.ndarray, path_stem: str, generated_format: str) -> st
     return path_stem + suffix
 
 
+def _wav2clip_input(rows: Sequence[Mapping[str, Any]]) -> str:
+    """What Wav2CLIP embedded: the manifest's audio files; in generation mode these are the dataset's stored
+    clips, mixed to mono as the dataset was built (``data.stereo``; the thesis's AIS script averaged the
+    channels with librosa, which only ``data.stereo=mean`` reproduces for stereo sources)."""
+    mixes = {r.get("stereo") for r in rows}
+    if mixes == {None}:
+        return "the manifest's audio files (librosa-style mean of their channels)"
+    mix = " / ".join(sorted(str(m) for m in mixes))
+    note = "" if mixes == {"mean"} else " — the thesis's script averaged the channels (data.stereo=mean)"
+    return f"the dataset's stored clips, stereo mixed with data.stereo={mix}{note}"
+
+
 def _generated_format(rows: Sequence[Mapping[str, Any]]) -> str:
     """How the generated images were stored: the manifest's ``generated_format`` (generation mode), else
     the file format(s) read from the images."""
@@ -393,7 +422,7 @@ def score_images(images_dir: str, models: MetricModels, out_dir: str, *, per_lab
     os.makedirs(out_dir, exist_ok=True)
     np.savez(os.path.join(out_dir, "embeddings.npz"), labels=np.asarray(labels), **emb)
     report = {"method": "This run", **(extra or {}), "images_dir": os.fspath(images_dir),
-              "generated_format": _generated_format(rows),
+              "generated_format": _generated_format(rows), "wav2clip_input": _wav2clip_input(rows),
               "num_images": len(rows), "per_label": per_label, "clip_seconds": clip_seconds,
               "metrics": metrics, "models": models.paths, "timings": timings, "thesis": THESIS,
               "seeds": [r.get("seed") for r in rows], "audio_ids": [r.get("audio_id") for r in rows],
@@ -483,7 +512,8 @@ def generate_test_images(config, workdir, images_dir: str, *, checkpoint="best",
     settings = dict(scheduler=s.scheduler, steps=int(s.steps), guidance=float(s.guidance),
                     prompt=config.prompt.inference, checkpoint=None if checkpoint is None else str(checkpoint),
                     config=config.workdir_name, workdir=os.fspath(workdir) if workdir else None,
-                    generated_format=config.metrics.get("generated_format", "png"), **selection)
+                    generated_format=config.metrics.get("generated_format", "png"), stereo=config.data.stereo,
+                    **selection)
     if settings["generated_format"] not in GENERATED_FORMATS:
         raise ValueError(f"metrics.generated_format must be one of {sorted(GENERATED_FORMATS)}, "
                          f"got {settings['generated_format']!r}")

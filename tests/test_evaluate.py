@@ -5,6 +5,7 @@ the metrics with the numpy transcriptions of tests/test_metrics_scores.py.
 """
 
 import json
+import logging
 import os
 
 import numpy as np
@@ -179,6 +180,10 @@ def test_generation_mode_demo(tmp_path, metric_models, demo_models):
     assert [row["seed"] for row in rows] == [0, 1, 2, 3] and rows[0]["steps"] == 2
     assert rows[0]["selection"] == "random" and r["audio_ids"] == [row["audio_id"] for row in rows]
     assert r["metrics"]["ais_reference"]["T"] == 18 * 2  # the demo's whole test split
+    # Each pair's own audio / image is found exactly in the test-split reference sets (embedded from the
+    # stored records in other batches), so the exact baselines drop it as the scripts do.
+    assert r["metrics"]["ais_reference"]["paired_found"] == r["metrics"]["iis_reference"]["paired_found"] == 4
+    assert "data.stereo=first" in r["wav2clip_input"]
     # --items with another metrics.seed: the same records again
     again = main(["--config", "configs/demo.py", "--workdir", str(tmp_path / "run"), "--checkpoint", "none",
                   "--items", str(out / "images" / "manifest.jsonl"), "--per_label", "2", "--out", str(tmp_path / "e2"),
@@ -217,7 +222,7 @@ def test_generated_format_jpeg75(tmp_path):
         save_generated(rgb, str(tmp_path / "x"), "webp")
 
 
-def test_reference_sets_in_metrics_and_report(report):
+def test_reference_sets_in_metrics_and_report(report, caplog):
     """With reference-set embeddings (test split: T audios, T' images), compute_metrics adds the AIS/IIS
     variants over them and the report shows them with T."""
     r, out = report
@@ -232,6 +237,11 @@ def test_reference_sets_in_metrics_and_report(report):
     np.testing.assert_allclose(m["iis_reference_faithful"]["mean"],
                                np_script_reference(x, g, emb["reference_image_clip"], skip_equal_to=g), atol=2e-6)
     assert (m["ais_reference"]["T"], m["iis_reference"]["T"]) == (13, 12)
+    assert m["ais_reference"]["paired_found"] == m["iis_reference"]["paired_found"] == len(a)
+    emb["reference_audio_wav2clip"] = emb["reference_audio_wav2clip"][1:]  # the first pair's audio is gone
+    with caplog.at_level(logging.WARNING, logger="mtok_jax.evaluate"):
+        assert compute_metrics(emb, labels, {0: "a", 1: "b", 2: "c"}, 3)["ais_reference"]["paired_found"] == len(a) - 1
+    assert f"1 of {len(a)} paired audios are not exactly in the reference set" in caplog.text
     md = render_markdown({**r, "metrics": m})
     assert "baselines over the test split (T = 13 audios / 12 images)" in md
 
@@ -261,3 +271,17 @@ def test_items_file_and_ids(tmp_path):
     np.testing.assert_array_equal(item_indices(read_items(str(tmp_path / "items.txt")), source), [3, 1])
     with pytest.raises(ValueError, match="not a test record"):
         item_indices([9], source)
+
+
+def test_report_names_the_wav2clip_stereo_mix(report):
+    """The report says what Wav2CLIP embedded: stored clips mixed per data.stereo (and that only `mean`
+    matches the thesis's librosa average), or — in --images mode — the manifest's files averaged as librosa does."""
+    from metrics.evaluate import _wav2clip_input
+
+    r, out = report
+    assert "librosa" in r["wav2clip_input"] and f"Wav2CLIP input: {r['wav2clip_input']}." in (out / "report.md").read_text()
+    first = _wav2clip_input([{"stereo": "first"}] * 2)
+    assert "data.stereo=first" in first and "thesis" in first
+    mean = _wav2clip_input([{"stereo": "mean"}])
+    assert "data.stereo=mean" in mean and "thesis" not in mean
+    assert f"Wav2CLIP input: {first}." in render_markdown({**r, "wav2clip_input": first})
