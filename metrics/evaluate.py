@@ -164,6 +164,24 @@ def giils_groups(labels: Sequence[int], per_label: int) -> np.ndarray:
     return groups
 
 
+REFERENCE_ROWS = (("audio_wav2clip", "reference_audio_wav2clip", "reference_audio_ids", "audio_id"),
+                  ("ground_truth_clip", "reference_image_clip", "reference_image_ids", "image_id"))
+
+
+def use_reference_rows(emb: dict[str, np.ndarray], rows: Sequence[Mapping[str, Any]]) -> None:
+    """Where a pair's audio / ground-truth image is a record of the reference set (generation mode: the
+    manifest's `audio_id` / `image_id`), take its embedding from that set's row, so that each clip and
+    image has one embedding (XLA's results depend on the batch an item is embedded in, and the reference
+    baselines drop a pair's own term by exact equality, as the scripts do). In place."""
+    for paired, ref, ids, key in REFERENCE_ROWS:
+        if ids not in emb or paired not in emb:
+            continue
+        index = {str(v): i for i, v in enumerate(emb[ids])}
+        found = [index.get(str(r.get(key))) for r in rows]
+        if all(i is not None for i in found):
+            emb[paired] = emb[ref][np.asarray(found)]
+
+
 def paired_found(reference: np.ndarray, paired: np.ndarray, metric: str, what: str) -> int:
     """How many of the M paired embeddings [M, d] occur exactly among the reference rows [T, d] (the
     reference baselines drop a pair's own term by exact equality, as the scripts do); a warning for
@@ -401,8 +419,9 @@ def score_images(images_dir: str, models: MetricModels, out_dir: str, *, per_lab
                  reference: Mapping[str, np.ndarray] | None = None) -> dict[str, Any]:
     """Score a manifest folder; writes report.json / report.md / grids / embeddings.npz into out_dir.
 
-    reference: {'reference_audio_wav2clip' [T, d], 'reference_image_clip' [T', d]} (:func:`reference_embeddings`)
-    adds AIS/IIS with baselines over those sets."""
+    reference: {'reference_audio_wav2clip' [T, d], 'reference_image_clip' [T', d], ids} (:func:`reference_embeddings`)
+    adds AIS/IIS with baselines over those sets (pairs that are records of them use their rows:
+    :func:`use_reference_rows`)."""
     from mtok_jax.audio.io import load_audio
 
     rows = read_manifest(images_dir)
@@ -415,6 +434,7 @@ def score_images(images_dir: str, models: MetricModels, out_dir: str, *, per_lab
     t = time.perf_counter()
     emb, timings = embed_all(models, generated, ground_truth, waveforms)
     emb.update(reference or {})
+    use_reference_rows(emb, rows)
     timings["embed_total_seconds"] = time.perf_counter() - t
     t = time.perf_counter()
     metrics = compute_metrics(emb, labels, names, per_label)
@@ -552,7 +572,8 @@ def generate_test_images(config, workdir, images_dir: str, *, checkpoint="best",
 def reference_embeddings(models: MetricModels, config, batch: int = 64) -> dict[str, np.ndarray]:
     """The AIS/IIS reference sets as the thesis defines them: Wav2CLIP of every test-split clip (stored
     audio, resampled to 16 kHz, ``data.clip_seconds``) → 'reference_audio_wav2clip' [T, d], and CLIP of every
-    test-split image (``test_images``) → 'reference_image_clip' [T', d]. Read and embedded in chunks."""
+    test-split image (``test_images``) → 'reference_image_clip' [T', d], with their records' ids
+    ('reference_audio_ids' [T], 'reference_image_ids' [T'], str). Read and embedded in chunks."""
     from metrics.clip_image import embed_images
     from mtok_jax import conditioning, sample
     from mtok_jax.audio.io import fit_length, from_pcm16, resample
@@ -561,18 +582,22 @@ def reference_embeddings(models: MetricModels, config, batch: int = 64) -> dict[
     ds = conditioning.open_dataset(config)
     rate, n_out = sample.sample_rate(config), int(round(float(config.data.clip_seconds) * 16000))
     out = {}
-    for split, key, read, embed in (
-            ("test", "reference_audio_wav2clip",
+    for split, (key, ids, id_field), read, embed in (
+            ("test", REFERENCE_ROWS[0][1:],
              lambda r: fit_length(resample(from_pcm16(r["audio"]), rate, 16000), n_out),
              lambda x: embed_audio_batched(models, np.stack(x), AUDIO_BATCH)),
-            ("test_images", "reference_image_clip", lambda r: decode_image(r["image"]),
+            ("test_images", REFERENCE_ROWS[1][1:], lambda r: decode_image(r["image"]),
              lambda x: embed_images(models.clip, np.stack(x), CLIP_BATCH))):
         if not ds.has_split(split):
             continue
         src = ds.source(split)
         n = len(ds.labels(split))
-        out[key] = np.concatenate([np.asarray(embed([read(src[i]) for i in range(s, min(n, s + batch))]), np.float32)
-                                   for s in range(0, n, batch)])
+        chunks, names = [], []
+        for s in range(0, n, batch):
+            records = [src[i] for i in range(s, min(n, s + batch))]
+            chunks.append(np.asarray(embed([read(r) for r in records]), np.float32))
+            names += [r[id_field].decode("utf-8") for r in records]
+        out[key], out[ids] = np.concatenate(chunks), np.asarray(names)
     return out
 
 

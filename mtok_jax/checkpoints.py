@@ -168,9 +168,22 @@ class _DropOrbaxErrors(logging.Filter):
         orbax = f"{os.sep}orbax{os.sep}"
         if orbax in record.pathname:
             return False
-        # asyncio's "Task exception was never retrieved" for orbax's own write tasks ("future: <Task ...
-        # coro=<...> defined at .../orbax/...>") when a write fails with others in flight.
-        return not (record.name == "asyncio" and orbax in record.getMessage())
+        # asyncio's "Task / _GatheringFuture exception was never retrieved" for orbax's own write tasks when
+        # a write fails with others in flight: the task's coroutine or its exception's traceback is orbax's.
+        if record.name != "asyncio":
+            return True
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (orbax in record.getMessage() or _raised_in(exc, orbax))
+
+
+def _raised_in(exc: BaseException | None, path_part: str) -> bool:
+    """Whether a frame of `exc`'s traceback lies in a file whose path contains `path_part`."""
+    tb = exc.__traceback__ if exc is not None else None
+    while tb is not None:
+        if path_part in tb.tb_frame.f_code.co_filename:
+            return True
+        tb = tb.tb_next
+    return False
 
 
 _ORBAX_FILTER = _DropOrbaxErrors()

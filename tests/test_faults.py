@@ -288,3 +288,32 @@ def test_orbax_clean_up_noise_is_dropped_and_other_unraisables_pass(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "read failed in /project/mine.py" in proc.stderr
     assert "orbax" not in proc.stderr.replace("orbax.checkpoint", ""), proc.stderr[-3000:]
+
+
+def test_asyncio_errors_of_orbax_write_tasks_are_dropped_and_others_pass():
+    """asyncio's 'Task / _GatheringFuture exception was never retrieved' records whose task is orbax's
+    (coroutine defined under /orbax/, or the exception raised there) are dropped; other asyncio errors
+    and orbax warnings pass."""
+    import logging
+
+    def exc_raised_in(filename):
+        namespace = {}
+        exec(compile("def write():\n    raise ValueError('RESOURCE_EXHAUSTED: No space left on device')\n",
+                     filename, "exec"), namespace)
+        try:
+            namespace["write"]()
+        except ValueError as e:
+            return e
+
+    def record(msg, exc=None, level=logging.ERROR, name="asyncio"):
+        info = (type(exc), exc, exc.__traceback__) if exc is not None else None
+        return logging.LogRecord(name, level, "/usr/lib/python3.11/asyncio/base_events.py", 1771, msg, (), info)
+
+    keep = checkpoints._ORBAX_FILTER.filter
+    orbax_file = f"{os.sep}venv{os.sep}orbax{os.sep}checkpoint{os.sep}serialization.py"
+    assert not keep(record("_GatheringFuture exception was never retrieved\nfuture: <_GatheringFuture finished "
+                           "exception=ValueError('RESOURCE_EXHAUSTED')>", exc_raised_in(orbax_file)))
+    assert not keep(record(f"Task exception was never retrieved\nfuture: <Task finished coro=<write() done, "
+                           f"defined at {orbax_file}:188>>"))
+    assert keep(record("Task exception was never retrieved", exc_raised_in(f"{os.sep}project{os.sep}mine.py")))
+    assert keep(record("orbax: slow write", level=logging.WARNING))
