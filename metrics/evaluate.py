@@ -186,7 +186,9 @@ def paired_found(reference: np.ndarray, paired: np.ndarray, metric: str, what: s
     """How many of the M paired embeddings [M, d] occur exactly among the reference rows [T, d] (the
     reference baselines drop a pair's own term by exact equality, as the scripts do); a warning for
     those that do not (their own term then stays in their baseline)."""
-    found = int(np.sum(np.any(np.all(np.asarray(reference)[:, None] == np.asarray(paired)[None], -1), 0)))
+    from metrics.scores import equal_rows
+
+    found = int(np.sum(np.any(np.asarray(equal_rows(reference, paired)), axis=0)))  # [T, M] → per pair
     if found < len(paired):
         log.warning("%s over the test split: %d of %d paired %s are not exactly in the reference set, so their "
                     "own term stays in their baseline", metric, len(paired) - found, len(paired), what)

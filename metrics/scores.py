@@ -54,7 +54,7 @@ def cosine_matrix(x: jax.Array, y: jax.Array) -> jax.Array:
     return jnp.matmul(xn, yn.T, precision=_HIGHEST)
 
 
-def _equal_rows(x: jax.Array, y: jax.Array) -> jax.Array:
+def equal_rows(x: jax.Array, y: jax.Array) -> jax.Array:
     """``E[r, j] = all(x_r == y_j)`` (exact equality, as the scripts' ``np.array_equal``) → [R, J] bool."""
     x = jnp.asarray(x, jnp.float32)
     y = jnp.asarray(y, jnp.float32)
@@ -83,7 +83,7 @@ def _reference_mean(reference: jax.Array, paired: jax.Array, generated: jax.Arra
     g = generated [M, d]. Terms r with R_r == exclude_equal_to_j are dropped; the kept sum is divided by the
     kept count (default) or T − 1 (faithful, the scripts' divisor)."""
     c = cosine_matrix(reference, generated)  # [r, j]
-    keep = ~_equal_rows(reference, exclude_equal_to)  # [r, j]
+    keep = ~equal_rows(reference, exclude_equal_to)  # [r, j]
     total = jnp.sum(jnp.where(keep, c, 0.0), axis=0)
     count = jnp.float32(c.shape[0] - 1) if faithful else jnp.sum(keep.astype(jnp.float32), axis=0)
     paired_cos = jnp.sum(cosine_matrix(paired, generated) * jnp.eye(paired.shape[0]), axis=0)
@@ -111,7 +111,7 @@ def _check_paired(a, b, what: str) -> None:
 
 @functools.partial(jax.jit, static_argnames=("faithful",))
 def _ais(audio_emb, image_emb, faithful: bool):
-    exclude = _equal_rows(audio_emb, audio_emb) if faithful else None
+    exclude = equal_rows(audio_emb, audio_emb) if faithful else None
     m = _paired_mean(audio_emb, image_emb, exclude)
     return Similarity(score(m), m)
 
@@ -141,7 +141,7 @@ def ais(audio_emb: jax.Array, image_emb: jax.Array, *, faithful: bool = False,
 def _iis(generated_emb, ground_truth_emb, faithful: bool):
     # The script excludes reference images equal to the *generated* one, which never happens in practice:
     # all M terms (the ground truth included) stay in the sum, still divided by M − 1.
-    exclude = _equal_rows(ground_truth_emb, generated_emb) if faithful else None
+    exclude = equal_rows(ground_truth_emb, generated_emb) if faithful else None
     m = _paired_mean(ground_truth_emb, generated_emb, exclude)
     return Similarity(score(m), m)
 
@@ -172,7 +172,7 @@ def _giils_means(generated_emb, members, faithful: bool):
     c = cosine_matrix(generated_emb, generated_emb)  # symmetric [k, i]
     n = c.shape[0]
     if faithful:
-        keep = 1.0 - _equal_rows(generated_emb, generated_emb).astype(jnp.float32)  # keep[k, i]: e_k ≠ e_i
+        keep = 1.0 - equal_rows(generated_emb, generated_emb).astype(jnp.float32)  # keep[k, i]: e_k ≠ e_i
         # base[i, j] = Σ_k [e_k ≠ f_i][e_k ≠ f_j] cos(e_k, f_i) / (N − 2)
         base = jnp.matmul((c * keep).T, keep, precision=_HIGHEST) / (n - 2)
     else:
