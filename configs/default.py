@@ -76,6 +76,7 @@ def get_config() -> ml_collections.ConfigDict:
         lambda_l1=0.01,  # × mean|e| (the code's L1; the thesis writes ||e||_1)
         lambda_l2=0.0,  # × mean_b ||e||^2
         lambda_cl=0.01,  # × (1 − mean_b cos(e, τ_label))^2
+        uncond_prob=0.0,  # share of training examples whose text states are the empty prompt's (CFG dropout)
         log_every=10,  # steps between metrics.jsonl train lines
         checkpoint_every=500,  # steps between `latest` checkpoints (also at every epoch end)
         max_steps=-1,  # stop after this many optimizer steps (-1: run all epochs; 0: load, compile, train nothing)

@@ -53,17 +53,10 @@ from mtok_jax.models import diffusion
 from mtok_jax.models import text as text_lib
 
 log = logging.getLogger("mtok_jax.sample")
-UNCONDITIONAL_PROMPT = ""
 
 
 class NoImages(errors.UserError, ValueError):
     """`sample_files` could decode none of its audio files (each is listed in skipped.jsonl)."""
-
-
-def negative_prompt_ids(system: conditioning.System, prompt: str = UNCONDITIONAL_PROMPT) -> np.ndarray:
-    """int32 [1, 77] ids of a plain prompt (the negative prompt of classifier-free guidance)."""
-    return np.asarray(system.tokenizer([prompt], padding="max_length", max_length=system.inference_ids.shape[-1],
-                                       truncation=True, return_tensors="np")["input_ids"], np.int32)
 
 
 def check_prompt(prompt: str, placeholder: str) -> str:
@@ -80,16 +73,6 @@ def prompt_ids(system: conditioning.System, prompt: str) -> tuple[np.ndarray, np
     check_prompt(prompt, placeholder)
     ids, pos = text_lib.tokenize_prompts(system.tokenizer, [prompt], placeholder)
     return np.asarray(ids, np.int32), np.asarray(pos, np.int32)
-
-
-def unconditional_states(system: conditioning.System, text_params: Mapping[str, Any],
-                         ids: jax.Array | None = None) -> jax.Array:
-    """CLIP last_hidden_state [1, 77, D] of the negative prompt `ids` [1, 77] (default: the empty
-    prompt; plain CLIP, no audio token)."""
-    ids = jnp.asarray(negative_prompt_ids(system) if ids is None else ids)
-    positions = jnp.arange(ids.shape[-1], dtype=jnp.int32)[None]
-    out = system.text.apply({"params": text_params}, ids, jnp.ones_like(ids), positions, deterministic=True)
-    return out[0].astype(jnp.float32)
 
 
 def latent_shape(system: conditioning.System) -> tuple[int, int, int]:
@@ -172,18 +155,18 @@ class Pipeline:
         training params for validation images."""
         return dataclasses.replace(self, params=params, _uncond={})  # states of the new text params
 
-    def negative_states(self, negative_prompt: str = UNCONDITIONAL_PROMPT) -> jax.Array:
+    def negative_states(self, negative_prompt: str = conditioning.UNCONDITIONAL_PROMPT) -> jax.Array:
         """Unconditional states [1, 77, D] of `negative_prompt` (one jit for every prompt; cached)."""
         if negative_prompt not in self._uncond:
             if self._plain_states is None:
-                self._plain_states = jax.jit(functools.partial(unconditional_states, self.system))
-            ids = jnp.asarray(negative_prompt_ids(self.system, negative_prompt))
+                self._plain_states = jax.jit(functools.partial(conditioning.unconditional_states, self.system))
+            ids = jnp.asarray(conditioning.negative_prompt_ids(self.system, negative_prompt))
             self._uncond[negative_prompt] = self._plain_states(self.params["text"], ids)
         return self._uncond[negative_prompt]
 
     def generate(self, waveforms, seeds: Sequence[int], *, num_images: int, steps: int, guidance: float,
                  scheduler: str = "pndm", prompt: str | None = None,
-                 negative_prompt: str = UNCONDITIONAL_PROMPT, progress=None) -> np.ndarray:
+                 negative_prompt: str = conditioning.UNCONDITIONAL_PROMPT, progress=None) -> np.ndarray:
         """waveforms float32 [B, N] (16 kHz, [-1, 1]), one seed per waveform → uint8 [B, num_images, H, W, 3].
 
         prompt: template with one `<*>` (default: config.prompt.inference); negative_prompt: the
@@ -345,7 +328,7 @@ def _write_jsonl(path: str, records: Sequence[Mapping[str, Any]]) -> None:
 
 def sample_files(pipe: Pipeline, audio_paths: Sequence[str], out_dir: str | os.PathLike, *, num_images: int,
                  steps: int, guidance: float, scheduler: str, seed: int, same_seed: bool = False,
-                 prompt: str | None = None, negative_prompt: str = UNCONDITIONAL_PROMPT,
+                 prompt: str | None = None, negative_prompt: str = conditioning.UNCONDITIONAL_PROMPT,
                  start: float = 0.0, progress=None) -> tuple[list[dict], list[dict]]:
     """Generate for each audio file (seed + i for the i-th file; `same_seed`: `seed` for all, so images
     differ only through the audio) → PNGs, grid.png, samples.jsonl and skipped.jsonl in `out_dir`;

@@ -107,6 +107,11 @@ def system_outputs(system: conditioning.System, trainable: Mapping, frozen: Mapp
     k = jax.vmap(lambda key: jax.random.split(key, 4))(keys)  # [B, 4]: token, vae, noise, timestep
     token = conditioning.audio_token(system, params, batch["audio"], rng=k[:, 0], train=train)
     states = conditioning.text_states(system, params, token, "train")
+    p_uncond = float(system.config.train.uncond_prob)
+    if train and p_uncond > 0:  # classifier-free guidance dropout: the empty prompt's states instead
+        uncond = conditioning.unconditional_states(system, params["text"]).astype(states.dtype)
+        drop = jax.vmap(lambda key: jax.random.bernoulli(jax.random.fold_in(key, 4), p_uncond))(keys)
+        states = jnp.where(drop[:, None, None], uncond, states)
     latents = jax.vmap(lambda img, key: diffusion.encode_latents(system.vae, params["vae"], img[None], key)[0])(
         batch["image"], k[:, 1])
     noise = jax.vmap(lambda key: jax.random.normal(key, latents.shape[1:], latents.dtype))(k[:, 2])

@@ -7,6 +7,7 @@ dataset built by the real TFDS builder: stop + resume is bit-identical to an uni
 the NaN guard names the step.
 """
 
+import dataclasses
 import functools
 import json
 import logging
@@ -314,3 +315,24 @@ def test_tensorboard_validation_images_and_profile(assets, tmp_path):
         assert grid.width >= 2 * 128  # 3 labels (one held-out clip each) → a 2-column grid
     profile = [p for p in (tmp_path / "watched" / "profile").rglob("*") if p.is_file()]
     assert profile and any(p.name.endswith((".xplane.pb", ".trace.json.gz")) for p in profile), profile
+
+
+def test_uncond_prob_replaces_the_prompt_states(loaded):
+    """train.uncond_prob (CFG dropout): at 1 every example's UNet input is the empty prompt's states, so the
+    prediction no longer depends on the audio; at 0 (default, as the reference) it does; validation
+    (train=False) never drops."""
+    system, params = loaded
+    batch = {k: v[0] for k, v in synthetic_batch(1, 2).items()}
+    other = {**batch, "audio": batch["audio"][::-1].copy()}
+    keys = jax.random.split(jax.random.key(0), 2)
+    trainable, frozen = sharding.split_params(params, "embedder")
+
+    def pred(p_uncond, b, train=True):
+        config = system.config.copy_and_resolve_references()
+        config.train.uncond_prob = p_uncond
+        s = dataclasses.replace(system, config=config)
+        return np.asarray(train.system_outputs(s, trainable, frozen, b, keys, train=train)["pred"])
+
+    np.testing.assert_array_equal(pred(1.0, batch), pred(1.0, other))
+    assert not np.allclose(pred(0.0, batch), pred(0.0, other))
+    assert not np.allclose(pred(1.0, batch, train=False), pred(1.0, other, train=False))
