@@ -327,12 +327,12 @@ def test_uncond_prob_replaces_the_prompt_states(loaded):
     keys = jax.random.split(jax.random.key(0), 2)
     trainable, frozen = sharding.split_params(params, "embedder")
 
-    def pred(p_uncond, b, train=True):
+    def pred(p_uncond, b, training=True):
         config = system.config.copy_and_resolve_references()
         config.train.uncond_prob = p_uncond
         s = dataclasses.replace(system, config=config)
-        return np.asarray(train.system_outputs(s, trainable, frozen, b, keys, train=train)["pred"])
+        return np.asarray(train.system_outputs(s, trainable, frozen, b, keys, train=training)["pred"])
 
     np.testing.assert_array_equal(pred(1.0, batch), pred(1.0, other))
     assert not np.allclose(pred(0.0, batch), pred(0.0, other))
-    assert not np.allclose(pred(1.0, batch, train=False), pred(1.0, other, train=False))
+    assert not np.allclose(pred(1.0, batch, training=False), pred(1.0, other, training=False))
