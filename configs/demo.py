@@ -3,16 +3,18 @@
   make demo        # writes demo_assets/, trains this config into runs/demo/, samples one image per label
   python train.py --config configs/demo.py          # training only (needs demo_assets/)
 
-Same code path as the thesis experiments at toy sizes: CLIP text width 32, UNet (128, 128) channels on
+Same code path as the thesis experiments at toy sizes: CLIP text width 32, UNet (64, 64) channels on
 4×4 latents (a VAE with SD's downsampling factor 8 on 32×32 images), 4 s clips, BEATs with 4 layers of
 width 32. The embedder and the UNet train (a random tiny UNet must learn to denoise before the audio
 token can steer it; BEATs, CLIP and the VAE stay frozen; the VAE is fitted on synthetic demo images
 when demo_assets/ is written, the rest is random). 144 training / 36 validation clips, batch 8 →
 18 steps per epoch, 40 epochs (720 steps): lr 3e-3 after a 2-epoch warm-up, cosine decay (without
-the warm-up 3e-3 collapses to predicting zero noise; 2e-3 learns the hues less well).
-Measured on the shared 2-core CPU (fresh clone): training 507 s including a validation grid every
-epoch (~3.5 s each), validation loss 0.47 → 0.083; sampled images follow the label's hue
-(orange/yellow for the first labels, green, cyan/blue, then pink/magenta); the whole `make demo` 794 s.
+the warm-up 3e-3 collapses to predicting zero noise; 2e-3 learns the hues less well). 10 % of the
+training examples see the empty prompt's states instead of the audio token's (`train.uncond_prob`,
+classifier-free-guidance dropout): without it the guided images of every label looked alike.
+A validation grid every 4 epochs (≈ 2.5 s each on this CPU).
+Measured on the shared 2-core CPU: training 288 s, validation loss 0.58 → 0.103; the demo report's
+AIS / IIS / GIILS 59.98 / 61.03 / 63.47 for the trained model against 48.82 / 48.72 / 50.43 untrained.
 """
 
 from configs import default
@@ -40,7 +42,8 @@ def get_config():
     c.train.schedule = "cosine"
     c.train.log_every = 6
     c.train.checkpoint_every = 180
-    c.train.sample_every_epochs = 1
+    c.train.uncond_prob = 0.1
+    c.train.sample_every_epochs = 4
     c.train.sample_steps = 10
     c.mesh.data = -1
     c.mesh.fsdp = 1

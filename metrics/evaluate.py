@@ -499,13 +499,14 @@ def item_indices(items: Sequence[int | str], source) -> np.ndarray:
 
 
 def generate_test_images(config, workdir, images_dir: str, *, checkpoint="best", num_images: int = 335,
-                         batch: int = 8, items: Sequence[int | str] | None = None) -> dict[str, Any]:
+                         batch: int = 8, items: Sequence[int | str] | None = None, pipe=None) -> dict[str, Any]:
     """Generate one image per selected test-split audio with ``mtok_jax.sample`` and write the --images
     layout (generated image as ``metrics.generated_format``: PNG or the thesis's JPEG quality 75,
     ground-truth PNG, the stored audio clip as FLAC, manifest.jsonl with seeds and every sampling
     setting) into ``images_dir``. Image i uses seed ``config.sample.seed + i``. The test records are
     ``items`` (indices or audio ids) when given, else :func:`select_test_items` with ``metrics.seed``; the
-    manifest records each one's ``test_index`` and ``audio_id``.
+    manifest records each one's ``test_index`` and ``audio_id``. ``pipe``: an already loaded
+    ``sample.Pipeline`` (its own checkpoint) instead of loading ``workdir``'s ``checkpoint``.
     Returns the generation settings and timing."""
     import soundfile as sf
     from PIL import Image
@@ -529,7 +530,9 @@ def generate_test_images(config, workdir, images_dir: str, *, checkpoint="best",
             print(f"note: the test split has {len(items)} clips, fewer than --num_images {num_images}",
                   file=sys.stderr)
     names = ds.label_names
-    pipe = sample.load_pipeline(config, workdir, checkpoint)
+    if pipe is None:
+        pipe = sample.load_pipeline(config, workdir, checkpoint)
+    checkpoint = pipe.checkpoint
     rate = sample.sample_rate(config)
     settings = dict(scheduler=s.scheduler, steps=int(s.steps), guidance=float(s.guidance),
                     prompt=config.prompt.inference, checkpoint=None if checkpoint is None else str(checkpoint),
@@ -605,18 +608,23 @@ def reference_embeddings(models: MetricModels, config, batch: int = 64) -> dict[
 
 def evaluate_checkpoint(config, workdir, *, checkpoint="best", num_images: int = 335, per_label: int = 10,
                         out_dir: str, metric_paths: Sequence[str] | None = None,
-                        items: Sequence[int | str] | None = None) -> dict[str, Any]:
+                        items: Sequence[int | str] | None = None, pipe=None, models: MetricModels | None = None,
+                        reference: Mapping[str, np.ndarray] | None = None) -> dict[str, Any]:
     """Generate from the test split (:func:`generate_test_images` into ``out_dir/images``) and score it
-    (:func:`score_images`); metric models from ``metric_paths`` or ``config.metrics``."""
-    m = config.metrics
-    paths = metric_paths or (m.clip_path, m.inception_path, m.wav2clip_path)
-    models = MetricModels.load(*paths)  # fail on a bad metric model before spending time generating
+    (:func:`score_images`); metric models from ``metric_paths`` or ``config.metrics``. To compare several
+    checkpoints without reloading, pass what the first call used: ``pipe`` (``sample.Pipeline.restored``
+    for each), ``models`` and ``reference`` (:func:`reference_embeddings` of those models and config)."""
+    if models is None:
+        m = config.metrics
+        models = MetricModels.load(*(metric_paths or (m.clip_path, m.inception_path, m.wav2clip_path)))
+    # (loaded first: fail on a bad metric model before spending time generating)
     images_dir = os.path.join(out_dir, "images")
-    gen = generate_test_images(config, workdir, images_dir, checkpoint=checkpoint, num_images=num_images, items=items)
+    gen = generate_test_images(config, workdir, images_dir, checkpoint=checkpoint, num_images=num_images, items=items,
+                               pipe=pipe)
     extra = {"method": f"{config.workdir_name} (this port)", "checkpoint": gen["generation"]["checkpoint"], **gen}
     return score_images(images_dir, models, out_dir, per_label=per_label,
                         clip_seconds=float(config.data.clip_seconds), extra=extra,
-                        reference=reference_embeddings(models, config))
+                        reference=reference if reference is not None else reference_embeddings(models, config))
 
 
 # ------------------------------------------------------------------------------------------ CLI

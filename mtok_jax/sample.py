@@ -126,16 +126,17 @@ class Pipeline:
     _uncond: dict = dataclasses.field(default_factory=dict)  # negative prompt → states [1, 77, D]
     _plain_states: Any = None
     _compiled: dict = dataclasses.field(default_factory=dict)
-    _progress: Any = None  # the running generate call's step hook
+    _progress: list = dataclasses.field(default_factory=lambda: [None])  # [the running call's step hook],
+    # one holder shared with every with_params copy, whose calls run the samplers compiled with this one's
 
     def _step_done(self, i, n) -> None:
         """Host side of the per-step callback; an error here would abort XLA, so it is only logged."""
-        if self._progress is not None:
+        if self._progress[0] is not None:
             try:
-                self._progress(int(i), int(n))
+                self._progress[0](int(i), int(n))
             except Exception as e:  # noqa: BLE001
                 log.warning("progress callback failed (%s: %s); progress reports stop", type(e).__name__, e)
-                self._progress = None
+                self._progress[0] = None
 
     def _sampler(self, kind: str, steps: int):
         """(jitted generate_images for sample.images_per_device × devices images, scheduler state)."""
@@ -154,6 +155,12 @@ class Pipeline:
         """The same pipeline (sharing its compiled samplers) with other params, e.g. the current
         training params for validation images."""
         return dataclasses.replace(self, params=params, _uncond={})  # states of the new text params
+
+    def restored(self, workdir: str | os.PathLike, checkpoint: str | int) -> "Pipeline":
+        """The same pipeline with the trained leaves of `workdir`'s checkpoint ('best' | 'latest' | step)
+        in place of its own (e.g. the untrained init loaded once, then each checkpoint to compare)."""
+        params = checkpoints.restore_trained(workdir, self.params, checkpoint)
+        return dataclasses.replace(self.with_params(params), checkpoint=checkpoint, workdir=os.path.abspath(workdir))
 
     def negative_states(self, negative_prompt: str = conditioning.UNCONDITIONAL_PROMPT) -> jax.Array:
         """Unconditional states [1, 77, D] of `negative_prompt` (one jit for every prompt; cached)."""
@@ -192,7 +199,7 @@ class Pipeline:
         calls = len(idx) // chunk
         out = []
         for first in range(0, calls, per_trip):
-            self._progress = None if progress is None else _once_per_step(progress, first, calls)
+            self._progress[0] = None if progress is None else _once_per_step(progress, first, calls)
             try:
                 pending = [fn(self.params, uncond, jax.device_put(waves[idx[c * chunk:(c + 1) * chunk]], data),
                               jax.device_put(keys[idx[c * chunk:(c + 1) * chunk]], data), jnp.float32(guidance),
@@ -200,7 +207,7 @@ class Pipeline:
                            for c in range(first, min(first + per_trip, calls))]
                 out.extend(np.asarray(x) for x in jax.device_get(pending))
             finally:
-                self._progress = None
+                self._progress[0] = None
         images = np.concatenate(out)[:total]
         return images.reshape(waveforms.shape[0], num_images, *images.shape[1:])
 
@@ -227,11 +234,9 @@ def load_pipeline(config, workdir: str | os.PathLike | None, checkpoint: str | i
     shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
     placement = sharding.param_shardings(mesh, shapes, shard=mesh.shape["fsdp"] > 1,
                                          min_size=config.train.fsdp_min_size)
-    params = jax.device_put(params, placement)
-    if checkpoint is not None:
-        params = checkpoints.restore_trained(workdir, params, checkpoint)
-    return Pipeline(system=system, params=params, mesh=mesh, config=config, checkpoint=checkpoint,
-                    workdir=None if workdir is None else os.path.abspath(workdir), max_batch=max_batch)
+    pipe = Pipeline(system=system, params=jax.device_put(params, placement), mesh=mesh, config=config,
+                    max_batch=max_batch)
+    return pipe if checkpoint is None else pipe.restored(workdir, checkpoint)
 
 
 # ------------------------------------------------------------------------------------------ files

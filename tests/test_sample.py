@@ -138,6 +138,11 @@ def test_progress_reports_each_step_once_and_changes_nothing(pipe, waves):
     ref = plain(pipe.params, pipe.negative_states(), jax.device_put(np.repeat(waves[:1], 8, 0), data),
                 jax.device_put(sample.image_keys([0], 8), data), jnp.float32(7.5), state=state)
     np.testing.assert_array_equal(np.asarray(ref), imgs[0])
+    # a copy with other params (validation images, trained vs untrained) reuses the compiled sampler,
+    # whose step callback was bound to the original: it still reports to the copy's caller
+    copied = []
+    pipe.with_params(pipe.params).generate(waves, [0, 1], progress=lambda k, n: copied.append((k, n)), **SETTINGS)
+    assert copied == [(k, SETTINGS["steps"] + 1) for k in range(1, SETTINGS["steps"] + 2)]
 
 
 def test_sample_py_rejects_a_prompt_without_one_placeholder():

@@ -11,21 +11,20 @@ Stages (each idempotent; timings printed per stage):
      (prints how far the images' colours follow their labels: `label_dependence`)
   6. evaluation (AIS / IIS / FID / GIILS) of the best checkpoint → runs/demo/eval/, and of the untrained
      init (checkpoint none) → runs/demo/eval_untrained/; both rows printed side by side (the fitted tiny
-     metric models give ≈ 50 for label-blind images)
+     metric models give ≈ 50 for label-blind images). Stages 5–6 load the pipeline, the metric models
+     and the reference sets once for both.
 """
 
 from __future__ import annotations
 
 import mtok_jax  # noqa: F401  (first: USE_TF=0)
 
-import argparse
 import json
 import logging
 import os
-import sys
 import time
 
-from mtok_jax import _compat
+from mtok_jax import _compat, cli
 
 
 class _Stages:
@@ -111,23 +110,12 @@ def _val_losses(workdir: str) -> list[tuple[int, float]]:
     return out
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="configs/demo.py")
-    p.add_argument("--workdir", default=None, help="default runs/<config.workdir_name>")
-    p.add_argument("--skip_eval", action="store_true", help="stop after sampling")
-    args, overrides = p.parse_known_args(argv)
-    bad = [a for a in overrides if not a.startswith("--config.")]
-    if bad:
-        p.error(f"unrecognized arguments: {' '.join(bad)} (config overrides look like --config.a.b=value)")
-    _compat.quiet_third_party_loggers()
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    logging.getLogger("mtok_jax").setLevel(logging.INFO)
-
-    from mtok_jax import config_utils
-
-    config = config_utils.load_config(args.config, overrides)
-    workdir = args.workdir or os.path.join("runs", config.workdir_name)
+def run(config, workdir: str | None, skip_eval: bool = False) -> dict:
+    """The demo's stages for `config` into `workdir` (default runs/<config.workdir_name>) → a summary:
+    'records' (sampled images), 'label_dependence', 'reports' (name → evaluation report; empty with
+    skip_eval), 'interrupted' (the signal that stopped training, then nothing else is done; else None).
+    Prints each stage's time and, at the end, the comparison of trained and untrained."""
+    workdir = workdir or os.path.join("runs", config.workdir_name)
     root = os.path.dirname(os.path.normpath(config.data.data_dir))  # demo_assets
     stages = _Stages()
 
@@ -141,29 +129,38 @@ def main(argv=None) -> int:
 
     from mtok_jax import sample, train
 
-    stages.run("4 train " + args.config, train.train_and_evaluate, config, workdir)
+    trained_run = stages.run(f"4 train → {workdir}", train.train_and_evaluate, config, workdir)
+    if trained_run["interrupted"]:  # saved at a step boundary; train logged how to go on
+        return {"interrupted": trained_run["interrupted"]}
+    # one loaded pipeline: the untrained init, and the trained leaves of `best` on top (shared samplers)
+    untrained = stages.run("5 load the pipeline (untrained init)", sample.load_pipeline, config, workdir, None)
+    trained = untrained.restored(workdir, "best")
 
     def sample_per_label():
-        pipe = sample.load_pipeline(config, workdir, "best")
-        audio = sample.held_out_audio(os.path.join(root, "manual"), pipe.system.labels, per_label=1)
+        audio = sample.held_out_audio(os.path.join(root, "manual"), trained.system.labels, per_label=1)
         s = config.sample
-        return sample.sample_files(pipe, audio, os.path.join(workdir, "samples"), num_images=s.num_images,
+        return sample.sample_files(trained, audio, os.path.join(workdir, "samples"), num_images=s.num_images,
                                    steps=s.steps, guidance=s.guidance, scheduler=s.scheduler, seed=s.seed,
                                    same_seed=True)[0]  # one seed for all labels: images differ by audio only
 
     records = stages.run("5 sample one image per label", sample_per_label)
     dep = _sample_label_dependence(records, os.path.join(workdir, "samples"), os.path.join(root, "manual"))
 
-    report = None
-    if not args.skip_eval:
+    reports = {}
+    if not skip_eval:
         from metrics import evaluate
 
         m = config.metrics
-        reports = {name: stages.run(f"6 evaluate {name} (AIS/IIS/FID/GIILS)", evaluate.evaluate_checkpoint, config,
-                                    workdir, checkpoint=ckpt, num_images=m.num_images, per_label=m.per_label,
-                                    out_dir=os.path.join(workdir, out))
-                   for name, ckpt, out in (("trained", "best", "eval"), ("untrained", None, "eval_untrained"))}
-        report = comparison_table(reports)
+        def metric_models():
+            models = evaluate.MetricModels.load(m.clip_path, m.inception_path, m.wav2clip_path)
+            return models, evaluate.reference_embeddings(models, config)
+
+        models, reference = stages.run("6 metric models and reference sets", metric_models)
+        for name, pipe, out in (("trained", trained, "eval"), ("untrained", untrained, "eval_untrained")):
+            reports[name] = stages.run(f"6 evaluate {name} (AIS/IIS/FID/GIILS)", evaluate.evaluate_checkpoint, config,
+                                       workdir, num_images=m.num_images, per_label=m.per_label,
+                                       out_dir=os.path.join(workdir, out), pipe=pipe, models=models,
+                                       reference=reference)
 
     val = _val_losses(workdir)
     print("\n=== demo done ===")
@@ -174,12 +171,38 @@ def main(argv=None) -> int:
     print(f"images vs labels: mean-colour correlation with the label's training images "
           f"{dep['colour_corr']:.2f} (0 = unrelated); colour distance between two labels' images "
           f"{dep['spread']:.3f} (training images: {dep['label_spread']:.3f})")
-    if report is not None:
+    if reports:
         print(f"evaluation → {os.path.join(workdir, 'eval')}/report.md, untrained init → "
               f"{os.path.join(workdir, 'eval_untrained')}/report.md")
-        print(report)
-    return 0
+        print(comparison_table(reports))
+    return {"interrupted": None, "records": records, "label_dependence": dep, "reports": reports}
+
+
+def main() -> None:
+    """`python -m mtok_jax.demo.run`: the flags of train.py (absl; --config, --config.a.b=value, --workdir)."""
+    from absl import app, flags
+
+    config = cli.define_config_file("config", "configs/demo.py", "Config file (configs/*.py).")
+    workdir = flags.DEFINE_string("workdir", None, "Run directory (default: runs/<config.workdir_name>).")
+    skip_eval = flags.DEFINE_bool("skip_eval", False, "Stop after sampling.")
+
+    def demo(argv):
+        if len(argv) > 1:
+            raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        from mtok_jax import config_utils
+
+        cfg = config_utils.validate(config.value)
+        _compat.quiet_third_party_loggers()
+        logging.getLogger("absl").setLevel(logging.WARNING)
+        logging.getLogger("mtok_jax").setLevel(logging.INFO)
+        out = run(cfg, workdir.value, skip_eval.value)
+        if out["interrupted"]:
+            from mtok_jax import signals
+
+            raise SystemExit(signals.EXIT_CODES[out["interrupted"]])
+
+    cli.run_absl(demo)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
