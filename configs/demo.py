@@ -13,8 +13,9 @@ the warm-up 3e-3 collapses to predicting zero noise; 2e-3 learns the hues less w
 training examples see the empty prompt's states instead of the audio token's (`train.uncond_prob`,
 classifier-free-guidance dropout): without it the guided images of every label looked alike.
 A validation grid every 4 epochs (≈ 2.5 s each on this CPU).
-Measured on the shared 2-core CPU: training 288 s, validation loss 0.58 → 0.103; the demo report's
-AIS / IIS / GIILS 59.98 / 61.03 / 63.47 for the trained model against 48.82 / 48.72 / 50.43 untrained.
+Measured on the shared 2-core CPU (fresh clone): training 271 s, validation loss 0.58 → 0.103; the
+demo report's AIS / IIS / GIILS 59.98 / 61.03 / 63.47 for the trained model against 48.82 / 48.72 /
+50.43 untrained; the whole `make demo` 505 s.
 """
 
 from configs import default

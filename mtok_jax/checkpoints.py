@@ -60,6 +60,8 @@ def checkpoint_dir(workdir: str | os.PathLike) -> str:
 
 
 def _manager(workdir, which: str, max_to_keep: int | None = 1, read_only: bool = False) -> ocp.CheckpointManager:
+    for name in ("absl", "asyncio"):  # orbax logs through absl's logger; its write tasks through asyncio's
+        logging.getLogger(name).addFilter(_ORBAX_FILTER)  # (once: addFilter skips a filter already there)
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only, read_only=read_only,
                                            cleanup_tmp_directories=not read_only)
     return ocp.CheckpointManager(os.path.join(checkpoint_dir(workdir), which), options=options,
@@ -163,9 +165,12 @@ class _DropOrbaxErrors(logging.Filter):
     failure reaches the user once, as CheckpointError's one line."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        orbax = f"{os.sep}orbax{os.sep}"
+        if record.levelno == logging.WARNING and orbax in record.pathname:
+            # every read-only manager (sampling, evaluation, export) warns that it is read-only
+            return not any(m in record.getMessage() for m in _READ_ONLY_WARNINGS)
         if record.levelno < logging.ERROR:
             return True
-        orbax = f"{os.sep}orbax{os.sep}"
         if orbax in record.pathname:
             return False
         # asyncio's "Task / _GatheringFuture exception was never retrieved" for orbax's own write tasks when
@@ -174,6 +179,9 @@ class _DropOrbaxErrors(logging.Filter):
             return True
         exc = record.exc_info[1] if record.exc_info else None
         return not (orbax in record.getMessage() or _raised_in(exc, orbax))
+
+
+_READ_ONLY_WARNINGS = ("read_only=True, setting save_interval_steps=0", "Given directory is read only")
 
 
 def _raised_in(exc: BaseException | None, path_part: str) -> bool:
@@ -221,8 +229,6 @@ class Checkpointer:
     """Writes `latest` and `best` checkpoints of one run (asynchronously); restores `latest`."""
 
     def __init__(self, workdir: str | os.PathLike, keep_latest: int = 2):
-        for name in ("absl", "asyncio"):  # orbax logs through absl's logger; its write tasks through asyncio's
-            logging.getLogger(name).addFilter(_ORBAX_FILTER)
         _quiet_orbax_cleanup()
         self.workdir = os.path.abspath(os.fspath(workdir))
         self._remove_leftover_tmp()
@@ -451,18 +457,19 @@ def restore_trained(workdir: str | os.PathLike, params: Mapping[str, Any], which
         if not os.path.isdir(os.path.join(checkpoint_dir(workdir), name)):
             continue
         mgr = _manager(workdir, name, None, read_only=True)
-        step = _verified_step(mgr, name, which)
-        if step is None:
+        try:  # closed also when the step is damaged or does not fit the model
+            step = _verified_step(mgr, name, which)
+            if step is None:
+                continue
+            meta = mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+            flat = traverse_util.flatten_dict(sharding._plain(params), sep="/")
+            missing = [p for p in meta["trainable_paths"] if p not in flat]
+            if missing:
+                raise ValueError(f"checkpoint {name}/{step} has leaves the model lacks, e.g. {missing[:3]}")
+            target = traverse_util.unflatten_dict({p: flat[p] for p in meta["trainable_paths"]}, sep="/")
+            trained = mgr.restore(step, args=ocp.args.Composite(
+                params=ocp.args.StandardRestore(_abstract(target))))["params"]
+        finally:
             mgr.close()
-            continue
-        meta = mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-        flat = traverse_util.flatten_dict(sharding._plain(params), sep="/")
-        missing = [p for p in meta["trainable_paths"] if p not in flat]
-        if missing:
-            raise ValueError(f"checkpoint {name}/{step} has leaves the model lacks, e.g. {missing[:3]}")
-        target = traverse_util.unflatten_dict({p: flat[p] for p in meta["trainable_paths"]}, sep="/")
-        trained = mgr.restore(step, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(_abstract(target))))["params"]
-        mgr.close()
         return sharding.merge_params(trained, params)
     raise FileNotFoundError(f"no {which!r} checkpoint under {checkpoint_dir(workdir)}")

@@ -317,3 +317,8 @@ def test_asyncio_errors_of_orbax_write_tasks_are_dropped_and_others_pass():
                            f"defined at {orbax_file}:188>>"))
     assert keep(record("Task exception was never retrieved", exc_raised_in(f"{os.sep}project{os.sep}mine.py")))
     assert keep(record("orbax: slow write", level=logging.WARNING))
+    # the warnings every read-only manager (sample, evaluate, export) gives are dropped; others pass
+    said = [logging.LogRecord("absl", logging.WARNING, f"{os.sep}site{orbax_file}", 452, msg, (), None)
+            for msg in ("CheckpointManagerOptions.read_only=True, setting save_interval_steps=0.",
+                        "Given directory is read only=/runs/demo/checkpoints/best", "orbax: slow write")]
+    assert [keep(r) for r in said] == [False, False, True]
