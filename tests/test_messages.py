@@ -140,6 +140,12 @@ def test_flag_parsing_errors_one_line(tmp_path):
     _one_line(["train.py", "--config", tmp_path / "nope.py"], f"--config={tmp_path / 'nope.py'}: config file not found")
     _, _, out = _run("train.py", "--help")  # the flags defined through mtok_jax.cli belong to train.py (absl exits 1)
     assert "--config: Config file" in out and "--[no]verbose" in out, out
+    # the demo runner takes the same flags and override syntax (before it writes anything)
+    _one_line(["-m", "mtok_jax.demo.run", "--config.train.batch_sise=4"], "unknown config key train.batch_sise")
+    _one_line(["-m", "mtok_jax.demo.run", "--config", DEMO, "--config.train.batch_size=0"],
+              "train.batch_size=0 must be > 0")
+    _, _, out = _run("-m", "mtok_jax.demo.run", "--help")
+    assert "--config: Config file" in out and "--[no]skip_eval" in out and "--[no]verbose" in out, out
 
 
 def test_missing_paths_one_line(tmp_path):
