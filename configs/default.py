@@ -1,7 +1,7 @@
 """Shared base config: SD v1.4 + converted BEATs iter3+ AS2M fine-tuned (cpt2), the thesis's losses and data settings.
 
 Every experiment config starts from this one and changes only what differs. On its own it trains the
-embedder like exp1 (DESIGN §2.6):
+embedder like exp1 (docs/design.md §2.6):
 
   python train.py --config configs/default.py --workdir runs/default \
       --config.model.sd_path=/path/to/stable-diffusion-v1-4 --config.model.beats_path=/path/to/beats

@@ -1,4 +1,4 @@
-"""Evaluation metrics (DESIGN §2.8): pure functions of embeddings.
+"""Evaluation metrics (docs/design.md §2.8): pure functions of embeddings.
 
 Math only here (fast import); the embedding models live in ``metrics.wav2clip`` (audio),
 ``metrics.clip_image`` (CLIP image features) and ``metrics.inception`` (FID features), and the evaluation

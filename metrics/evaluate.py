@@ -21,7 +21,7 @@ thesis-script "faithful" variants, the thesis's figures, timings), ``report.md``
 5.2/5.4 in the thesis's form, ours beside the thesis's), ``grids/<label>.png`` (4 generated images per
 label, as Figures 5.2–5.33) and ``embeddings.npz`` (every embedding, to recompute without the models).
 
-Metrics (DESIGN §2.8): AIS = Wav2CLIP(audio) vs CLIP(generated); IIS = CLIP(ground truth) vs
+Metrics (docs/design.md §2.8): AIS = Wav2CLIP(audio) vs CLIP(generated); IIS = CLIP(ground truth) vs
 CLIP(generated), baselines over the M generated pairs and (generation mode, or ``--reference_sets``) over
 the whole test split as the thesis defines them (default exact means, and the scripts' divisors); GIILS per label over the first ``per_label`` images of each label within the pool of all
 generated images; FID = Inception pool3 of generated vs ground-truth images. Wav2CLIP normalises each clip
@@ -311,8 +311,8 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         lines.append(f"| {g['label']} | {_fmt(g['score'])} | {_fmt(faithful[g['label_id']]['score'])} | {g['n']} | "
                      f"{_fmt(t1.get(_norm(g['label'])))} | {_fmt(t2.get(_norm(g['label'])))} | {grid} |")
     lines += ["", "Scores are 100·(1 − arccos(m)/π) of the baseline-subtracted mean cosine m (50 = chance). "
-              "Default: DESIGN §2.8 exact means; thesis-script variants: IIS baseline over all M ground truths "
-              "divided by M − 1, exclusions by embedding equality (notes/audiotoken.md §2.6).", ""]
+              "Default: docs/design.md §2.8 exact means; thesis-script variants: IIS baseline over all M "
+              "ground truths divided by M − 1, exclusions by embedding equality (docs/design.md §2.8).", ""]
     if report.get("timings"):
         lines += ["## Embedding throughput", "", "| embedding | items/s |", "|---|---|"]
         lines += [f"| {k[:-len('_per_second')]} | {v:.2f} |" for k, v in report["timings"].items()

@@ -4,8 +4,8 @@ All functions are pure, jitted and float32 (cosines use HIGHEST-precision matmul
 (CLIP image features, Wav2CLIP audio features, ...) and returns a :class:`Similarity` = (score, mean):
 ``mean`` is the raw baseline-subtracted mean cosine m, ``score = 100·(1 − arccos(m)/π)`` its percentage.
 
-Defaults follow DESIGN §2.8 (exact means). ``faithful=True`` reproduces the thesis scripts
-(``AIS_complete.py``, ``IIS_complete.py``, ``GIILS_complete.py``; notes/audiotoken.md §2.6): their baselines
+Defaults follow docs/design.md §2.8 (exact means). ``faithful=True`` reproduces the thesis scripts
+(``AIS_complete.py``, ``IIS_complete.py``, ``GIILS_complete.py``; docs/design.md §2.8): their baselines
 exclude reference items by **exact embedding equality** with the query and divide by a fixed count
 (M − 1, N − 2) whatever the number of terms actually summed.
 

@@ -1,4 +1,4 @@
-"""The one conditioning path that training, sampling and evaluation share (DESIGN §1, §2.2–2.4).
+"""The one conditioning path that training, sampling and evaluation share (docs/design.md §1, §2.2–2.4).
 
   waveforms [B, N] 16 kHz ─► BEATs (config.model.beats_layers concatenated) [B, T, k·C]
     ─► embedder ─► audio token [B, D] ─► CLIP text with "<*>" replaced ─► text states [B, 77, D]

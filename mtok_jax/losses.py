@@ -1,4 +1,4 @@
-"""Training loss of AudioToken as the thesis ran it (DESIGN §1), as pure functions of arrays.
+"""Training loss of AudioToken as the thesis ran it (docs/design.md §1), as pure functions of arrays.
 
   loss = MSE(ε̂, target) + λ_l1 · mean|e| + λ_l2 · mean_b ||e_b||² + λ_cl · (1 − mean_b cos(e_b, τ_b))²
 

@@ -1,4 +1,4 @@
-"""Watching a run (issue 13 item 4): TensorBoard scalars and images, validation images, profiler trace, ETA.
+"""Watching a run: TensorBoard scalars and images, validation images, profiler trace, ETA.
 
 Everything here only observes training: nothing reads or advances the training RNG, and the train
 step's inputs are never donated to or modified by it, so params are bit-identical with or without it.

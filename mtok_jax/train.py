@@ -1,4 +1,4 @@
-"""Training loop: `train_and_evaluate(config, workdir)` (DESIGN §1, §2.6, §3).
+"""Training loop: `train_and_evaluate(config, workdir)` (docs/design.md §1, §2.6, §3).
 
 Reads top to bottom: logging → mesh → input → models & optimizer → shard → step → checkpoint → eval
 → loop. One path from 1 CPU to a pod: `jax.jit` with NamedSharding over a ('data', 'fsdp') mesh, the
@@ -98,7 +98,7 @@ def example_keys(key: jax.Array, num: int, offset: int = 0) -> jax.Array:
 # ===================================================================================================
 def system_outputs(system: conditioning.System, trainable: Mapping, frozen: Mapping, batch: Mapping[str, jax.Array],
                    keys: jax.Array, *, train: bool) -> dict[str, jax.Array]:
-    """One batch through the whole model (DESIGN §1). keys [B]: one key per example.
+    """One batch through the whole model (docs/design.md §1). keys [B]: one key per example.
 
     audio → audio token → text states; image → VAE latents; DDPM noise at t ~ U{0..T−1};
     UNet(noisy, t, states). → {'pred', 'target' [B, C, h, w], 'token', 'tau' [B, D]}.

@@ -46,7 +46,7 @@ def main() -> None:
     mm = jax.jit(jnp.matmul).lower(a, a).compile()
     ms, _ = _median_ms(lambda: mm(a, a), 3)
     print(f"machine check: 2048³ f32 matmul {2 * 2048 ** 3 / ms / 1e6:.0f} GFLOP/s "
-          f"(quiet 2-core anchor ≈ 400, notes/cpu-anchors.md)")
+          f"(quiet 2-core anchor ≈ 400, docs/design.md §5)")
     wav = np.random.default_rng(0).uniform(-0.5, 0.5, (1, int(args.seconds * 16000))).astype(np.float32)
     t = time.perf_counter()
     params = jax.block_until_ready(init_params(BEATS_ITER3_PLUS_AS2M_CFG, jax.random.PRNGKey(0)))

@@ -1,4 +1,4 @@
-"""Flax BEATs against the PyTorch reference tensors in golden/beats_small.npz (README §1)."""
+"""Flax BEATs against the PyTorch reference tensors in golden/beats_small.npz (docs/design.md §4.1)."""
 
 import json
 import math
@@ -10,7 +10,7 @@ import pytest
 
 from mtok_jax.models import beats as B
 
-TOL = dict(atol=1e-3, rtol=1e-3)          # from the waveform (README §0)
+TOL = dict(atol=1e-3, rtol=1e-3)          # from the waveform (docs/design.md §4.0)
 STAGE_TOL = dict(atol=1e-4, rtol=1e-4)    # from the stored fbank
 
 
@@ -200,7 +200,7 @@ def test_full_size_shapes_without_weights():
     n = sum(int(np.prod(s.shape)) for s in jax.tree.leaves(shapes))
     c, f, L, h = 768, 3072, 12, 12
     per_layer = 4 * (c * c + c) + (64 * 8 + 8) + h + 4 * c + (c * f + f) + (f * c + c)
-    # README §1.6 torch shapes, minus weight_g (recomposed) and the 11 shared copies of the bias table
+    # docs/design.md §4.1.6 torch shapes, minus weight_g (recomposed) and the 11 shared copies of the bias table
     expected = 512 * 256 + 2 * 512 + (512 * c + c) + (c * 48 * 128 + c) + 2 * c + 320 * h + L * per_layer
     assert n == expected and 90.0e6 < n < 90.5e6
     assert shapes["encoder"]["pos_conv"]["kernel"].shape == (128, 48, 768)

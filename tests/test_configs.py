@@ -34,7 +34,7 @@ def test_config_full_size_shapes(name):
     assert out["unet_out"].shape == out["latents"].shape
     counts = {k: sum(x.size for x in __import__("jax").tree.leaves(v)) for k, v in out["params"].items()}
     assert counts["unet"] == 859_520_964  # SD v1.4 UNet
-    assert counts["embedder"] == (8_853_507 if n_layers == 3 else counts["embedder"])  # DESIGN §2.3 at D = 768
+    assert counts["embedder"] == (8_853_507 if n_layers == 3 else counts["embedder"])  # docs/design.md §2.3 at D = 768
     assert counts["text"] == 123_060_480  # CLIP ViT-L/14 text tower
 
 

@@ -85,7 +85,7 @@ def test_unet_from_pytorch_safetensors_matches_torch(torch_sd, flax_unet):
     with torch.no_grad():
         ref = tunet(torch.from_numpy(x), torch.from_numpy(t), encoder_hidden_states=torch.from_numpy(ctx)).sample
     ref = ref.numpy()
-    # float32 through ~40 layers: ~2e-5 of the output scale (DESIGN §2.5 measured 1.8e-6 on 0.08)
+    # float32 through ~40 layers: ~2e-5 of the output scale (docs/design.md §2.5 measured 1.8e-6 on 0.08)
     np.testing.assert_allclose(ours, ref, rtol=0, atol=5e-5 * np.abs(ref).max())
 
 
@@ -117,11 +117,11 @@ def test_vae_from_pytorch_safetensors_matches_torch(torch_sd):
 @pytest.mark.parametrize("kind, prediction_type", [(k, "epsilon") for k in diffusion.SAMPLERS]
                          + [("dpm", "v_prediction"), ("euler", "v_prediction")])
 def test_sampler_matches_pytorch_scheduler(torch_sd, flax_unet, kind, prediction_type):
-    """Same tiny UNet in both, same initial latents, 10 steps, guidance 7.5 (DESIGN §2.5).
+    """Same tiny UNet in both, same initial latents, 10 steps, guidance 7.5 (docs/design.md §2.5).
 
     Measured max |Δ| / max |ref|: ~1e-5 for all four (pndm 2.7e-4 on 29, ddim 2.9e-4 on 28,
     dpm 4.7e-4 on 49, euler 5.8e-4 on 49; v-prediction dpm / euler ~1.2e-4 on ~4). Without our last-step fix
-    the Flax DPM-Solver++ is off by 3.8e-2 (ε) / 3.4e-2 (v) here (DESIGN §2.5 saw 2.5e-2 on 57).
+    the Flax DPM-Solver++ is off by 3.8e-2 (ε) / 3.4e-2 (v) here (docs/design.md §2.5 saw 2.5e-2 on 57).
     """
     torch, tunet, _, root = torch_sd
     import diffusers

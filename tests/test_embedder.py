@@ -1,4 +1,4 @@
-"""AudioTokenEmbedder vs the PyTorch reference golden tensors (golden/README.md §3)."""
+"""AudioTokenEmbedder vs the PyTorch reference golden tensors (docs/design.md §4.3)."""
 
 import json
 

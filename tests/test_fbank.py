@@ -1,4 +1,4 @@
-"""Kaldi fbank (JAX) against the torchaudio golden tensors (golden/README.md §1.2, §1.4)."""
+"""Kaldi fbank (JAX) against the torchaudio golden tensors (docs/design.md §4.1.2, §4.1.4)."""
 
 import numpy as np
 import pytest

@@ -1,4 +1,4 @@
-"""Losses (DESIGN §1) against numpy transcriptions of the reference code's formulas."""
+"""Losses (docs/design.md §1) against numpy transcriptions of the reference code's formulas."""
 
 import jax
 import jax.numpy as jnp

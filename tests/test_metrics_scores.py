@@ -22,7 +22,7 @@ def np_score(m):
 
 
 def np_paired(ref, gen):
-    """DESIGN §2.8: mean_j [cos(x_j, g_j) − mean_{r≠j} cos(x_r, g_j)]."""
+    """docs/design.md §2.8: mean_j [cos(x_j, g_j) − mean_{r≠j} cos(x_r, g_j)]."""
     M = len(ref)
     terms = []
     for j in range(M):

@@ -1,4 +1,4 @@
-"""Token injection into CLIP text (DESIGN §2.4) and the tiny CLIP tokenizer writer.
+"""Token injection into CLIP text (docs/design.md §2.4) and the tiny CLIP tokenizer writer.
 
 The independent references are transformers' own ``FlaxCLIPTextModel`` / PyTorch ``CLIPTextModel`` run
 on a vocabulary extended by one row holding the audio token (the reference's inference path).

@@ -1,5 +1,5 @@
 """Wav2CLIP audio encoder: parity with the PyTorch reference outputs in golden/wav2clip_audio.npz
-(README §2, tolerances from §0), converter round trips, and the tiny demo writer."""
+(docs/design.md §4.2, tolerances from §4.0), converter round trips, and the tiny demo writer."""
 
 import numpy as np
 import pytest

@@ -1,4 +1,4 @@
-"""Kaldi-compatible log-mel filterbank in JAX (the BEATs front-end, DESIGN §2.1).
+"""Kaldi-compatible log-mel filterbank in JAX (the BEATs front-end, docs/design.md §2.1).
 
 Reproduces ``torchaudio.compliance.kaldi.fbank(w * 2**15, num_mel_bins=128, sample_frequency=16000,
 frame_length=25, frame_shift=10)`` with its defaults: dither 0, snip_edges, DC removal, pre-emphasis

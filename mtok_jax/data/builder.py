@@ -1,4 +1,4 @@
-"""TFDS builder `music_image`: music clips + artworks of 18 labels, paired by label (DESIGN §2.7).
+"""TFDS builder `music_image`: music clips + artworks of 18 labels, paired by label (docs/design.md §2.7).
 
 Built from a manual dir (layouts in `mtok_jax.data.sources`) with `build(...)` or
 `python -m mtok_jax.data.build`, stored as array_record (no TensorFlow needed), read with
@@ -232,7 +232,7 @@ class MusicImage(tfds.core.GeneratorBasedBuilder):
         cfg = self.builder_config
         return tfds.core.DatasetInfo(
             builder=self,
-            description="Music clips and artworks in labelled categories, paired by label (DESIGN §2.7).",
+            description="Music clips and artworks in labelled categories, paired by label.",
             features=tfds.features.FeaturesDict({
                 "audio": tfds.features.Tensor(shape=(None,), dtype=np.int16,
                                               encoding=tfds.features.Encoding.BYTES),

@@ -1,6 +1,6 @@
 """Finding the source files of the music–image dataset: labels, layouts and the split of each file.
 
-Two layouts (DESIGN §2.7) under a manual dir:
+Two layouts (docs/design.md §2.7) under a manual dir:
 - ``folders``: ``audio/<label>/<id>.<ext>`` and ``image/<label>/<id>.<ext>`` (any depth below the
   label folder). The split is derived from the file ids: per label and per modality the files are
   ranked by sha1(id) and the first ``ceil(n/10)`` go to validation, the next ``ceil(n/10)`` to

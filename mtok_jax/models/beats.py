@@ -1,4 +1,4 @@
-"""BEATs audio encoder (microsoft/unilm ``beats/``, the released iter3+ family) in Flax (DESIGN §2.2).
+"""BEATs audio encoder (microsoft/unilm ``beats/``, the released iter3+ family) in Flax (docs/design.md §2.2).
 
 waveform [B, N] 16 kHz ─► Kaldi fbank, normalised [B, F, 128] ─► Conv 16×16/16 (patches, token = t·8 + f)
 ─► LayerNorm(embed_dim) ─► Dense → C ─► (+ GELU(weight-normed grouped conv-pos)) ─► LayerNorm
@@ -44,7 +44,7 @@ BEATS_CONFIG_DEFAULTS: dict[str, Any] = dict(
     finetuned_model=False, predictor_dropout=0.1, predictor_class=527,
 )
 
-# checkpoint['cfg'] of BEATs_iter3_plus_AS2M.pt (golden/README.md §1.6); for eval_shape / benchmarks.
+# checkpoint['cfg'] of BEATs_iter3_plus_AS2M.pt (docs/design.md §4.1.6); for eval_shape / benchmarks.
 BEATS_ITER3_PLUS_AS2M_CFG: dict[str, Any] = dict(
     encoder_layers=12, encoder_embed_dim=768, encoder_ffn_embed_dim=3072, encoder_attention_heads=12,
     embed_dim=512, input_patch_size=16, conv_bias=False, activation_fn="gelu",
@@ -168,7 +168,7 @@ class ConvPositionalEmbedding(nn.Module):
 
     ``kernel`` is ``[K, C/groups, C]`` (the effective, weight-norm-recomposed weight). ``split=True``
     runs it as ``groups`` ungrouped convs on channel slices: numerically the same, and its gradient
-    is ~60× faster on XLA:CPU than ``feature_group_count`` (notes/cpu-anchors.md).
+    is ~60× faster on XLA:CPU than ``feature_group_count`` (docs/design.md §5).
     """
     kernel_size: int
     groups: int

@@ -1,6 +1,6 @@
 """Stable Diffusion parts on diffusers 0.39 Flax classes: configs, loading, noising, sampling steps.
 
-Layout conventions (DESIGN §2.5):
+Layout conventions (docs/design.md §2.5):
   images   [B, H, W, 3] float in [-1, 1] (NHWC, what the data pipeline and PIL use)
   latents  [B, C, h, w] (NCHW, what the Flax UNet takes), already × the VAE ``scaling_factor``
 The NHWC→NCHW transpose happens in :func:`encode_latents` only (and back in :func:`decode_images`).

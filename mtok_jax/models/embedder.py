@@ -1,4 +1,4 @@
-"""AudioToken embedder: BEATs features [B, T, C_in] → one audio token [B, D] (DESIGN §2.3).
+"""AudioToken embedder: BEATs features [B, T, C_in] → one audio token [B, D] (docs/design.md §2.3).
 
 Port of the reference ``FGAEmbedder`` (guyyariv/AudioToken ``modules/AudioToken/embedder.py`` +
 ``modules/FGA/atten.py``, one utility, self-pairwise only):

@@ -1,4 +1,4 @@
-"""Audio-token injection into the frozen CLIP text encoder (DESIGN §2.4).
+"""Audio-token injection into the frozen CLIP text encoder (docs/design.md §2.4).
 
 Choice: we **drive the submodules of transformers 4.57's Flax CLIP text model** instead of owning a
 tower. ``FlaxCLIPTextModule`` is applied with ``method=`` a function of ours that does the embedding
