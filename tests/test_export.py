@@ -132,7 +132,11 @@ def check_unet_loads_in_pytorch(out, sd_path, unet_params) -> None:
                           train=False).sample
     with torch.no_grad():
         pt_out = pt(torch.from_numpy(lat), torch.from_numpy(t), torch.from_numpy(states)).sample.numpy()
-    np.testing.assert_allclose(pt_out, np.asarray(flax_out), atol=1e-4, rtol=1e-4)
+    # float32 Flax vs PyTorch, same weights: measured 0.7–1.1e-4 of the output's std at init and 4–6e-4
+    # with weights ×3 (trained weights grow), for 64- and 128-channel demo UNets alike; a wrong weight
+    # mapping is off by about the output's std itself
+    err = np.abs(pt_out - np.asarray(flax_out)).max()
+    assert err <= 2e-3 * pt_out.std(), (err, pt_out.std())
 
 
 def test_unet_loads_in_diffusers_pytorch(run):
