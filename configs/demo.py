@@ -19,9 +19,10 @@ demo report's AIS / IIS / GIILS 59.98 / 61.03 / 63.47 for the trained model agai
 """
 
 from configs import default
-from mtok_jax.demo.models import DEMO_BEATS_LAYERS, DEMO_IMAGE_SIZE
 
 ROOT = "demo_assets"
+IMAGE_SIZE = 32  # the demo models' size (mtok_jax.demo.models.DEMO_IMAGE_SIZE; tests/test_demo_models.py)
+BEATS_LAYERS = (1, 2, 3)  # 0-based blocks of the 4-layer demo BEATs concatenated for the embedder
 
 
 def get_config():
@@ -29,11 +30,11 @@ def get_config():
     c.workdir_name = "demo"
     c.model.sd_path = f"{ROOT}/sd"
     c.model.beats_path = f"{ROOT}/beats"
-    c.model.beats_layers = tuple(DEMO_BEATS_LAYERS)
+    c.model.beats_layers = BEATS_LAYERS
     c.data.data_dir = f"{ROOT}/data"
     c.data.builder_config = "demo"
     c.data.clip_seconds = 4.0
-    c.data.image_size = DEMO_IMAGE_SIZE
+    c.data.image_size = IMAGE_SIZE
     c.train.trainable = "embedder|unet"
     c.train.epochs = 40
     c.train.batch_size = 8

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mtok_jax import config_utils
 from mtok_jax.demo import models as demo
 from mtok_jax.models import diffusion
 
@@ -69,12 +70,15 @@ def test_parts_load_and_give_finite_nontrivial_outputs(paths):
     unet, unet_params = diffusion.load_unet(paths["sd"])
     out = jax.jit(lambda p, x, t, c: unet.apply({"params": p}, x, t, c).sample)(
         unet_params, latents, jnp.array([10, 900]), states)
-    # BEATs: the layers the demo config concatenates exist
+    # BEATs: the layers the demo config concatenates exist; the config trains at the models' image size
+    config = config_utils.load_config("configs/demo.py", [])
+    layers = tuple(config.model.beats_layers)
+    assert config.data.image_size == demo.DEMO_IMAGE_SIZE
     model, beats_params = beats.load_beats(paths["beats"])
-    assert max(demo.DEMO_BEATS_LAYERS) < model.cfg["encoder_layers"]
+    assert max(layers) < model.cfg["encoder_layers"]
     wave = jnp.asarray(rs.uniform(-0.5, 0.5, (1, 16000)), jnp.float32)
-    feats = beats.audiotoken_features(jax.jit(model.apply)({"params": beats_params}, wave), demo.DEMO_BEATS_LAYERS)
-    assert feats.shape[-1] == len(demo.DEMO_BEATS_LAYERS) * demo.DEMO_BEATS_CFG["encoder_embed_dim"]
+    feats = beats.audiotoken_features(jax.jit(model.apply)({"params": beats_params}, wave), layers)
+    assert feats.shape[-1] == len(layers) * demo.DEMO_BEATS_CFG["encoder_embed_dim"]
     for x in (latents, decoded, states, out, feats):
         x = np.asarray(x)
         assert np.isfinite(x).all() and 0.05 < x.std() < 50, x.std()

@@ -17,7 +17,7 @@ audio token reaches the text states after the placeholder.
 
 Sizes: CLIP text hidden D = 32 (2 layers, 4 heads, 77 positions); VAE (32, 64, 64, 64) with 8-group
 norms and SD's downsampling factor 8 (32 px images ↔ 4×4×4 latents); UNet block_out_channels (64, 64),
-cross-attention D; BEATs embed 32, 4 layers, of which ``DEMO_BEATS_LAYERS`` feed the embedder.
+cross-attention D; BEATs embed 32, 4 layers, of which configs/demo.py's ``model.beats_layers`` feed the embedder.
 
 Why these widths: diffusers' Flax UNet hard-codes 32-group GroupNorms, so with 32 channels every
 channel is normalised alone and a per-channel constant (the timestep embedding, an image's mean colour
@@ -48,7 +48,6 @@ DEMO_BEATS_CFG: dict[str, Any] = {  # BEATs_iter3+ (AS2M) with only the sizes sh
     "encoder_attention_heads": 4, "embed_dim": 32, "conv_pos": 16, "num_buckets": 32, "max_distance": 100,
     "encoder_layerdrop": 0.0,
 }
-DEMO_BEATS_LAYERS = (1, 2, 3)  # 0-based blocks concatenated for the embedder (real: (3, 7, 11) of 12)
 
 DEMO_TEXT_CONFIG: dict[str, Any] = dict(
     hidden_size=DEMO_TEXT_HIDDEN, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
