@@ -346,7 +346,7 @@ class Checkpointer:
         return None
 
     def _check_paths(self, meta: Mapping, params_like: Any, step: int) -> None:
-        have = sorted(traverse_util.flatten_dict(sharding._plain(params_like), sep="/"))
+        have = sorted(sharding.flatten(params_like))
         if list(meta["trainable_paths"]) != have:
             raise CheckpointError(f"{self.latest.directory}/{step} trained {len(meta['trainable_paths'])} leaves, "
                                   f"the config trains {len(have)} other ones (train.trainable changed?): use a "
@@ -462,7 +462,7 @@ def restore_trained(workdir: str | os.PathLike, params: Mapping[str, Any], which
             if step is None:
                 continue
             meta = mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-            flat = traverse_util.flatten_dict(sharding._plain(params), sep="/")
+            flat = sharding.flatten(params)
             missing = [p for p in meta["trainable_paths"] if p not in flat]
             if missing:
                 raise ValueError(f"checkpoint {name}/{step} has leaves the model lacks, e.g. {missing[:3]}")

@@ -258,11 +258,6 @@ def load_system(config, *, labels: Sequence[str] | None = None) -> tuple[System,
 # ---------------------------------------------------------------------------------------------------
 # Shapes without weights
 # ---------------------------------------------------------------------------------------------------
-def _read_json(path: str) -> dict[str, Any]:
-    with open(path) as f:
-        return json.load(f)
-
-
 _SHAPES_CACHE: dict[tuple[str, str], Any] = {}
 
 
@@ -286,11 +281,11 @@ def abstract_system(config, *, full_size: bool = True, num_labels: int = 18) -> 
     if full_size:
         beats_cfg, unet_cfg, vae_cfg = beats_lib.BEATS_ITER3_PLUS_AS2M_CFG, diffusion.SD14_UNET_CONFIG, \
             diffusion.SD14_VAE_CONFIG
-        text_cfg, sched_cfg = diffusion.SD14_TEXT_CONFIG, diffusion.SD14_SCHEDULER_CONFIG
+        text_cfg, sched_cfg = text_lib.SD14_TEXT_CONFIG, diffusion.SD14_SCHEDULER_CONFIG
     else:
-        beats_cfg = _read_json(os.path.join(m.beats_path, "config.json"))
+        beats_cfg = hub.read_json(os.path.join(m.beats_path, "config.json"))
         unet_cfg, vae_cfg, text_cfg = (
-            _read_json(os.path.join(hub.resolve_folder(m.sd_path, part, allow_download=m.allow_download),
+            hub.read_json(os.path.join(hub.resolve_folder(m.sd_path, part, allow_download=m.allow_download),
                                     hub.CONFIG_FILE)) for part in ("unet", "vae", "text_encoder"))
         sched_cfg = diffusion.read_scheduler_config(m.sd_path, allow_download=m.allow_download)
     beats = beats_lib.BEATs(dict(beats_cfg), dtype=dtype, split_conv_pos=m.split_conv_pos)

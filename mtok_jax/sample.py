@@ -100,8 +100,7 @@ def generate_images(system: conditioning.System, params: Mapping[str, Any], unco
     latents = jax.vmap(lambda k: jax.random.normal(k, shape, jnp.float32))(noise_keys)
     latents = diffusion.denoise_latents(system.unet, params["unet"], scheduler, state, cond, uncond, latents,
                                         num_steps=steps, guidance=guidance, on_step=on_step)
-    images = diffusion.decode_images(system.vae, params["vae"], latents)
-    return jnp.clip(jnp.round((images + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
+    return diffusion.images_to_uint8(diffusion.decode_images(system.vae, params["vae"], latents))
 
 
 def image_keys(seeds: Sequence[int], num_images: int) -> np.ndarray:

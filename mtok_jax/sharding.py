@@ -104,13 +104,13 @@ def path_matcher(pattern: str):
 def trainable_paths(params: Mapping[str, Any], pattern: str) -> list[str]:
     """Sorted leaf paths of `params` that `pattern` selects."""
     is_trainable = path_matcher(pattern)
-    return sorted(k for k in traverse_util.flatten_dict(_plain(params), sep="/") if is_trainable(k))
+    return sorted(k for k in flatten(params) if is_trainable(k))
 
 
 def split_params(params: Mapping[str, Any], pattern: str) -> tuple[dict, dict]:
     """→ (trainable, frozen): two nested dicts that partition the leaves of `params` by `pattern`."""
     is_trainable = path_matcher(pattern)
-    flat = traverse_util.flatten_dict(_plain(params), sep="/")
+    flat = flatten(params)
     trainable = {k: v for k, v in flat.items() if is_trainable(k)}
     if not trainable:
         raise ValueError(f"train.trainable={pattern!r} selects no parameter")
@@ -120,9 +120,14 @@ def split_params(params: Mapping[str, Any], pattern: str) -> tuple[dict, dict]:
 
 def merge_params(trainable: Mapping[str, Any], frozen: Mapping[str, Any]) -> dict:
     """Inverse of :func:`split_params`."""
-    flat = traverse_util.flatten_dict(_plain(frozen), sep="/")
-    flat.update(traverse_util.flatten_dict(_plain(trainable), sep="/"))
+    flat = flatten(frozen)
+    flat.update(flatten(trainable))
     return traverse_util.unflatten_dict(flat, sep="/")
+
+
+def flatten(tree: Mapping[str, Any]) -> dict[str, Any]:
+    """Nested params (dicts or FrozenDicts) → {'a/b/c': leaf}, the paths `train.trainable` matches."""
+    return traverse_util.flatten_dict(_plain(tree), sep="/")
 
 
 def _plain(tree: Mapping[str, Any]) -> dict:

@@ -93,6 +93,14 @@ def example_keys(key: jax.Array, num: int, offset: int = 0) -> jax.Array:
     return jax.vmap(lambda i: jax.random.fold_in(key, i))(idx)
 
 
+def split_example_keys(keys: jax.Array) -> dict[str, jax.Array]:
+    """Example keys [B] → {'token', 'vae', 'noise', 'timestep'}: [B] keys each (split(key, 4) in that
+    order), the one split that the loss and the accumulation pre-pass share; CFG dropout draws from
+    fold_in(key, 4)."""
+    k = jax.vmap(lambda key: jax.random.split(key, 4))(keys)
+    return {name: k[:, i] for i, name in enumerate(("token", "vae", "noise", "timestep"))}
+
+
 # ===================================================================================================
 # The loss of one batch on the real system
 # ===================================================================================================
@@ -104,8 +112,8 @@ def system_outputs(system: conditioning.System, trainable: Mapping, frozen: Mapp
     UNet(noisy, t, states). → {'pred', 'target' [B, C, h, w], 'token', 'tau' [B, D]}.
     """
     params = sharding.merge_params(trainable, frozen)
-    k = jax.vmap(lambda key: jax.random.split(key, 4))(keys)  # [B, 4]: token, vae, noise, timestep
-    token = conditioning.audio_token(system, params, batch["audio"], rng=k[:, 0], train=train)
+    k = split_example_keys(keys)
+    token = conditioning.audio_token(system, params, batch["audio"], rng=k["token"], train=train)
     states = conditioning.text_states(system, params, token, "train")
     p_uncond = float(system.config.train.uncond_prob)
     if train and p_uncond > 0:  # classifier-free guidance dropout: the empty prompt's states instead
@@ -113,10 +121,10 @@ def system_outputs(system: conditioning.System, trainable: Mapping, frozen: Mapp
         drop = jax.vmap(lambda key: jax.random.bernoulli(jax.random.fold_in(key, 4), p_uncond))(keys)
         states = jnp.where(drop[:, None, None], uncond, states)
     latents = jax.vmap(lambda img, key: diffusion.encode_latents(system.vae, params["vae"], img[None], key)[0])(
-        batch["image"], k[:, 1])
-    noise = jax.vmap(lambda key: jax.random.normal(key, latents.shape[1:], latents.dtype))(k[:, 2])
+        batch["image"], k["vae"])
+    noise = jax.vmap(lambda key: jax.random.normal(key, latents.shape[1:], latents.dtype))(k["noise"])
     num_t = system.noise_scheduler.config.num_train_timesteps
-    t = jax.vmap(lambda key: jax.random.randint(key, (), 0, num_t))(k[:, 3])
+    t = jax.vmap(lambda key: jax.random.randint(key, (), 0, num_t))(k["timestep"])
     noisy, target = diffusion.noisy_latents_and_target(system.noise_scheduler, system.noise_state, latents, noise, t)
     pred = system.unet.apply({"params": params["unet"]}, noisy, t, states, train=False).sample
     return {"pred": pred, "target": target, "token": token, "tau": system.label_targets[batch["label"]]}
@@ -138,8 +146,8 @@ def system_cosines(system: conditioning.System, trainable: Mapping, frozen: Mapp
                    keys: jax.Array) -> jax.Array:
     """cos(audio token, label target) per example [B], with the randomness of system_loss."""
     params = sharding.merge_params(trainable, frozen)
-    k = jax.vmap(lambda key: jax.random.split(key, 4))(keys)
-    token = conditioning.audio_token(system, params, batch["audio"], rng=k[:, 0], train=True)
+    token = conditioning.audio_token(system, params, batch["audio"], rng=split_example_keys(keys)["token"],
+                                     train=True)
     return losses.cosine_similarity(token, system.label_targets[batch["label"]])
 
 

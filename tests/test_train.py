@@ -19,7 +19,6 @@ import jax.numpy as jnp
 import numpy as np
 import ml_collections
 import pytest
-from flax import traverse_util
 
 from mtok_jax import checkpoints, conditioning, config_utils, sharding, train
 from mtok_jax.data import pipeline, sources
@@ -87,7 +86,7 @@ def run_step(system, params, pattern: str, mesh, batch, fsdp_min_size: int = 2 *
 
 
 def flat(tree):
-    return traverse_util.flatten_dict(sharding._plain(tree), sep="/")
+    return sharding.flatten(tree)
 
 
 EXP2 = "embedder|beats|unet"

@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import glob
 import inspect
-import json
 import os
 from typing import Any, Mapping
 
@@ -72,26 +71,6 @@ SD14_VAE_CONFIG: dict[str, Any] = {
     "up_block_types": ["UpDecoderBlock2D"] * 4,
     "scaling_factor": 0.18215,
 }
-SD14_TEXT_CONFIG: dict[str, Any] = {
-    "architectures": ["CLIPTextModel"],
-    "attention_dropout": 0.0,
-    "bos_token_id": 0,
-    "dropout": 0.0,
-    "eos_token_id": 2,
-    "hidden_act": "quick_gelu",
-    "hidden_size": 768,
-    "initializer_factor": 1.0,
-    "initializer_range": 0.02,
-    "intermediate_size": 3072,
-    "layer_norm_eps": 1e-05,
-    "max_position_embeddings": 77,
-    "model_type": "clip_text_model",
-    "num_attention_heads": 12,
-    "num_hidden_layers": 12,
-    "pad_token_id": 1,
-    "projection_dim": 768,
-    "vocab_size": 49408,
-}
 SD14_SCHEDULER_CONFIG: dict[str, Any] = {
     "_class_name": "PNDMScheduler",
     "beta_end": 0.012,
@@ -109,11 +88,6 @@ FLAX_WEIGHTS = "diffusion_flax_model.msgpack"
 PT_SAFETENSORS = "diffusion_pytorch_model.safetensors"
 PT_BIN = "diffusion_pytorch_model.bin"
 CONFIG_FILE = hub.CONFIG_FILE
-
-
-def _read_json(path: str) -> dict[str, Any]:
-    with open(path) as f:
-        return json.load(f)
 
 
 # --------------------------------------------------------------------------------------- modules
@@ -184,7 +158,7 @@ def _safetensors_files(folder: str) -> list[str]:
         return [single]
     index = single + ".index.json"
     if os.path.isfile(index):
-        return [os.path.join(folder, f) for f in sorted(set(_read_json(index)["weight_map"].values()))]
+        return [os.path.join(folder, f) for f in sorted(set(hub.read_json(index)["weight_map"].values()))]
     variants = sorted(glob.glob(os.path.join(folder, "diffusion_pytorch_model.*.safetensors")))
     return variants[:1]
 
@@ -232,14 +206,14 @@ def _load_model(folder: str, module) -> dict[str, Any]:
 def load_unet(path: str | os.PathLike, dtype=jnp.float32, *, allow_download: bool = False):
     """UNet folder / SD root / hub id → ``(FlaxUNet2DConditionModel, params)``; params float32, compute ``dtype``."""
     folder = hub.resolve_folder(path, "unet", allow_download=allow_download)
-    module = unet_from_config(_read_json(os.path.join(folder, CONFIG_FILE)), dtype=dtype)
+    module = unet_from_config(hub.read_json(os.path.join(folder, CONFIG_FILE)), dtype=dtype)
     return module, _load_model(folder, module)
 
 
 def load_vae(path: str | os.PathLike, dtype=jnp.float32, *, allow_download: bool = False):
     """VAE folder / SD root / hub id → ``(FlaxAutoencoderKL, params)``; params float32, compute ``dtype``."""
     folder = hub.resolve_folder(path, "vae", allow_download=allow_download)
-    module = vae_from_config(_read_json(os.path.join(folder, CONFIG_FILE)), dtype=dtype)
+    module = vae_from_config(hub.read_json(os.path.join(folder, CONFIG_FILE)), dtype=dtype)
     return module, _load_model(folder, module)
 
 
@@ -247,7 +221,7 @@ def load_vae(path: str | os.PathLike, dtype=jnp.float32, *, allow_download: bool
 def read_scheduler_config(path: str | os.PathLike, *, allow_download: bool = False) -> dict[str, Any]:
     """The ``scheduler_config.json`` of an SD root / scheduler folder / hub id."""
     folder = hub.resolve_folder(path, "scheduler", "scheduler_config.json", allow_download=allow_download)
-    return _read_json(os.path.join(folder, "scheduler_config.json"))
+    return hub.read_json(os.path.join(folder, "scheduler_config.json"))
 
 
 def _scheduler(cls, config: Mapping[str, Any]):
@@ -378,7 +352,6 @@ def noisy_latents_and_target(scheduler, state, latents, noise, timesteps):
     raise ValueError(f"prediction_type {kind!r} is not supported for training (epsilon or v_prediction)")
 
 
-def images_to_uint8(images) -> np.ndarray:
-    """[..., H, W, 3] in [-1, 1] → uint8 [0, 255] (clipped, rounded)."""
-    x = (np.asarray(images, np.float32) + 1.0) * 127.5
-    return np.clip(np.round(x), 0, 255).astype(np.uint8)
+def images_to_uint8(images: jax.Array) -> jax.Array:
+    """[..., H, W, 3] float in [-1, 1] → uint8 [0, 255] (rounded, clipped); jit-able."""
+    return jnp.clip(jnp.round((images + 1.0) * 127.5), 0, 255).astype(jnp.uint8)

@@ -14,12 +14,19 @@ folder. Nothing is sent to the Hub unless ``allow_download`` (``model.allow_down
 
 from __future__ import annotations
 
+import json
 import os
 import re
 
 import huggingface_hub
 
 CONFIG_FILE = "config.json"
+
+
+def read_json(path: str | os.PathLike) -> dict:
+    """A model folder's JSON file (config.json, model_index.json, scheduler_config.json, an index) → dict."""
+    with open(path) as f:
+        return json.load(f)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 

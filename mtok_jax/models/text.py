@@ -41,11 +41,13 @@ MAX_LENGTH = 77
 PLACEHOLDER = "<*>"
 LEGACY_EOS_ID = 2  # transformers' marker for configs saved before the EOS fix (pool at argmax(ids))
 
-# CLIP ViT-L/14 text tower as in CompVis/stable-diffusion-v1-4 text_encoder/config.json.
+# CLIP ViT-L/14 text tower: CompVis/stable-diffusion-v1-4 text_encoder/config.json.
 SD14_TEXT_CONFIG: dict[str, Any] = {
-    "vocab_size": 49408, "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
-    "num_attention_heads": 12, "max_position_embeddings": 77, "hidden_act": "quick_gelu",
-    "layer_norm_eps": 1e-5, "projection_dim": 768, "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1,
+    "architectures": ["CLIPTextModel"], "attention_dropout": 0.0, "bos_token_id": 0, "dropout": 0.0,
+    "eos_token_id": 2, "hidden_act": "quick_gelu", "hidden_size": 768, "initializer_factor": 1.0,
+    "initializer_range": 0.02, "intermediate_size": 3072, "layer_norm_eps": 1e-05, "max_position_embeddings": 77,
+    "model_type": "clip_text_model", "num_attention_heads": 12, "num_hidden_layers": 12, "pad_token_id": 1,
+    "projection_dim": 768, "vocab_size": 49408,
 }
 
 
