@@ -495,7 +495,8 @@ def _train(config, workdir: str, stop: signals.GracefulStop) -> dict[str, Any]:
             ckpt.save_latest(step, trainable, opt_state, meta())
             if validation_images.due(epoch):  # after the saves: a kill here loses no training
                 validation_images.write(epoch, step, sharding.merge_params(trainable, frozen), tb)
-            interrupted = stop.requested
+            finished = epoch >= t.epochs or step >= max_steps
+            interrupted = None if finished else stop.requested  # a signal in the last validation: nothing left
             speed.exclude_since_last()  # the next step time leaves out validation and its images
         ckpt.wait()
     finally:

@@ -193,6 +193,18 @@ def test_kills_signals_and_damage_resume_bit_identical(tiny_assets, reference, t
         print("  ", row)
 
 
+def test_signal_during_the_last_validation_finishes_the_run(tiny_assets, reference, tmp_path):
+    """SIGTERM while the last epoch is validated: the run completes (exit 0, "done", no "interrupted …
+    rerun" message, as there is nothing left to resume) and equals the uninterrupted one."""
+    workdir = tmp_path / "last"
+    val_batches = 2  # 3 validation clips in global batches of 2 (lcm of val_batch_size 1 and the 2 devices)
+    proc = run(tiny_assets, workdir, f"term@validation:{(EPOCHS - 1) * val_batches + 1}")
+    assert "FAULT term@validation" in proc.stderr, proc.stderr[-3000:]
+    assert proc.returncode == 0 and "done: step" in proc.stderr, proc.stderr[-3000:]
+    assert "interrupted at step" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert_same_run(workdir, reference)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Disk full
 # ---------------------------------------------------------------------------------------------------
