@@ -153,18 +153,15 @@ UNCONDITIONAL_PROMPT = ""  # the negative prompt of classifier-free guidance (an
 
 def negative_prompt_ids(system: System, prompt: str = UNCONDITIONAL_PROMPT) -> np.ndarray:
     """int32 [1, 77] ids of a plain prompt (the negative prompt of classifier-free guidance)."""
-    return np.asarray(system.tokenizer([prompt], padding="max_length", max_length=system.inference_ids.shape[-1],
-                                       truncation=True, return_tensors="np")["input_ids"], np.int32)
+    return text_lib.tokenize_plain(system.tokenizer, [prompt], max_length=system.inference_ids.shape[-1])
 
 
 def unconditional_states(system: System, text_params: Mapping[str, Any],
                          ids: jax.Array | None = None) -> jax.Array:
     """CLIP last_hidden_state [1, 77, D] of the negative prompt `ids` [1, 77] (default: the empty
     prompt; plain CLIP, no audio token)."""
-    ids = jnp.asarray(negative_prompt_ids(system) if ids is None else ids)
-    positions = jnp.arange(ids.shape[-1], dtype=jnp.int32)[None]
-    out = system.text.apply({"params": text_params}, ids, jnp.ones_like(ids), positions, deterministic=True)
-    return out[0].astype(jnp.float32)
+    ids = negative_prompt_ids(system) if ids is None else ids
+    return text_lib.plain_text_states(system.text, text_params, ids).astype(jnp.float32)
 
 
 # ---------------------------------------------------------------------------------------------------
