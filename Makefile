@@ -26,7 +26,7 @@ venv: $(VENV)/.core
 venv-test: $(VENV)/.test
 
 demo: $(VENV)/.core
-	$(PY) -m mtok_jax.demo.run
+	$(PY) demo.py
 
 # TEST_WORKERS pytest-xdist processes, each test file in one of them (its module fixtures built once), in
 # collection order: tests/conftest.py puts the slowest files first.

@@ -23,7 +23,8 @@ import sys
 
 from absl import app, flags
 
-from mtok_jax import _compat, cli, config_utils
+from mtok_jax import checkpoints, cli, config_utils, export, sample
+from mtok_jax.constants import SAMPLERS
 
 _CONFIG = cli.define_config_file("config", "configs/demo.py", "Config file (configs/*.py).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: runs/<config.workdir_name>).")
@@ -32,13 +33,12 @@ _AUDIO = flags.DEFINE_string("audio", None, "Audio file or folder (default: the 
 _NUM_IMAGES = flags.DEFINE_integer("num_images", None, "Images per audio (default: config.sample.num_images).")
 _STEPS = flags.DEFINE_integer("steps", None, "Denoising steps (default: config.sample.steps).")
 _GUIDANCE = flags.DEFINE_float("guidance", None, "Classifier-free guidance scale (default: config.sample.guidance).")
-_SCHEDULER = flags.DEFINE_enum("scheduler", None, ["pndm", "ddim", "dpm", "euler"],
+_SCHEDULER = flags.DEFINE_enum("scheduler", None, list(SAMPLERS),
                                "Sampler (default: config.sample.scheduler).")
 _SEED = flags.DEFINE_integer("seed", None, "Seed of the first audio file; file i uses seed + i "
                                            "(default: config.sample.seed).")
 _OUT = flags.DEFINE_string("out", None, "Output folder (default: WORKDIR/samples).")
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "best | latest | a step number | none (untrained); "
-                                                     "default: best, else latest.")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, cli.CHECKPOINT_HELP)
 _MODEL = flags.DEFINE_string("model", None, "Exported model folder (python -m mtok_jax.export): its config.json and "
                                             "weights, no workdir or checkpoint (output default: DIR/samples).")
 _PER_LABEL = flags.DEFINE_integer("per_label", 0, "With the default audio: files per label (0 = all).")
@@ -56,18 +56,14 @@ _BATCH = flags.DEFINE_integer("batch", 8, "Images dispatched per host round trip
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    config = config_utils.validate(_CONFIG.value)  # first: a bad value fails in a second, not after imports
-    _compat.quiet_third_party_loggers()
-    logging.getLogger("absl").setLevel(logging.WARNING)
-    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # "Unable to initialize backend 'tpu'"
-    logging.getLogger("mtok_jax").setLevel(logging.INFO)
-    from mtok_jax import checkpoints, export, sample
+    config = config_utils.validate(_CONFIG.value)
+    cli.setup_logging()
     # Input errors first, before minutes of model loading.
     if _MODEL.value:  # an exported model folder: its config and weights, no workdir or checkpoint
         config = export.load_model_config(_MODEL.value, [a for a in sys.argv[1:] if a.startswith("--config.")])
         workdir, checkpoint = _MODEL.value, None
     else:
-        workdir = _WORKDIR.value or os.path.join("runs", config.workdir_name)
+        workdir = _WORKDIR.value or cli.default_workdir(config)
         checkpoint = checkpoints.select(workdir, _CHECKPOINT.value)
     s = config.sample
     if _PROMPT.value is not None:

@@ -12,12 +12,11 @@ step and exit with 0 / 130; a second Ctrl-C exits at once. One run per workdir (
 import mtok_jax  # noqa: F401  (first: sets USE_TF=0 before transformers loads)
 
 import logging
-import os
 import sys
 
 from absl import app, flags
 
-from mtok_jax import _compat, cli, config_utils
+from mtok_jax import cli, config_utils, signals, train
 
 _CONFIG = cli.define_config_file("config", "configs/demo.py", "Config file (configs/*.py).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: runs/<config.workdir_name>).")
@@ -26,13 +25,9 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: runs/<c
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    config = config_utils.validate(_CONFIG.value)  # first: a bad value fails in a second, not after imports
-    _compat.quiet_third_party_loggers()
-    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every file it writes at INFO
-    logging.getLogger("mtok_jax").setLevel(logging.INFO)
-    from mtok_jax import signals, train
-
-    workdir = _WORKDIR.value or os.path.join("runs", config.workdir_name)
+    config = config_utils.validate(_CONFIG.value)
+    cli.setup_logging()
+    workdir = _WORKDIR.value or cli.default_workdir(config)
     logging.getLogger("mtok_jax").info("config: %s", cli.config_source())
     result = train.train_and_evaluate(config, workdir)
     if result["interrupted"]:

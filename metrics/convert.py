@@ -11,53 +11,39 @@ a file holding non-tensor objects is refused unless ``--trusted`` is given (as i
 
 from __future__ import annotations
 
-import argparse
 from typing import Sequence
 
 import mtok_jax  # noqa: F401  (environment setup first)
+
+import jax
+from absl import app, flags
+
+from metrics import inception, wav2clip
 from mtok_jax import cli
-from mtok_jax.convert import add_trusted_flag
+from mtok_jax.convert import TRUSTED_HELP
+from mtok_jax.params_io import load_params
+
+COMMANDS = {"inception": ("pytorch-fid's FID Inception weights (pt_inception-2015-12-05-*.pth)",
+                          inception.convert_checkpoint, "Inception-V3 (FID) → {out}: {n:,} parameters"),
+            "wav2clip": ("official Wav2CLIP.pt (audio_encoder.*, audio_transform.*)", wav2clip.convert_checkpoint,
+                         "Wav2CLIP audio encoder → {out}: {n:,} values")}
 
 
-def _count(directory: str) -> int:
-    from mtok_jax.params_io import load_params
-
-    params, _ = load_params(directory)
-    import jax
-
-    return sum(int(x.size) for x in jax.tree_util.tree_leaves(params))
-
-
-def _cmd_inception(args: argparse.Namespace) -> None:
-    from metrics.inception import convert_checkpoint
-
-    out = convert_checkpoint(args.checkpoint, args.out_dir, trusted=args.trusted)
-    print(f"Inception-V3 (FID) → {out}: {_count(out):,} parameters")
-
-
-def _cmd_wav2clip(args: argparse.Namespace) -> None:
-    from metrics.wav2clip import convert_checkpoint
-
-    out = convert_checkpoint(args.checkpoint, args.out_dir, trusted=args.trusted)
-    print(f"Wav2CLIP audio encoder → {out}: {_count(out):,} values")
+def _define(fv: flags.FlagValues, argv: list[str]) -> None:
+    flags.DEFINE_bool("trusted", False, TRUSTED_HELP, flag_values=fv)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = cli.ArgumentParser(
-        prog="python -m metrics.convert", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="model", required=True)
-    p = sub.add_parser("inception", help="pytorch-fid's FID Inception weights (pt_inception-2015-12-05-*.pth)")
-    p.add_argument("checkpoint", type=cli.existing_file)
-    p.add_argument("out_dir")
-    add_trusted_flag(p)
-    p.set_defaults(func=_cmd_inception)
-    p = sub.add_parser("wav2clip", help="official Wav2CLIP.pt (audio_encoder.*, audio_transform.*)")
-    p.add_argument("checkpoint", type=cli.existing_file)
-    p.add_argument("out_dir")
-    add_trusted_flag(p)
-    p.set_defaults(func=_cmd_wav2clip)
-    args = parser.parse_args(argv)
-    args.func(args)
+    prog = "python -m metrics.convert"
+    doc = __doc__ + "\nCommands:\n" + "\n".join(f"  {name}: {c[0]}" for name, c in COMMANDS.items())
+    fv, rest = cli.parse_command(prog, doc, _define, argv, args="{inception,wav2clip} CHECKPOINT OUT_DIR")
+    model, checkpoint, out_dir = cli.positional(rest, ("{inception,wav2clip}", "CHECKPOINT", "OUT_DIR"), prog)
+    if model not in COMMANDS:
+        raise app.UsageError(f"unknown model {model!r}: choose inception or wav2clip (see {prog} --help)")
+    _, convert, done = COMMANDS[model]
+    out = convert(cli.existing_file("checkpoint", checkpoint), out_dir, trusted=fv.trusted)
+    params, _ = load_params(out)
+    print(done.format(out=out, n=sum(int(x.size) for x in jax.tree.leaves(params))))
 
 
 if __name__ == "__main__":

@@ -41,7 +41,16 @@ import time
 from typing import Any, Mapping, Sequence
 
 import mtok_jax  # noqa: F401  (USE_TF=0 before transformers loads)
-from mtok_jax import cli, config_utils, errors
+from metrics import ais, fid, giils, iis
+from metrics.clip_image import embed_images, load_clip_image
+from metrics.inception import load_inception, pool3_features
+from metrics.scores import equal_rows
+from metrics.wav2clip import embed_audio, load_wav2clip
+from mtok_jax import checkpoints, cli, config_utils, errors, sample
+from mtok_jax.audio.io import fit_length, from_pcm16, load_audio, resample, to_pcm16
+from mtok_jax.constants import SAMPLE_RATE
+from mtok_jax.data import pipeline
+from mtok_jax.data.images import decode_image
 
 import numpy as np
 import tqdm
@@ -90,10 +99,6 @@ class MetricModels:
 
     @classmethod
     def load(cls, clip_path, inception_path, wav2clip_path) -> "MetricModels":
-        from metrics.clip_image import load_clip_image
-        from metrics.inception import load_inception
-        from metrics.wav2clip import load_wav2clip
-
         clip = load_clip_image(clip_path)
         w2c = load_wav2clip(wav2clip_path)
         audio_dim = int(w2c[2]["mlp_units"][-1])
@@ -107,8 +112,6 @@ class MetricModels:
 
 def embed_audio_batched(models: MetricModels, waveforms: np.ndarray, batch_size: int = 8) -> np.ndarray:
     """float32 [M, N] 16 kHz clips → Wav2CLIP [M, d], per-clip normalisation, fixed-size jitted batches."""
-    from metrics.wav2clip import embed_audio
-
     model, variables, config = models.wav2clip
     m = waveforms.shape[0]
     bs = max(1, min(batch_size, m))
@@ -125,9 +128,6 @@ def embed_audio_batched(models: MetricModels, waveforms: np.ndarray, batch_size:
 def embed_all(models: MetricModels, generated: np.ndarray, ground_truth: np.ndarray | None,
               waveforms: np.ndarray) -> tuple[dict[str, np.ndarray], dict[str, float]]:
     """All embeddings + throughput. generated / ground_truth uint8 [M, H, W, 3]; waveforms float32 [M, N]."""
-    from metrics.clip_image import embed_images
-    from metrics.inception import pool3_features
-
     emb, timing = {}, {}
 
     def timed(name, batch, fn, x):
@@ -186,8 +186,6 @@ def paired_found(reference: np.ndarray, paired: np.ndarray, metric: str, what: s
     """How many of the M paired embeddings [M, d] occur exactly among the reference rows [T, d] (the
     reference baselines drop a pair's own term by exact equality, as the scripts do); a warning for
     those that do not (their own term then stays in their baseline)."""
-    from metrics.scores import equal_rows
-
     found = int(np.sum(np.any(np.asarray(equal_rows(reference, paired)), axis=0)))  # [T, M] → per pair
     if found < len(paired):
         log.warning("%s over the test split: %d of %d paired %s are not exactly in the reference set, so their "
@@ -198,8 +196,6 @@ def paired_found(reference: np.ndarray, paired: np.ndarray, metric: str, what: s
 def compute_metrics(emb: Mapping[str, np.ndarray], labels: Sequence[int], label_names: Mapping[int, str],
                     per_label: int) -> dict[str, Any]:
     """AIS / IIS / FID / GIILS (default and faithful) from the embeddings of :func:`embed_all`."""
-    from metrics import ais, fid, giils, iis
-
     out: dict[str, Any] = {}
 
     def sim(s):
@@ -261,7 +257,6 @@ def write_grids(out_dir: str, generated: np.ndarray, labels: Sequence[int], labe
                 n: int = 4) -> dict[str, str]:
     """One grid of the first ``n`` generated images per label (2 columns, cells upscaled to ≥128 px and
     captioned, ``mtok_jax.sample.write_grid``) → {label name: path relative to out_dir}."""
-    from mtok_jax.sample import write_grid
 
     os.makedirs(os.path.join(out_dir, "grids"), exist_ok=True)
     labels = np.asarray(labels)
@@ -270,7 +265,7 @@ def write_grids(out_dir: str, generated: np.ndarray, labels: Sequence[int], labe
         idx = np.flatnonzero(labels == lab)[:n]
         name = label_names.get(int(lab), str(lab))
         rel = os.path.join("grids", f"{_slug(name)}.png")
-        write_grid(os.path.join(out_dir, rel), generated[idx], [name] * len(idx), columns=min(2, len(idx)))
+        sample.write_grid(os.path.join(out_dir, rel), generated[idx], [name] * len(idx), columns=min(2, len(idx)))
         paths[name] = rel
     return paths
 
@@ -424,13 +419,12 @@ def score_images(images_dir: str, models: MetricModels, out_dir: str, *, per_lab
     reference: {'reference_audio_wav2clip' [T, d], 'reference_image_clip' [T', d], ids} (:func:`reference_embeddings`)
     adds AIS/IIS with baselines over those sets (pairs that are records of them use their rows:
     :func:`use_reference_rows`)."""
-    from mtok_jax.audio.io import load_audio
 
     rows = read_manifest(images_dir)
     generated = _stack([_load_rgb(r["image"]) for r in rows], "generated")
     has_gt = all(r.get("ground_truth") for r in rows)
     ground_truth = _stack([_load_rgb(r["ground_truth"]) for r in rows], "ground-truth") if has_gt else None
-    waveforms = np.stack([load_audio(r["audio"], 16000, clip_seconds, min_seconds=0.0, silence_dbfs=None)
+    waveforms = np.stack([load_audio(r["audio"], SAMPLE_RATE, clip_seconds, min_seconds=0.0, silence_dbfs=None)
                           for r in rows])
     labels, names = _label_table(rows)
     t = time.perf_counter()
@@ -511,12 +505,9 @@ def generate_test_images(config, workdir, images_dir: str, *, checkpoint="best",
     import soundfile as sf
     from PIL import Image
 
-    from mtok_jax import conditioning, sample
-    from mtok_jax.audio.io import to_pcm16
-    from mtok_jax.data.images import decode_image
 
-    d, s = config.data, config.sample
-    ds = conditioning.open_dataset(config)
+    s = config.sample
+    ds = pipeline.open_configured(config)
     test_labels = ds.labels("test")
     if test_labels.shape[0] == 0:
         raise ValueError(f"{ds.path}: the test split is empty")
@@ -533,7 +524,7 @@ def generate_test_images(config, workdir, images_dir: str, *, checkpoint="best",
     if pipe is None:
         pipe = sample.load_pipeline(config, workdir, checkpoint)
     checkpoint = pipe.checkpoint
-    rate = sample.sample_rate(config)
+    rate = config_utils.sample_rate(config)
     settings = dict(scheduler=s.scheduler, steps=int(s.steps), guidance=float(s.guidance),
                     prompt=config.prompt.inference, checkpoint=None if checkpoint is None else str(checkpoint),
                     config=config.workdir_name, workdir=os.fspath(workdir) if workdir else None,
@@ -579,17 +570,12 @@ def reference_embeddings(models: MetricModels, config, batch: int = 64) -> dict[
     audio, resampled to 16 kHz, ``data.clip_seconds``) → 'reference_audio_wav2clip' [T, d], and CLIP of every
     test-split image (``test_images``) → 'reference_image_clip' [T', d], with their records' ids
     ('reference_audio_ids' [T], 'reference_image_ids' [T'], str). Read and embedded in chunks."""
-    from metrics.clip_image import embed_images
-    from mtok_jax import conditioning, sample
-    from mtok_jax.audio.io import fit_length, from_pcm16, resample
-    from mtok_jax.data.images import decode_image
-
-    ds = conditioning.open_dataset(config)
-    rate, n_out = sample.sample_rate(config), int(round(float(config.data.clip_seconds) * 16000))
+    ds = pipeline.open_configured(config)
+    rate, n_out = config_utils.sample_rate(config), int(round(float(config.data.clip_seconds) * SAMPLE_RATE))
     out = {}
     for split, (key, ids, id_field), read, embed in (
             ("test", REFERENCE_ROWS[0][1:],
-             lambda r: fit_length(resample(from_pcm16(r["audio"]), rate, 16000), n_out),
+             lambda r: fit_length(resample(from_pcm16(r["audio"]), rate, SAMPLE_RATE), n_out),
              lambda x: embed_audio_batched(models, np.stack(x), AUDIO_BATCH)),
             ("test_images", REFERENCE_ROWS[1][1:], lambda r: decode_image(r["image"]),
              lambda x: embed_images(models.clip, np.stack(x), CLIP_BATCH))):
@@ -628,17 +614,13 @@ def evaluate_checkpoint(config, workdir, *, checkpoint="best", num_images: int =
 
 
 # ------------------------------------------------------------------------------------------ CLI
-def _flags(argv: Sequence[str]) -> flags.FlagValues:
-    """The command's absl flags (a FlagValues of its own, so `main(argv)` can be called in-process),
-    `--config` / `--config.a.b=value` exactly as train.py and sample.py (mtok_jax.cli)."""
-    fv = flags.FlagValues()
+def _define(fv: flags.FlagValues, argv: list[str]) -> None:
+    """The command's flags; `--config` / `--config.a.b=value` exactly as train.py and sample.py (mtok_jax.cli)."""
     cli.define_config_file("config", None, "experiment config file (configs/*.py); default with --workdir: the "
                            "run's config.json", argv, flag_values=fv)
-    define = lambda kind, name, default, help_: getattr(flags, f"DEFINE_{kind}")(  # noqa: E731
-        name, default, help_, flag_values=fv)
+    define = cli.definer(fv)
     define("string", "workdir", None, "training workdir holding the checkpoints (generation mode)")
-    define("string", "checkpoint", None, "best | latest | a step | none (untrained init; smoke tests); "
-                                         "default: best, else latest (generation mode)")
+    define("string", "checkpoint", None, f"generation mode: {cli.CHECKPOINT_HELP}")
     define("string", "images", None, "score an existing manifest folder instead of generating")
     define("string", "items", None, "generation mode: the test records to generate from (a manifest.jsonl of an "
                                     "earlier run, or one test index / audio id per line) instead of the "
@@ -652,20 +634,13 @@ def _flags(argv: Sequence[str]) -> flags.FlagValues:
     define("float", "clip_seconds", None, "audio clip length (default config.data.clip_seconds or 30)")
     define("bool", "reference_sets", False, "--images mode: also score AIS/IIS with baselines over the --config "
                                             "dataset's whole test split (generation mode always does)")
-    define("bool", "verbose", False, cli.VERBOSE_HELP)
-    return fv
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    argv = ["python -m metrics.evaluate", *(sys.argv[1:] if argv is None else argv)]
-    if {"--help", "-h", "--helpfull"} & set(argv):
-        print(__doc__ + "\n" + _flags(argv[:1]).get_help())
-        raise SystemExit(0)
-    mtok_jax._compat.quiet_third_party_loggers()
-    fv = _flags(argv)
-    rest = cli.parse_flags(argv, fv)
-    if len(rest) > 1:
-        raise app.UsageError(f"unexpected arguments: {rest[1:]}")
+    prog = "python -m metrics.evaluate"
+    fv, rest = cli.parse_command(prog, __doc__, _define, argv)
+    cli.positional(rest, (), prog)
+    cli.setup_logging()
     config = None if fv.config is None else config_utils.validate(fv.config)
     if config is not None:
         print(f"config: {cli.config_source('config', fv)}", file=sys.stderr)
@@ -701,8 +676,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         report = score_images(fv.images, models, out, per_label=per_label, clip_seconds=clip_seconds,
                               reference=reference)
     else:
-        from mtok_jax import checkpoints
-
         checkpoint = checkpoints.select(fv.workdir, fv.checkpoint)  # before any model loads
         num_images = int(pick(fv.num_images, "num_images", 335))
         out = fv.out or os.path.join(fv.workdir, "eval")

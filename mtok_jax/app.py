@@ -34,12 +34,13 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from mtok_jax import _compat, cli, config_utils, errors, export
+from mtok_jax import checkpoints, cli, config_utils, errors, export, sample
+from mtok_jax.audio.io import AudioDecodeError, decode_audio, duration_seconds
+from mtok_jax.constants import SAMPLERS
 
 log = logging.getLogger("mtok_jax.app")
 MAX_STEPS = 1000  # the schedulers' training timesteps
 GUIDANCE_RANGE = (0.0, 50.0)
-SCHEDULERS = ("pndm", "ddim", "dpm", "euler")
 
 
 # ------------------------------------------------------------------------------- request checks
@@ -52,8 +53,6 @@ class Limits:
 def check_settings(prompt, num_images, steps, guidance, scheduler, seed, placeholder: str,
                    limits: Limits) -> dict:
     """Page inputs → sample_files keyword arguments; a bad value is a UserError saying what is allowed."""
-    from mtok_jax import sample
-
     sample.check_prompt(prompt or "", placeholder)
 
     def whole(name, value, lo, hi):
@@ -66,17 +65,14 @@ def check_settings(prompt, num_images, steps, guidance, scheduler, seed, placeho
     lo, hi = GUIDANCE_RANGE
     if guidance is None or not math.isfinite(guidance) or not lo <= guidance <= hi:
         raise errors.UserError(f"guidance must be from {lo:g} to {hi:g} (got {guidance})")
-    if scheduler not in SCHEDULERS:
-        raise errors.UserError(f"scheduler must be one of {', '.join(SCHEDULERS)} (got {scheduler!r})")
+    if scheduler not in SAMPLERS:
+        raise errors.UserError(f"scheduler must be one of {', '.join(SAMPLERS)} (got {scheduler!r})")
     return dict(out, guidance=float(guidance), scheduler=scheduler)
 
 
 def check_audio(path, config, start: float, limits: Limits) -> tuple[np.ndarray, str]:
     """An uploaded file → (the clip the model gets, a note on what was done); UserError for a file too
     large, undecodable, silent, or a start past its end."""
-    from mtok_jax import sample
-    from mtok_jax.audio.io import AudioDecodeError, duration_seconds
-
     if not path:
         raise errors.UserError("upload or record some music first")
     size = os.path.getsize(path)
@@ -111,8 +107,6 @@ def waveform_image(path, start: float, window: float, width: int = 900, height: 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from mtok_jax.audio.io import decode_audio
 
     x, sr = decode_audio(path)
     mono = x.mean(axis=1)
@@ -184,11 +178,9 @@ class Server:
 
     def warm_up(self) -> float:
         """Compile the sampler for the default settings (one image of noise); seconds taken."""
-        from mtok_jax import sample
-
         s = self.config.sample
         t = time.perf_counter()
-        n = int(round(self.config.data.clip_seconds * sample.sample_rate(self.config)))
+        n = config_utils.clip_samples(self.config)
         wave = np.random.RandomState(0).uniform(-0.1, 0.1, (1, n)).astype(np.float32)
         self.pipe.generate(wave, [0], num_images=int(s.num_images), steps=int(s.steps), guidance=float(s.guidance),
                            scheduler=s.scheduler)
@@ -196,8 +188,6 @@ class Server:
 
     def generate(self, audio_path: str, start: float, settings: dict, negative_prompt: str, progress=None):
         """One request → (records, output folder, clip note). Raises UserError for bad input."""
-        from mtok_jax import sample
-
         if not 0 <= float(start):
             raise errors.UserError(f"start must be ≥ 0 s (got {start})")
         _, note = check_audio(audio_path, self.config, float(start), self.limits)
@@ -234,8 +224,6 @@ def build_page(server: Server):
             server.forget(previous)
         if not path:
             return slider(), None, "", path
-        from mtok_jax.audio.io import AudioDecodeError, duration_seconds
-
         try:
             length = duration_seconds(path)
             preview = waveform_image(path, 0.0, window)
@@ -303,7 +291,7 @@ def build_page(server: Server):
                                            precision=0, elem_id="num_images")
                     steps = gr.Number(int(s.steps), label=f"steps (1–{MAX_STEPS})", precision=0, elem_id="steps")
                     guidance = gr.Number(float(s.guidance), label="guidance", elem_id="guidance")
-                    scheduler = gr.Dropdown(list(SCHEDULERS), value=s.scheduler, label="scheduler",
+                    scheduler = gr.Dropdown(list(SAMPLERS), value=s.scheduler, label="scheduler",
                                             elem_id="scheduler")
                 with gr.Row():
                     seed = gr.Number(int(s.seed), label="seed", precision=0, elem_id="seed")
@@ -342,12 +330,9 @@ def main(argv):
     model = os.path.abspath(_MODEL.value) if _MODEL.value else None
     # An exported model folder (python -m mtok_jax.export) brings its config; else --config / the run's.
     config = export.load_model_config(model, overrides) if model else config_utils.validate(_CONFIG.value)
-    _compat.quiet_third_party_loggers()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    logging.getLogger("absl").setLevel(logging.WARNING)
-    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
+    cli.setup_logging()
     logging.getLogger("httpx").setLevel(logging.WARNING)  # gradio's own start-up requests
-    logging.getLogger("mtok_jax").setLevel(logging.INFO)
     t0 = time.perf_counter()
     upload_dir = os.path.abspath(_UPLOAD_DIR.value or tempfile.mkdtemp(prefix="mtok_app_"))
     os.makedirs(os.path.join(upload_dir, "results"), exist_ok=True)
@@ -357,9 +342,7 @@ def main(argv):
         import gradio as gr
     except ImportError:
         raise errors.UserError("the web app needs the optional extra: pip install -e '.[app]'") from None
-    from mtok_jax import checkpoints, sample
-
-    workdir = None if _MODEL.value else (_WORKDIR.value or os.path.join("runs", config.workdir_name))
+    workdir = None if _MODEL.value else (_WORKDIR.value or cli.default_workdir(config))
     checkpoint = None if _MODEL.value else checkpoints.select(workdir, _CHECKPOINT.value)
     pipe = sample.load_pipeline(config, workdir, checkpoint)
     config_path = config_flags.get_config_filename(flags.FLAGS["config"])
@@ -390,8 +373,7 @@ def define_flags() -> None:
     _WORKDIR = flags.DEFINE_string("workdir", None, "Training run to serve (default: runs/<config.workdir_name>).")
     _MODEL = flags.DEFINE_string("model", None, "An exported model folder (python -m mtok_jax.export) to serve "
                                                 "instead of a run: its config.json and weights, no checkpoint.")
-    _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "best | latest | a step number | none (untrained); "
-                                                          "default best, else latest.")
+    _CHECKPOINT = flags.DEFINE_string("checkpoint", None, cli.CHECKPOINT_HELP)
     _HOST = flags.DEFINE_string("host", "127.0.0.1", "Address to listen on (0.0.0.0 exposes the page to the network).")
     _PORT = flags.DEFINE_integer("port", 7860, "Port.", lower_bound=0)
     _MAX_MB = flags.DEFINE_float("max_upload_mb", 100.0, "Largest audio upload in MB.", lower_bound=0.001)

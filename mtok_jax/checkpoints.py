@@ -40,7 +40,8 @@ import jax
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
-from mtok_jax import errors, sharding
+from mtok_jax import errors
+from mtok_jax import tree as tree_lib
 
 log = logging.getLogger("mtok_jax.checkpoints")
 
@@ -346,7 +347,7 @@ class Checkpointer:
         return None
 
     def _check_paths(self, meta: Mapping, params_like: Any, step: int) -> None:
-        have = sorted(sharding.flatten(params_like))
+        have = sorted(tree_lib.flatten(params_like))
         if list(meta["trainable_paths"]) != have:
             raise CheckpointError(f"{self.latest.directory}/{step} trained {len(meta['trainable_paths'])} leaves, "
                                   f"the config trains {len(have)} other ones (train.trainable changed?): use a "
@@ -462,7 +463,7 @@ def restore_trained(workdir: str | os.PathLike, params: Mapping[str, Any], which
             if step is None:
                 continue
             meta = mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-            flat = sharding.flatten(params)
+            flat = tree_lib.flatten(params)
             missing = [p for p in meta["trainable_paths"] if p not in flat]
             if missing:
                 raise ValueError(f"checkpoint {name}/{step} has leaves the model lacks, e.g. {missing[:3]}")
@@ -471,5 +472,5 @@ def restore_trained(workdir: str | os.PathLike, params: Mapping[str, Any], which
                 params=ocp.args.StandardRestore(_abstract(target))))["params"]
         finally:
             mgr.close()
-        return sharding.merge_params(trained, params)
+        return tree_lib.merge_params(trained, params)
     raise FileNotFoundError(f"no {which!r} checkpoint under {checkpoint_dir(workdir)}")

@@ -12,9 +12,8 @@ absl flag errors and `app.UsageError`.
 
 from __future__ import annotations
 
-import argparse
+import logging
 import os
-import re
 import sys
 from typing import Any, Callable, NoReturn, Sequence
 
@@ -22,7 +21,7 @@ from absl import app, flags
 from ml_collections import config_flags
 from ml_collections.config_flags.config_flags import ConfigFileFlagParser
 
-from mtok_jax import config_utils, errors
+from mtok_jax import _compat, config_utils, errors
 
 flags.disclaim_key_flags()  # flags defined through this module belong to its caller (train.py --help lists them)
 
@@ -37,7 +36,7 @@ def one_line(e: BaseException) -> str | None:
     """The one-line message of an expected error; None for anything else (a bug: keep its traceback)."""
     if isinstance(e, SystemExit):
         if not isinstance(e.code, str):
-            return None  # exit codes (argparse has printed its message, --help exits 0)
+            return None  # exit codes (--help exits 0)
         text = e.code
     elif isinstance(e, _OWN_MESSAGE):
         text = str(e)
@@ -75,8 +74,8 @@ def guarded(fn: Callable[..., Any], *args: Any, verbose: bool, **kwargs: Any) ->
 
 
 def run(main: Callable[[list[str]], Any], argv: Sequence[str] | None = None) -> NoReturn:
-    """Run an argparse entry point `main(argv)` (parser: :class:`ArgumentParser`) and exit with its int
-    result (0 for anything else), or 2 after one line for an expected error."""
+    """Run an entry point `main(argv)` (flags: :func:`parse_command`) and exit with its int result (0 for
+    anything else), or 2 after one line for an expected error."""
     argv = sys.argv[1:] if argv is None else list(argv)
     result = guarded(main, argv, verbose=wants_verbose(argv))
     sys.exit(result if isinstance(result, int) else 0)
@@ -91,29 +90,65 @@ def run_absl(main: Callable[[list[str]], Any]) -> None:
             flags_parser=lambda argv: guarded(parse_flags, argv, verbose=verbose))
 
 
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse that accepts `--verbose` (read by :func:`run`, also in subcommands) and prints a usage
-    error as one line (exit 2)."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_USER_ERROR, f"error: {message} (see {self.prog} --help)\n")
+CHECKPOINT_HELP = "best | latest | a step number | none (the untrained init); default: best, else latest"
 
 
-def existing_file(path: str) -> str:
-    """argparse `type=` for an input file: a missing one is a one-line usage error."""
+def setup_logging() -> None:
+    """The log every entry point shows: mtok_jax at INFO; absl (orbax logs each file it writes), JAX's
+    backend probing ("Unable to initialize backend 'tpu'") and diffusers/transformers' deprecation lines quiet."""
+    _compat.quiet_third_party_loggers()
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
+    logging.getLogger("mtok_jax").setLevel(logging.INFO)
+
+
+def default_workdir(config) -> str:
+    """Where a config's run lives unless `--workdir` says otherwise: runs/<config.workdir_name>."""
+    return os.path.join("runs", config.workdir_name)
+
+
+def definer(flag_values: flags.FlagValues) -> Callable[..., flags.FlagHolder]:
+    """`define(kind, name, default, help)` = flags.DEFINE_<kind>(name, default, help, flag_values=flag_values)."""
+    return lambda kind, name, default, help_, **kw: getattr(flags, f"DEFINE_{kind}")(
+        name, default, help_, flag_values=flag_values, **kw)
+
+
+def parse_command(prog: str, doc: str, define: Callable[[flags.FlagValues, list[str]], Any],
+                  argv: Sequence[str] | None = None, *, args: str = "") -> tuple[flags.FlagValues, list[str]]:
+    """The absl flags of one entry point, parsed from `argv` (default sys.argv[1:]) into a FlagValues of
+    its own (so `main(argv)` also runs in-process, e.g. in tests). `define(flag_values, [prog, *argv])`
+    defines them (`--verbose` is added); `args` names the positional arguments for the usage line.
+    `--help` / `-h` prints the usage, `doc` and the flags (exit 0). → (flag values, positional arguments)."""
+    argv = [prog, *(sys.argv[1:] if argv is None else argv)]
+    fv = flags.FlagValues()
+    define(fv, argv)
+    flags.DEFINE_bool("verbose", False, VERBOSE_HELP, flag_values=fv)
+    if {"--help", "-h", "--helpfull"} & set(argv[1:argv.index("--") if "--" in argv else len(argv)]):
+        usage = f"usage: {prog} [flags] {args}".rstrip()
+        print(f"{usage}\n\n{doc.strip()}\n\n{fv.get_help(include_special_flags=False)}")
+        raise SystemExit(0)
+    return fv, parse_flags(argv, fv)[1:]
+
+
+def positional(values: Sequence[str], names: Sequence[str], prog: str) -> list[str]:
+    """`values` when there is one per name in `names`, else a one-line usage error."""
+    if len(values) != len(names):
+        got = f"got {' '.join(values)}" if values else "got none"
+        raise app.UsageError(f"expected the arguments {' '.join(names)}, {got} (see {prog} --help)")
+    return list(values)
+
+
+def existing_file(name: str, path: str) -> str:
+    """`path` when it is a file, else a one-line usage error naming the argument or flag `name`."""
     if not os.path.isfile(path):
-        raise argparse.ArgumentTypeError(f"no such file: {path}")
+        raise app.UsageError(f"argument {name}: no such file: {path}")
     return path
 
 
-def existing_dir(path: str) -> str:
-    """argparse `type=` for an input folder: a missing one is a one-line usage error."""
+def existing_dir(name: str, path: str) -> str:
+    """`path` when it is a folder, else a one-line usage error naming the argument or flag `name`."""
     if not os.path.isdir(path):
-        raise argparse.ArgumentTypeError(f"no such folder: {path}")
+        raise app.UsageError(f"argument {name}: no such folder: {path}")
     return path
 
 

@@ -16,14 +16,12 @@ from typing import Sequence
 import ml_collections
 from absl import flags
 
+from mtok_jax.constants import DTYPES, PARTS, REFERENCE_SAMPLE_RATE, SAMPLE_RATE, SAMPLERS
 from mtok_jax.errors import ConfigError
 
 flags.disclaim_key_flags()  # the --config flag defined here belongs to the entry point (its --help lists it)
 
-_DTYPES = ("float32", "bfloat16")
 _SCHEDULES = ("cosine", "constant")
-_SAMPLERS = ("pndm", "ddim", "dpm", "euler")
-_PARTS = ("beats", "embedder", "text", "unet", "vae")
 
 
 RUN_CONFIG = "config.json"  # WORKDIR/config.json: the config a run was trained with (written by train.py)
@@ -144,7 +142,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         value = _get(config, key)
         need(_BOUNDS[requirement](value), f"{key}={value!r} must be {requirement}")
     m, t, p = config.model, config.train, config.prompt
-    need(m.dtype in _DTYPES, f"model.dtype={m.dtype!r} not in {_DTYPES}")
+    need(m.dtype in DTYPES, f"model.dtype={m.dtype!r} not in {DTYPES}")
     need(len(m.beats_layers) > 0 and all(isinstance(i, int) and i >= 0 for i in m.beats_layers),
          f"model.beats_layers={m.beats_layers!r} must be non-empty 0-based block indices")
     for name in ("train", "inference"):
@@ -155,8 +153,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         pattern = re.compile(t.trainable)
     except re.error as e:
         raise ConfigError(f"invalid config: train.trainable={t.trainable!r} is not a regex: {e}") from e
-    need(any(pattern.match(part) for part in _PARTS),
-         f"train.trainable={t.trainable!r} matches none of the parts {_PARTS}")
+    need(any(pattern.match(part) for part in PARTS),
+         f"train.trainable={t.trainable!r} matches none of the parts {PARTS}")
     sizes = (config.mesh.data, config.mesh.fsdp)
     need(all(s == -1 or s > 0 for s in sizes) and sizes.count(-1) <= 1,
          f"mesh.data={sizes[0]}, mesh.fsdp={sizes[1]}: sizes must be positive, with at most one -1")
@@ -167,7 +165,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     need(len(t.profile_steps) == 2 and 0 <= t.profile_steps[0] <= t.profile_steps[1],
          f"train.profile_steps={tuple(t.profile_steps)!r} must be (start, stop) with 0 <= start <= stop")
     s = config.sample
-    need(s.scheduler in _SAMPLERS, f"sample.scheduler={s.scheduler!r} not in {_SAMPLERS}")
+    need(s.scheduler in SAMPLERS, f"sample.scheduler={s.scheduler!r} not in {SAMPLERS}")
     return config
 
 
@@ -177,3 +175,29 @@ def _get(config: ml_collections.ConfigDict, dotted: str):
     for name in dotted.split("."):
         node = node[name]
     return node
+
+
+# ---------------------------------------------------------------------------------------------------
+# Values derived from a config (one place for each rule)
+# ---------------------------------------------------------------------------------------------------
+def sample_rate(config) -> int:
+    """Samples per second stored per clip: 16 kHz (the 44.1 kHz quirk `data.audio_44k_as_16k` stores 44.1k)."""
+    return REFERENCE_SAMPLE_RATE if config.data.get("audio_44k_as_16k", False) else SAMPLE_RATE
+
+
+def clip_samples(config) -> int:
+    """Samples per clip fed to BEATs: `data.clip_seconds` × :func:`sample_rate`."""
+    return int(round(config.data.clip_seconds * sample_rate(config)))
+
+
+def image_hw(config) -> tuple[int, int]:
+    """(height, width) of the training images."""
+    if config.data.get("reference_512x320", False):
+        return 320, 512
+    return int(config.data.image_size), int(config.data.image_size)
+
+
+def sample_hw(config) -> tuple[int, int]:
+    """(height, width) of sampled images: square `data.image_size` (512), also under
+    `data.reference_512x320`, which trains on 512×320 but samples at the UNet's default 512×512."""
+    return int(config.data.image_size), int(config.data.image_size)

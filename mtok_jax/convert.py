@@ -11,7 +11,6 @@ run code from the file. torch (the optional ``torch`` extra) is imported only in
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import sys
@@ -19,7 +18,16 @@ import warnings
 from typing import Any, Sequence
 
 import mtok_jax  # noqa: F401  (environment setup first)
+
+import jax
+import numpy as np
+from absl import app, flags
+from safetensors.numpy import save_file
+
 from mtok_jax import cli, pt_checkpoint
+from mtok_jax.models import beats
+from mtok_jax.models.embedder import WRAPPER_PARTS, convert_state_dict, load_state_dict, wrapper_part
+from mtok_jax.params_io import load_params
 
 
 def _to_numpy(state_dict: Any) -> dict[str, Any]:
@@ -33,8 +41,6 @@ def convert_beats(checkpoint: str, out_dir: str, *, trusted: bool = False) -> di
     ``trusted``: allow full unpickling (:func:`mtok_jax.pt_checkpoint.load`). The folder's config.json
     also records the source file name and whether ``predictor.*`` (the AudioSet fine-tuning head,
     present in the ``…finetuned_on_AS2M_cpt2.pt`` AudioToken uses) was there."""
-    from mtok_jax.models import beats
-
     ckpt = pt_checkpoint.load(checkpoint, trusted=trusted)
     if not isinstance(ckpt, dict) or "cfg" not in ckpt or "model" not in ckpt:
         keys = list(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
@@ -50,18 +56,16 @@ def convert_beats(checkpoint: str, out_dir: str, *, trusted: bool = False) -> di
 
 
 def _count(tree: Any) -> int:
-    import jax
     return sum(int(x.size) for x in jax.tree.leaves(tree))
 
 
-def _cmd_beats(args: argparse.Namespace) -> None:
-    cfg = convert_beats(args.checkpoint, args.out_dir, trusted=args.trusted)
-    from mtok_jax.models.beats import load_beats
+def _cmd_beats(checkpoint: str, out_dir: str, *, trusted: bool) -> None:
+    cfg = convert_beats(checkpoint, out_dir, trusted=trusted)
     with warnings.catch_warnings():  # the provenance warning was printed above
         warnings.simplefilter("ignore")
-        _, params = load_beats(args.out_dir)
+        _, params = beats.load_beats(out_dir)
     print(f"BEATs: {cfg['encoder_layers']} layers × {cfg['encoder_embed_dim']} channels, "
-          f"{_count(params):,} parameters → {args.out_dir}")
+          f"{_count(params):,} parameters → {out_dir}")
 
 
 def convert_wrapper_parts(state_dict: dict[str, Any], source: str, out_dir: str, *, beats_from: str | None = None,
@@ -72,12 +76,6 @@ def convert_wrapper_parts(state_dict: dict[str, Any], source: str, out_dir: str,
     ``beats_from``); ``unet.*`` → ``OUT_DIR/sd``: an SD folder whose ``unet/`` holds these weights as
     ``diffusion_pytorch_model.safetensors`` with ``sd_path``'s UNet config, every other entry linked to
     ``sd_path``. → {part: folder written}."""
-    import numpy as np
-    from safetensors.numpy import save_file
-
-    from mtok_jax.models import beats
-    from mtok_jax.models.embedder import WRAPPER_PARTS, wrapper_part
-    from mtok_jax.params_io import load_params
 
     written = {}
     part = {p: wrapper_part(state_dict, p) for p in ("beats", "unet")}
@@ -106,15 +104,14 @@ def convert_wrapper_parts(state_dict: dict[str, Any], source: str, out_dir: str,
     return written
 
 
-def _cmd_embedder(args: argparse.Namespace) -> None:
-    from mtok_jax.models.embedder import WRAPPER_PARTS, convert_state_dict, load_state_dict, wrapper_part
-
-    state_dict = load_state_dict(args.checkpoint, trusted=args.trusted)
-    out = args.out_dir
-    written = convert_wrapper_parts(state_dict, os.path.basename(args.checkpoint), args.out_dir,
-                                    beats_from=args.beats_from, sd_path=args.sd_path)
+def _cmd_embedder(checkpoint: str, out_dir: str, *, trusted: bool, beats_from: str | None,
+                  sd_path: str | None) -> None:
+    state_dict = load_state_dict(checkpoint, trusted=trusted)
+    out = out_dir
+    written = convert_wrapper_parts(state_dict, os.path.basename(checkpoint), out_dir, beats_from=beats_from,
+                                    sd_path=sd_path)
     if written:  # a wrapper with parts: the embedder goes next to them
-        out = os.path.join(args.out_dir, "embedder")
+        out = os.path.join(out_dir, "embedder")
     convert_state_dict(state_dict, out)
     print(f"embedder → {out}")
     for part, folder in written.items():
@@ -125,52 +122,39 @@ def _cmd_embedder(args: argparse.Namespace) -> None:
               f"exp2); --beats_from / --sd_path convert them", file=sys.stderr)
 
 
-def add_trusted_flag(parser: argparse.ArgumentParser) -> None:
-    """The ``--trusted`` opt-in to full unpickling, shared by every converter subcommand."""
-    parser.add_argument("--trusted", action="store_true",
-                        help="allow full unpickling of a file holding non-tensor objects (this can run code "
-                             "from the file: only for a checkpoint from a source you trust)")
+TRUSTED_HELP = ("allow full unpickling of a file holding non-tensor objects (this can run code from the file: "
+                "only for a checkpoint from a source you trust)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = cli.ArgumentParser(
-        prog="python -m mtok_jax.convert",
-        description="Convert reference PyTorch checkpoints into mtok_jax parameter folders "
-                    "(params.safetensors + config.json, loadable without torch). Needs torch.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{beats,embedder}")
-    p = sub.add_parser("beats", help="official BEATs .pt (dict with 'cfg' and 'model')",
-                       description="Convert an official BEATs checkpoint: AudioToken and the thesis use "
-                                   "BEATs_iter3_plus_AS2M_finetuned_on_AS2M_cpt2.pt (fine-tuned on AudioSet; "
-                                   "not the self-supervised BEATs_iter3_plus_AS2M.pt, same shapes, different "
-                                   "features). The weight-normed conv-pos kernel is recomposed; the fine-tuned "
-                                   "'predictor' head is dropped, as AudioToken does, and its presence is "
-                                   "recorded in OUT_DIR/config.json with the source file name. Load the result "
-                                   "with mtok_jax.models.beats.load_beats(OUT_DIR).")
-    p.add_argument("checkpoint", type=cli.existing_file, help="path to the .pt file")
-    p.add_argument("out_dir", help="output folder (created)")
-    add_trusted_flag(p)
-    p.set_defaults(func=_cmd_beats)
-    p = sub.add_parser("embedder", help="AudioToken embedder state dict (learned_embeds.bin) or thesis wrapper",
-                       description="Convert AudioToken's trained embedder state dict (learned_embeds.bin), or the "
-                                   "thesis's best-epoch file model_<timestamp>_<epoch> (the whole wrapper state "
-                                   "dict: embedder.*, aud_encoder.*, unet.*, text_encoder.*, vae.*), of which the "
-                                   "embedder.* part is converted. For exp2 (BEATs and UNet trained) also pass "
-                                   "--beats_from and --sd_path: OUT_DIR then gets embedder/, beats/ and sd/.")
-    p.add_argument("checkpoint", type=cli.existing_file,
-                   help="path to learned_embeds.bin or model_<timestamp>_<epoch>")
-    p.add_argument("out_dir", help="output folder (created)")
-    add_trusted_flag(p)
-    p.add_argument("--beats_from", help="converted BEATs folder (its cfg): convert the wrapper's aud_encoder.* "
-                                        "into OUT_DIR/beats")
-    p.add_argument("--sd_path", help="SD folder: write OUT_DIR/sd with the wrapper's unet.* as its UNet (other "
-                                     "parts linked)")
-    p.set_defaults(func=_cmd_embedder)
-    return parser
+def _define(fv: flags.FlagValues, argv: list[str]) -> None:
+    flags.DEFINE_bool("trusted", False, TRUSTED_HELP, flag_values=fv)
+    flags.DEFINE_string("beats_from", None, "embedder: converted BEATs folder (its cfg): convert the wrapper's "
+                                            "aud_encoder.* into OUT_DIR/beats", flag_values=fv)
+    flags.DEFINE_string("sd_path", None, "embedder: SD folder: write OUT_DIR/sd with the wrapper's unet.* as its "
+                                         "UNet (other parts linked)", flag_values=fv)
+
+
+COMMANDS = {"beats": "official BEATs .pt (dict with 'cfg' and 'model'); the fine-tuned 'predictor' head is dropped, "
+                     "as AudioToken does, and recorded in OUT_DIR/config.json",
+            "embedder": "AudioToken's embedder state dict (learned_embeds.bin), or the thesis's best-epoch wrapper "
+                        "model_<timestamp>_<epoch> (its embedder.* part; with --beats_from / --sd_path also its "
+                        "aud_encoder.* and unet.*: OUT_DIR then gets embedder/, beats/ and sd/)"}
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    args.func(args)
+    prog = "python -m mtok_jax.convert"
+    doc = __doc__ + "\nCommands:\n" + "\n".join(f"  {name}: {text}" for name, text in COMMANDS.items())
+    fv, rest = cli.parse_command(prog, doc, _define, argv, args="{beats,embedder} CHECKPOINT OUT_DIR")
+    command, checkpoint, out_dir = cli.positional(rest, ("{beats,embedder}", "CHECKPOINT", "OUT_DIR"), prog)
+    if command not in COMMANDS:
+        raise app.UsageError(f"unknown command {command!r}: choose beats or embedder (see {prog} --help)")
+    cli.existing_file("checkpoint", checkpoint)
+    if command == "beats":
+        if fv.beats_from or fv.sd_path:
+            raise app.UsageError("--beats_from / --sd_path belong to the embedder command")
+        _cmd_beats(checkpoint, out_dir, trusted=fv.trusted)
+    else:
+        _cmd_embedder(checkpoint, out_dir, trusted=fv.trusted, beats_from=fv.beats_from, sd_path=fv.sd_path)
 
 
 if __name__ == "__main__":

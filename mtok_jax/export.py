@@ -32,10 +32,16 @@ from typing import Any, Sequence
 
 import jax
 import numpy as np
+from absl import app, flags
 from flax import traverse_util
+from safetensors.numpy import save_file
 
 import mtok_jax  # noqa: F401  (environment setup first)
-from mtok_jax import checkpoints, cli, conditioning, config_utils, errors, sharding
+from mtok_jax import checkpoints, cli, config_utils, errors
+from mtok_jax import tree as tree_lib
+from mtok_jax import system as system_lib
+from mtok_jax.constants import PARTS
+from mtok_jax.data import pipeline
 from mtok_jax.models import beats as beats_lib
 from mtok_jax.models import diffusion, hub
 from mtok_jax.models import embedder as embedder_lib
@@ -70,8 +76,6 @@ def _place(src: str, dst: str, copy: bool) -> None:
 # ------------------------------------------------------------------------------------------ parts
 def write_embedder(directory: str, params: dict[str, Any]) -> None:
     """Embedder params → params_io folder + learned_embeds.bin (torch) + learned_embeds.safetensors."""
-    from safetensors.numpy import save_file
-
     torch = _torch()
     save_params(directory, params, embedder_lib.embedder_config(params))
     state = embedder_lib.params_to_torch(params)
@@ -111,8 +115,6 @@ def write_beats(directory: str, params: dict[str, Any], cfg: dict[str, Any], sou
 
 # ------------------------------------------------------------------------------------------ model card
 def _data_summary(config, labels: Sequence[str]) -> list[str]:
-    from mtok_jax.data import pipeline
-
     d = config.data
     lines = [f"- dataset `{d.name}` (builder config `{d.builder_config}`) at `{d.data_dir}`",
              f"- {d.clip_seconds:g} s audio clips, {d.image_size} px images",
@@ -138,7 +140,7 @@ def write_model_card(out: str, config, workdir: str, checkpoint, trained: Sequen
              "AudioToken's embedder state dict",
              "- `unet/`, `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`: a Stable Diffusion folder "
              "(diffusers `from_pretrained`)",
-             f"- `beats/`: the BEATs audio encoder (`model.beats_path`)"
+             "- `beats/`: the BEATs audio encoder (`model.beats_path`)"
              + (f"; `{BEATS_PT}`: official BEATs layout" if "beats" in trained else ""), "",
              "## Data", "", *_data_summary(config, labels), "",
              "## Training config", "", "```json", config.to_json_best_effort(indent=2, sort_keys=True), "```", ""]
@@ -156,9 +158,9 @@ def write_model_card(out: str, config, workdir: str, checkpoint, trained: Sequen
 
 # ------------------------------------------------------------------------------------------ export
 def trained_parts(config) -> list[str]:
-    """The parts (of conditioning.PARTS) with leaves that `train.trainable` selects."""
-    is_trained = sharding.path_matcher(config.train.trainable)
-    return [p for p in conditioning.PARTS if is_trained(f"{p}/x")]
+    """The parts (of constants.PARTS) with leaves that `train.trainable` selects."""
+    is_trained = tree_lib.path_matcher(config.train.trainable)
+    return [p for p in PARTS if is_trained(f"{p}/x")]
 
 
 def export(config, workdir: str, out: str, *, checkpoint: str | int = "best", copy: bool = False) -> dict[str, str]:
@@ -174,7 +176,7 @@ def export(config, workdir: str, out: str, *, checkpoint: str | int = "best", co
     if os.path.isdir(out) and os.listdir(out):
         raise errors.UserError(f"--out {out} is not empty: choose a new folder")
     _torch()  # before the minutes of model loading
-    system, params = conditioning.load_system(config)
+    system, params = system_lib.load_system(config, pipeline.configured_labels(config))
     params = jax.device_get(checkpoints.restore_trained(workdir, params, checkpoint))
     m = config.model
     os.makedirs(out, exist_ok=True)
@@ -222,31 +224,32 @@ def load_model_config(directory: str | os.PathLike, overrides: Sequence[str] = (
 
 
 # ------------------------------------------------------------------------------------------ CLI
-def main(argv: Sequence[str]) -> None:
-    parser = cli.ArgumentParser(prog="python -m mtok_jax.export",
-                                description="Export a trained run as a self-contained model folder (Hugging Face "
-                                            "Hub layout; needs torch). Config: WORKDIR/config.json, "
-                                            "--config.a.b=value overrides on top.")
-    parser.add_argument("--workdir", required=True, type=cli.existing_dir, help="run directory (train.py's)")
-    parser.add_argument("--checkpoint", default=None, help="best | latest | a step number (default: best, else latest)")
-    parser.add_argument("--out", required=True, help="output folder (new or empty)")
-    parser.add_argument("--copy", action="store_true", help="copy the unchanged SD / BEATs parts instead of "
-                                                            "symlinking them")
-    args, rest = parser.parse_known_args(argv)
-    unknown = [a for a in rest if not a.startswith("--config.")]
-    if unknown:
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    path = os.path.join(args.workdir, "config.json")
-    if not os.path.isfile(path):
-        raise errors.UserError(f"--workdir {args.workdir} has no config.json (written by train.py)")
-    config = config_utils.load_config(path, rest)
-    checkpoint = checkpoints.select(args.workdir, args.checkpoint)
+def _define(fv: flags.FlagValues, argv: list[str]) -> None:
+    cli.define_config_file("config", None, "experiment config; default: WORKDIR/config.json (the run's)", argv,
+                           flag_values=fv)
+    flags.DEFINE_string("workdir", None, "run directory (train.py's)", flag_values=fv)
+    flags.DEFINE_string("checkpoint", None, cli.CHECKPOINT_HELP, flag_values=fv)
+    flags.DEFINE_string("out", None, "output folder (new or empty)", flag_values=fv)
+    flags.DEFINE_bool("copy", False, "copy the unchanged SD / BEATs parts instead of symlinking them", flag_values=fv)
+    for name in ("workdir", "out"):
+        flags.mark_flag_as_required(name, flag_values=fv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    prog = "python -m mtok_jax.export"
+    fv, rest = cli.parse_command(prog, __doc__, _define, argv)
+    cli.positional(rest, (), prog)
+    cli.existing_dir("--workdir", fv.workdir)
+    if fv.config is None:
+        raise errors.UserError(f"--workdir {fv.workdir} has no config.json (written by train.py)")
+    config = config_utils.validate(fv.config)
+    checkpoint = checkpoints.select(fv.workdir, fv.checkpoint)
     if checkpoint is None:
-        parser.error("--checkpoint none: an untrained run has nothing to export")
-    written = export(config, args.workdir, args.out, checkpoint=checkpoint, copy=args.copy)
+        raise app.UsageError("--checkpoint none: an untrained run has nothing to export")
+    written = export(config, fv.workdir, fv.out, checkpoint=checkpoint, copy=fv.copy)
     for part, folder in written.items():
         print(f"{part} → {folder}")
-    print(f"model folder {args.out}: python sample.py --model {args.out} --audio FILE", file=sys.stderr)
+    print(f"model folder {fv.out}: python sample.py --model {fv.out} --audio FILE", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -40,15 +40,18 @@ import math
 import os
 import textwrap
 import time
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import tqdm
 
-from mtok_jax import checkpoints, conditioning, errors, sharding
+from mtok_jax import checkpoints, config_utils, errors, sharding
+from mtok_jax import system as system_lib
 from mtok_jax.audio.io import AudioDecodeError, load_audio
+from mtok_jax.data import pipeline
+from mtok_jax.data.sources import AUDIO_EXTS, normalize_label, scan
 from mtok_jax.models import diffusion
 from mtok_jax.models import text as text_lib
 
@@ -67,7 +70,7 @@ def check_prompt(prompt: str, placeholder: str) -> str:
     return prompt
 
 
-def prompt_ids(system: conditioning.System, prompt: str) -> tuple[np.ndarray, np.ndarray]:
+def prompt_ids(system: system_lib.System, prompt: str) -> tuple[np.ndarray, np.ndarray]:
     """A prompt template with exactly one placeholder (`<*>`) → (ids int32 [1, 77], position int32 [1])."""
     placeholder = system.config.prompt.placeholder
     check_prompt(prompt, placeholder)
@@ -75,14 +78,14 @@ def prompt_ids(system: conditioning.System, prompt: str) -> tuple[np.ndarray, np
     return np.asarray(ids, np.int32), np.asarray(pos, np.int32)
 
 
-def latent_shape(system: conditioning.System) -> tuple[int, int, int]:
-    """(C, h, w) of the UNet latents for the sampled image size (conditioning.sample_hw)."""
-    h, w = conditioning.sample_hw(system.config)
+def latent_shape(system: system_lib.System) -> tuple[int, int, int]:
+    """(C, h, w) of the UNet latents for the sampled image size (system_lib.sample_hw)."""
+    h, w = config_utils.sample_hw(system.config)
     factor = 2 ** (len(system.vae.block_out_channels) - 1)
     return int(system.unet.in_channels), h // factor, w // factor
 
 
-def generate_images(system: conditioning.System, params: Mapping[str, Any], uncond: jax.Array,
+def generate_images(system: system_lib.System, params: Mapping[str, Any], uncond: jax.Array,
                     waveforms: jax.Array, key_data: jax.Array, guidance: jax.Array, *, scheduler, state,
                     steps: int, prompt: tuple[jax.Array, jax.Array] | None = None, on_step=None) -> jax.Array:
     """The jittable core: waveforms [N, S], raw keys uint32 [N, 2] → uint8 images [N, H, W, 3].
@@ -93,8 +96,8 @@ def generate_images(system: conditioning.System, params: Mapping[str, Any], unco
     """
     keys = jax.random.wrap_key_data(key_data)
     token_keys, noise_keys = jnp.moveaxis(jax.vmap(jax.random.split)(keys), 1, 0)
-    token = conditioning.audio_token(system, params, waveforms, rng=token_keys, train=False)
-    cond = conditioning.text_states(system, params, token, prompt or "inference").astype(jnp.float32)
+    token = system_lib.audio_token(system, params, waveforms, rng=token_keys, train=False)
+    cond = system_lib.text_states(system, params, token, prompt or "inference").astype(jnp.float32)
     uncond = jnp.broadcast_to(uncond, cond.shape)
     shape = latent_shape(system)
     latents = jax.vmap(lambda k: jax.random.normal(k, shape, jnp.float32))(noise_keys)
@@ -115,7 +118,7 @@ def image_keys(seeds: Sequence[int], num_images: int) -> np.ndarray:
 class Pipeline:
     """A loaded system with trained params placed on the mesh; `generate` runs the jitted sampler."""
 
-    system: conditioning.System
+    system: system_lib.System
     params: dict[str, Any]
     mesh: jax.sharding.Mesh
     config: Any
@@ -161,18 +164,18 @@ class Pipeline:
         params = checkpoints.restore_trained(workdir, self.params, checkpoint)
         return dataclasses.replace(self.with_params(params), checkpoint=checkpoint, workdir=os.path.abspath(workdir))
 
-    def negative_states(self, negative_prompt: str = conditioning.UNCONDITIONAL_PROMPT) -> jax.Array:
+    def negative_states(self, negative_prompt: str = system_lib.UNCONDITIONAL_PROMPT) -> jax.Array:
         """Unconditional states [1, 77, D] of `negative_prompt` (one jit for every prompt; cached)."""
         if negative_prompt not in self._uncond:
             if self._plain_states is None:
-                self._plain_states = jax.jit(functools.partial(conditioning.unconditional_states, self.system))
-            ids = jnp.asarray(conditioning.negative_prompt_ids(self.system, negative_prompt))
+                self._plain_states = jax.jit(functools.partial(system_lib.unconditional_states, self.system))
+            ids = jnp.asarray(system_lib.negative_prompt_ids(self.system, negative_prompt))
             self._uncond[negative_prompt] = self._plain_states(self.params["text"], ids)
         return self._uncond[negative_prompt]
 
     def generate(self, waveforms, seeds: Sequence[int], *, num_images: int, steps: int, guidance: float,
                  scheduler: str = "pndm", prompt: str | None = None,
-                 negative_prompt: str = conditioning.UNCONDITIONAL_PROMPT, progress=None) -> np.ndarray:
+                 negative_prompt: str = system_lib.UNCONDITIONAL_PROMPT, progress=None) -> np.ndarray:
         """waveforms float32 [B, N] (16 kHz, [-1, 1]), one seed per waveform → uint8 [B, num_images, H, W, 3].
 
         prompt: template with one `<*>` (default: config.prompt.inference); negative_prompt: the
@@ -227,8 +230,9 @@ def _once_per_step(progress, call: int, calls: int):
 def load_pipeline(config, workdir: str | os.PathLike | None, checkpoint: str | int | None = "best",
                   max_batch: int = 8) -> Pipeline:
     """Load the system of `config`, replace its trained leaves by `workdir`'s checkpoint
-    ('best' | 'latest' | step; None = no checkpoint, the untrained init) and place params on the mesh."""
-    system, params = conditioning.load_system(config)
+    ('best' | 'latest' | step; None = no checkpoint, the untrained init) and place params on the mesh.
+    Label names (output file names, held-out audio): the configured dataset's, none if it is not built."""
+    system, params = system_lib.load_system(config, pipeline.configured_labels(config))
     mesh = sharding.make_mesh(config.mesh)
     shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
     placement = sharding.param_shardings(mesh, shapes, shard=mesh.shape["fsdp"] > 1,
@@ -241,8 +245,6 @@ def load_pipeline(config, workdir: str | os.PathLike | None, checkpoint: str | i
 # ------------------------------------------------------------------------------------------ files
 def find_audio(path: str | os.PathLike) -> list[str]:
     """A file, or every audio file below a folder (sorted; extensions of `mtok_jax.data.sources`)."""
-    from mtok_jax.data.sources import AUDIO_EXTS
-
     path = os.fspath(path)
     if os.path.isfile(path):
         return [path]
@@ -257,8 +259,6 @@ def find_audio(path: str | os.PathLike) -> list[str]:
 
 def label_of(path: str, labels: Sequence[str]) -> str | None:
     """The label named by one of the file's parent folders (`audio/<label>/…` layout), else None."""
-    from mtok_jax.data.sources import normalize_label
-
     known = {normalize_label(l): l for l in labels}
     for part in reversed(os.path.normpath(os.path.dirname(path)).split(os.sep)):
         if normalize_label(part) in known:
@@ -269,8 +269,6 @@ def label_of(path: str, labels: Sequence[str]) -> str | None:
 def held_out_audio(manual_dir: str | os.PathLike, labels: Sequence[str], per_label: int = 0) -> list[str]:
     """Held-out test audio of a `folders`-layout manual dir (the split rule of the dataset builder);
     per_label > 0 keeps the first `per_label` files of each label."""
-    from mtok_jax.data.sources import scan
-
     audio, _, _ = scan(manual_dir, "folders", labels)
     chosen, count = [], {}
     for f in sorted(audio, key=lambda f: (f.label, f.rel)):
@@ -281,16 +279,11 @@ def held_out_audio(manual_dir: str | os.PathLike, labels: Sequence[str], per_lab
     return chosen
 
 
-def sample_rate(config) -> int:
-    """Samples per second stored per clip (16 kHz; the 44.1 kHz quirk stores 44.1k)."""
-    return int(round(conditioning.clip_samples(config) / config.data.clip_seconds))
-
-
 def load_clip(config, path: str | os.PathLike, start: float = 0.0) -> np.ndarray:
     """The model's input from an audio file: `config.data.clip_seconds` from `start` seconds on, mono,
     resampled, a shorter rest repeat-padded as in training (also under 1 s; silence and undecodable
     files raise `AudioDecodeError`)."""
-    return load_audio(path, sample_rate(config), config.data.clip_seconds, start_seconds=float(start),
+    return load_audio(path, config_utils.sample_rate(config), config.data.clip_seconds, start_seconds=float(start),
                       min_seconds=0.0, stereo=config.data.stereo)
 
 
@@ -332,7 +325,7 @@ def _write_jsonl(path: str, records: Sequence[Mapping[str, Any]]) -> None:
 
 def sample_files(pipe: Pipeline, audio_paths: Sequence[str], out_dir: str | os.PathLike, *, num_images: int,
                  steps: int, guidance: float, scheduler: str, seed: int, same_seed: bool = False,
-                 prompt: str | None = None, negative_prompt: str = conditioning.UNCONDITIONAL_PROMPT,
+                 prompt: str | None = None, negative_prompt: str = system_lib.UNCONDITIONAL_PROMPT,
                  start: float = 0.0, progress=None) -> tuple[list[dict], list[dict]]:
     """Generate for each audio file (seed + i for the i-th file; `same_seed`: `seed` for all, so images
     differ only through the audio) → PNGs, grid.png, samples.jsonl and skipped.jsonl in `out_dir`;
@@ -380,7 +373,7 @@ def sample_files(pipe: Pipeline, audio_paths: Sequence[str], out_dir: str | os.P
     settings = dict(scheduler=scheduler, steps=int(steps), guidance=float(guidance), num_images=int(num_images),
                     images_per_device=int(config.sample.images_per_device),
                     prompt=prompt, negative_prompt=negative_prompt, start=float(start),
-                    image_size=list(conditioning.sample_hw(config)), checkpoint=pipe.checkpoint,
+                    image_size=list(config_utils.sample_hw(config)), checkpoint=pipe.checkpoint,
                     sd_path=config.model.sd_path, beats_path=config.model.beats_path,
                     unary_dropout_at_inference=bool(config.model.unary_dropout_at_inference),
                     dtype=config.model.dtype, config=config.workdir_name, workdir=pipe.workdir)

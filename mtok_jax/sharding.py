@@ -4,20 +4,15 @@
 * Parameters: replicated, or - for leaves with more than `min_size` elements - split along their
   largest axis divisible by the `fsdp` size (big_vision's shape rule; diffusers modules carry no
   logical annotations). Optimizer state follows its parameters.
-* Trainable vs frozen: a regex on leaf paths 'part/sub/.../name' (parts: beats, embedder, text, unet,
-  vae), matched from the start of the path up to a path separator, so `embedder|beats|unet` selects
-  whole towers and `unet/.*attn.*` selects leaves inside one.
 """
 
 from __future__ import annotations
 
 import os
-import re
 from typing import Any, Mapping
 
 import jax
 import numpy as np
-from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 BATCH_AXES = ("data", "fsdp")
@@ -90,48 +85,3 @@ def param_shardings(mesh: Mesh, shapes: Tree, *, shard: bool, min_size: int) -> 
     """Tree of NamedSharding for a tree of arrays / ShapeDtypeStructs: fsdp by size if `shard`."""
     fsdp_size = int(mesh.shape["fsdp"]) if shard else 1
     return jax.tree.map(lambda x: NamedSharding(mesh, fsdp_spec(tuple(x.shape), fsdp_size, min_size)), shapes)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Trainable / frozen split (nested dicts of leaves; paths joined by '/')
-# ---------------------------------------------------------------------------------------------------
-def path_matcher(pattern: str):
-    """Predicate on leaf paths: `pattern` matched from the start up to a path separator or the end."""
-    rx = re.compile(rf"(?:{pattern})(?:/|$)")
-    return lambda path: rx.match(path) is not None
-
-
-def trainable_paths(params: Mapping[str, Any], pattern: str) -> list[str]:
-    """Sorted leaf paths of `params` that `pattern` selects."""
-    is_trainable = path_matcher(pattern)
-    return sorted(k for k in flatten(params) if is_trainable(k))
-
-
-def split_params(params: Mapping[str, Any], pattern: str) -> tuple[dict, dict]:
-    """→ (trainable, frozen): two nested dicts that partition the leaves of `params` by `pattern`."""
-    is_trainable = path_matcher(pattern)
-    flat = flatten(params)
-    trainable = {k: v for k, v in flat.items() if is_trainable(k)}
-    if not trainable:
-        raise ValueError(f"train.trainable={pattern!r} selects no parameter")
-    frozen = {k: v for k, v in flat.items() if not is_trainable(k)}
-    return (traverse_util.unflatten_dict(trainable, sep="/"), traverse_util.unflatten_dict(frozen, sep="/"))
-
-
-def merge_params(trainable: Mapping[str, Any], frozen: Mapping[str, Any]) -> dict:
-    """Inverse of :func:`split_params`."""
-    flat = flatten(frozen)
-    flat.update(flatten(trainable))
-    return traverse_util.unflatten_dict(flat, sep="/")
-
-
-def flatten(tree: Mapping[str, Any]) -> dict[str, Any]:
-    """Nested params (dicts or FrozenDicts) → {'a/b/c': leaf}, the paths `train.trainable` matches."""
-    return traverse_util.flatten_dict(_plain(tree), sep="/")
-
-
-def _plain(tree: Mapping[str, Any]) -> dict:
-    """FrozenDict / Mapping → plain nested dict (leaves untouched)."""
-    if isinstance(tree, Mapping):
-        return {k: _plain(v) for k, v in tree.items()}
-    return tree

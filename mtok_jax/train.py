@@ -38,7 +38,9 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding
 
-from mtok_jax import checkpoints, conditioning, config_utils, losses, monitor, sharding, signals, workdir_lock
+from mtok_jax import checkpoints, config_utils, losses, monitor, sharding, signals, workdir_lock
+from mtok_jax import tree as tree_lib
+from mtok_jax import system as system_lib
 from mtok_jax.data import pipeline
 from mtok_jax.models import diffusion
 
@@ -84,40 +86,22 @@ def make_optimizer(train_config, schedule: optax.Schedule) -> optax.GradientTran
 
 
 # ===================================================================================================
-# Per-example randomness
-# ===================================================================================================
-def example_keys(key: jax.Array, num: int, offset: int = 0) -> jax.Array:
-    """Keys [num] = fold_in(key, offset + i): example i's randomness never depends on how the batch is
-    split (micro-batches, devices)."""
-    idx = jnp.asarray(offset, jnp.uint32) + jnp.arange(num, dtype=jnp.uint32)
-    return jax.vmap(lambda i: jax.random.fold_in(key, i))(idx)
-
-
-def split_example_keys(keys: jax.Array) -> dict[str, jax.Array]:
-    """Example keys [B] → {'token', 'vae', 'noise', 'timestep'}: [B] keys each (split(key, 4) in that
-    order), the one split that the loss and the accumulation pre-pass share; CFG dropout draws from
-    fold_in(key, 4)."""
-    k = jax.vmap(lambda key: jax.random.split(key, 4))(keys)
-    return {name: k[:, i] for i, name in enumerate(("token", "vae", "noise", "timestep"))}
-
-
-# ===================================================================================================
 # The loss of one batch on the real system
 # ===================================================================================================
-def system_outputs(system: conditioning.System, trainable: Mapping, frozen: Mapping, batch: Mapping[str, jax.Array],
+def system_outputs(system: system_lib.System, trainable: Mapping, frozen: Mapping, batch: Mapping[str, jax.Array],
                    keys: jax.Array, *, train: bool) -> dict[str, jax.Array]:
     """One batch through the whole model (docs/design.md §1). keys [B]: one key per example.
 
     audio → audio token → text states; image → VAE latents; DDPM noise at t ~ U{0..T−1};
     UNet(noisy, t, states). → {'pred', 'target' [B, C, h, w], 'token', 'tau' [B, D]}.
     """
-    params = sharding.merge_params(trainable, frozen)
-    k = split_example_keys(keys)
-    token = conditioning.audio_token(system, params, batch["audio"], rng=k["token"], train=train)
-    states = conditioning.text_states(system, params, token, "train")
+    params = tree_lib.merge_params(trainable, frozen)
+    k = system_lib.split_example_keys(keys)
+    token = system_lib.audio_token(system, params, batch["audio"], rng=k["token"], train=train)
+    states = system_lib.text_states(system, params, token, "train")
     p_uncond = float(system.config.train.uncond_prob)
     if train and p_uncond > 0:  # classifier-free guidance dropout: the empty prompt's states instead
-        uncond = conditioning.unconditional_states(system, params["text"]).astype(states.dtype)
+        uncond = system_lib.unconditional_states(system, params["text"]).astype(states.dtype)
         drop = jax.vmap(lambda key: jax.random.bernoulli(jax.random.fold_in(key, 4), p_uncond))(keys)
         states = jnp.where(drop[:, None, None], uncond, states)
     latents = jax.vmap(lambda img, key: diffusion.encode_latents(system.vae, params["vae"], img[None], key)[0])(
@@ -134,7 +118,7 @@ def loss_weights(config) -> losses.Weights:
     return losses.Weights(config.train.lambda_l1, config.train.lambda_l2, config.train.lambda_cl)
 
 
-def system_loss(system: conditioning.System, trainable: Mapping, frozen: Mapping, batch: Mapping[str, jax.Array],
+def system_loss(system: system_lib.System, trainable: Mapping, frozen: Mapping, batch: Mapping[str, jax.Array],
                 keys: jax.Array, batch_mean_cos: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Training loss of one (micro-)batch → (loss, terms) (mtok_jax.losses.total_loss)."""
     out = system_outputs(system, trainable, frozen, batch, keys, train=True)
@@ -142,16 +126,16 @@ def system_loss(system: conditioning.System, trainable: Mapping, frozen: Mapping
                              batch.get("mask"), batch_mean_cos)
 
 
-def system_cosines(system: conditioning.System, trainable: Mapping, frozen: Mapping, batch: Mapping[str, jax.Array],
+def system_cosines(system: system_lib.System, trainable: Mapping, frozen: Mapping, batch: Mapping[str, jax.Array],
                    keys: jax.Array) -> jax.Array:
     """cos(audio token, label target) per example [B], with the randomness of system_loss."""
-    params = sharding.merge_params(trainable, frozen)
-    token = conditioning.audio_token(system, params, batch["audio"], rng=split_example_keys(keys)["token"],
-                                     train=True)
+    params = tree_lib.merge_params(trainable, frozen)
+    token_keys = system_lib.split_example_keys(keys)["token"]
+    token = system_lib.audio_token(system, params, batch["audio"], rng=token_keys, train=True)
     return losses.cosine_similarity(token, system.label_targets[batch["label"]])
 
 
-def system_eval_loss(system: conditioning.System, trainable: Mapping, frozen: Mapping, batch: Mapping[str, jax.Array],
+def system_eval_loss(system: system_lib.System, trainable: Mapping, frozen: Mapping, batch: Mapping[str, jax.Array],
                      keys: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Validation loss of a padded batch [B] in groups of `train.val_batch_size` consecutive examples
     (the reference's validation batches) → (Σ_groups loss_g · n_g, Σ n_g), n_g = real examples."""
@@ -186,7 +170,7 @@ def make_train_step(loss_fn: Callable, cosine_fn: Callable | None, optimizer: op
 
     def train_step(trainable, opt_state, frozen, batch, step, root_key):
         accum, micro = jax.tree.leaves(batch)[0].shape[:2]
-        keys = example_keys(jax.random.fold_in(root_key, step), accum * micro)
+        keys = system_lib.example_keys(jax.random.fold_in(root_key, step), accum * micro)
         mean_cos = None
         if cosine_fn is not None and accum > 1 and not faithful_accumulation:
             flat = jax.tree.map(lambda x: x.reshape(accum * micro, *x.shape[2:]), batch)
@@ -218,7 +202,7 @@ def make_eval_step(eval_loss_fn: Callable):
     the batch size, and is the same every epoch (so epochs are compared on the same noise)."""
 
     def eval_step(trainable, frozen, batch, first_index, key):
-        keys = example_keys(key, batch["mask"].shape[0], first_index)
+        keys = system_lib.example_keys(key, batch["mask"].shape[0], first_index)
         return eval_loss_fn(trainable, frozen, batch, keys)
 
     return eval_step
@@ -340,7 +324,8 @@ def _train(config, workdir: str, stop: signals.GracefulStop) -> dict[str, Any]:
 
     # ---------------------------------------------------------------------------------- input
     d = config.data
-    builder_config = _check_dataset(config)
+    dataset = _check_dataset(config)
+    builder_config = dataset.path.parent.name
     data_kw = dict(config_name=builder_config, bgr=d.bgr, prefetch=d.prefetch)
     num_train = pipeline.num_examples(d.data_dir, "train", builder_config)
     num_val = pipeline.num_examples(d.data_dir, "validation", builder_config)
@@ -352,12 +337,11 @@ def _train(config, workdir: str, stop: signals.GracefulStop) -> dict[str, Any]:
     log.info("%d train / %d validation examples, %d steps per epoch", num_train, num_val, steps_per_epoch)
 
     # ---------------------------------------------------------------------------------- models & optimizer
-    system, params = conditioning.load_system(config)
-    trainable, frozen = sharding.split_params(params, t.trainable)
+    system, params = system_lib.load_system(config, dataset.label_names)
+    trainable, frozen = tree_lib.split_params(params, t.trainable)
     del params
     if system.config.model.dtype == "bfloat16":  # fp32 master copy of what trains; frozen weights in bf16
-        frozen = jax.tree.map(lambda x: x.astype(jnp.bfloat16) if jnp.issubdtype(x.dtype, jnp.floating) else x,
-                              frozen)
+        frozen = tree_lib.cast_floating(frozen, jnp.bfloat16)
     schedule = learning_rate(t, steps_per_epoch)
     optimizer = make_optimizer(t, schedule)
     n_trainable = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainable))
@@ -388,9 +372,9 @@ def _train(config, workdir: str, stop: signals.GracefulStop) -> dict[str, Any]:
     eval_key = jax.device_put(jax.random.fold_in(jax.random.key(config.seed), EVAL_SEED), repl)
     # Ahead-of-time compile, so that compile time is reported apart from step time.
     micro = t.batch_size
-    h, w = conditioning.image_hw(config)
+    h, w = config_utils.image_hw(config)
     abstract_batch = {
-        "audio": jax.ShapeDtypeStruct((t.grad_accum, micro, conditioning.clip_samples(config)), jnp.float32,
+        "audio": jax.ShapeDtypeStruct((t.grad_accum, micro, config_utils.clip_samples(config)), jnp.float32,
                                       sharding=train_batch_sh),
         "image": jax.ShapeDtypeStruct((t.grad_accum, micro, h, w, 3), jnp.float32, sharding=train_batch_sh),
         "label": jax.ShapeDtypeStruct((t.grad_accum, micro), jnp.int32, sharding=train_batch_sh)}
@@ -404,7 +388,7 @@ def _train(config, workdir: str, stop: signals.GracefulStop) -> dict[str, Any]:
 
     # ---------------------------------------------------------------------------------- checkpoint
     ckpt = checkpoints.Checkpointer(workdir)
-    paths = sharding.trainable_paths(sharding.merge_params(trainable, {}), t.trainable)
+    paths = tree_lib.trainable_paths(tree_lib.merge_params(trainable, {}), t.trainable)
     step, epoch, start_batch = 0, 0, 0
     best_val, epoch_loss_sum, epoch_loss_n = math.inf, 0.0, 0
     restored = ckpt.restore_latest(trainable, opt_state)
@@ -494,7 +478,7 @@ def _train(config, workdir: str, stop: signals.GracefulStop) -> dict[str, Any]:
                 ckpt.save_best(step, trainable, {**meta(), "val_loss": val_loss})
             ckpt.save_latest(step, trainable, opt_state, meta())
             if validation_images.due(epoch):  # after the saves: a kill here loses no training
-                validation_images.write(epoch, step, sharding.merge_params(trainable, frozen), tb)
+                validation_images.write(epoch, step, tree_lib.merge_params(trainable, frozen), tb)
             finished = epoch >= t.epochs or step >= max_steps
             interrupted = None if finished else stop.requested  # a signal in the last validation: nothing left
             speed.exclude_since_last()  # the next step time leaves out validation and its images
@@ -534,14 +518,14 @@ def _like_params(opt_shapes: Any, param_sh: Any, default: NamedSharding) -> Any:
     return jax.tree.map(lambda x: param_sh if is_param_like(x) else default, opt_shapes, is_leaf=is_param_like)
 
 
-def _check_dataset(config) -> str:
+def _check_dataset(config) -> pipeline.Dataset:
     """The built dataset must hold what the config's shapes say (clip length, image size) and mix stereo
-    as `data.stereo` says (datasets built before the option averaged the channels). → its config name."""
+    as `data.stereo` says (datasets built before the option averaged the channels). → the dataset."""
     d = config.data
-    ds = conditioning.open_dataset(config)
+    ds = pipeline.open_configured(config)
     built = ds.config
-    want_samples = conditioning.clip_samples(config)
-    want_hw = conditioning.image_hw(config)
+    want_samples = config_utils.clip_samples(config)
+    want_hw = config_utils.image_hw(config)
     got_hw = (int(built["image_height"]), int(built["image_width"]))
     if int(built["clip_samples"]) != want_samples or got_hw != want_hw:
         raise ValueError(f"dataset {ds.path} holds {built['clip_samples']} samples / {got_hw} images, the config "
@@ -551,4 +535,4 @@ def _check_dataset(config) -> str:
     if got_stereo != d.stereo:
         raise ValueError(f"dataset {ds.path} mixed stereo audio with {got_stereo!r}, the config asks for "
                          f"data.stereo={d.stereo!r}: rebuild with --stereo {d.stereo} or set data.stereo={got_stereo}")
-    return ds.path.parent.name
+    return ds

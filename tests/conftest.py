@@ -96,8 +96,7 @@ def tiny_assets(tmp_path_factory, demo_models) -> dict[str, str]:
 def metric_models(tmp_path_factory) -> dict[str, str]:
     """Tiny random metric models in their real formats → {'clip', 'inception', 'wav2clip'} folders."""
     from metrics.inception import save_random_inception
-    from mtok_jax.demo.metric_models import write_tiny_clip
-    from mtok_jax.demo.wav2clip import write_tiny_wav2clip
+    from metrics.demo_models import write_tiny_clip, write_tiny_wav2clip
 
     def make(root: pathlib.Path) -> dict:
         paths = {"clip": root / "clip", "inception": root / "inception", "wav2clip": root / "wav2clip"}

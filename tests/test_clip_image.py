@@ -5,7 +5,7 @@ import pytest
 
 from conftest import torch_or_skip
 from metrics import clip_image as ci
-from mtok_jax.demo.metric_models import tiny_clip_config, write_tiny_clip
+from metrics.demo_models import tiny_clip_config, write_tiny_clip
 
 SIZES = [(224, 224), (256, 320), (375, 500), (60, 100), (300, 37), (225, 224), (32, 32)]
 

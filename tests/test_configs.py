@@ -5,7 +5,8 @@ import pathlib
 
 import pytest
 
-from mtok_jax import conditioning, config_utils
+from mtok_jax import config_utils
+from mtok_jax import system as system_lib
 
 CONFIGS = sorted(p.stem for p in (pathlib.Path(__file__).resolve().parents[1] / "configs").glob("*.py")
                  if p.stem != "__init__")
@@ -22,14 +23,14 @@ def test_config_full_size_shapes(name):
     if name == "demo":  # its 32 px images are below what the SD v1.4 UNet takes (3 downsamplings of h/8)
         overrides = ["data.image_size=64"]
     config = config_utils.load_config(CONFIG_DIR / f"{name}.py", overrides)
-    out = conditioning.eval_shapes(config, full_size=True)
+    out = system_lib.eval_shapes(config, full_size=True)
     b = config.train.batch_size
     n_layers = len(config.model.beats_layers)
-    t = 8 * ((1 + (conditioning.clip_samples(config) - 400) // 160) // 16)  # BEATs tokens: 8·⌊F/16⌋
+    t = 8 * ((1 + (config_utils.clip_samples(config) - 400) // 160) // 16)  # BEATs tokens: 8·⌊F/16⌋
     assert out["beats_features"].shape == (b, t, n_layers * 768)
     assert out["audio_token"].shape == (b, 768)
     assert out["text_states"].shape == (b, 77, 768)
-    h, w = conditioning.image_hw(config)
+    h, w = config_utils.image_hw(config)
     assert out["latents"].shape == (b, 4, h // 8, w // 8)
     assert out["unet_out"].shape == out["latents"].shape
     counts = {k: sum(x.size for x in __import__("jax").tree.leaves(v)) for k, v in out["params"].items()}
@@ -73,12 +74,12 @@ def test_overrides_and_unknown_keys():
 def test_image_size_must_fit_the_unet():
     config = config_utils.load_config(CONFIG_DIR / "exp1.py", ["data.image_size=32"])
     with pytest.raises(ValueError, match="image"):
-        conditioning.eval_shapes(config, full_size=True)
+        system_lib.eval_shapes(config, full_size=True)
 
 
 def test_bf16_shapes_resolve():
     config = config_utils.load_config(CONFIG_DIR / "exp2.py", ["model.dtype=bfloat16", "train.batch_size=1"])
-    out = conditioning.eval_shapes(config, full_size=True)
+    out = system_lib.eval_shapes(config, full_size=True)
     assert out["audio_token"].dtype == "float32" and out["text_states"].shape == (1, 77, 768)
     leaves = __import__("jax").tree.leaves(out["params"])
     assert all(x.dtype == "float32" for x in leaves)  # master params stay float32
@@ -88,19 +89,20 @@ def test_sharding_rules():
     from jax.sharding import PartitionSpec as P
 
     from mtok_jax import sharding
+    from mtok_jax import tree as tree_lib
 
     assert sharding.fsdp_spec((2304, 768), 2, 100) == P("fsdp", None)  # largest divisible axis
     assert sharding.fsdp_spec((3, 3, 320, 640), 4, 100) == P(None, None, None, "fsdp")
     assert sharding.fsdp_spec((7, 5), 2, 1) == P()  # nothing divisible → replicated
     assert sharding.fsdp_spec((4096,), 2, 2 ** 22) == P()  # small → replicated
     params = {"unet": {"k": 1}, "unet_extra": {"k": 2}, "embedder": {"fc1": {"kernel": 3}}, "text": {"t": 4}}
-    trainable, frozen = sharding.split_params(params, "embedder|unet")
+    trainable, frozen = tree_lib.split_params(params, "embedder|unet")
     assert trainable == {"unet": {"k": 1}, "embedder": {"fc1": {"kernel": 3}}}
     assert frozen == {"unet_extra": {"k": 2}, "text": {"t": 4}}
-    assert sharding.merge_params(trainable, frozen) == params
-    assert sharding.trainable_paths(params, "unet/.*") == ["unet/k"]
+    assert tree_lib.merge_params(trainable, frozen) == params
+    assert tree_lib.trainable_paths(params, "unet/.*") == ["unet/k"]
     with pytest.raises(ValueError, match="selects no parameter"):
-        sharding.split_params(params, "vae")
+        tree_lib.split_params(params, "vae")
     mesh = sharding.make_mesh({"data": -1, "fsdp": 2})
     assert dict(mesh.shape) == {"data": 4, "fsdp": 2}
     with pytest.raises(ValueError):

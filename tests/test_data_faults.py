@@ -14,6 +14,7 @@ import soundfile as sf
 from PIL import Image
 
 import mtok_jax  # noqa: F401
+from mtok_jax import cli
 from mtok_jax.data import build as build_cli
 from mtok_jax.data import builder as builder_lib
 from mtok_jax.data import pipeline, sources
@@ -89,7 +90,7 @@ def test_unsafe_config_names_are_refused(tmp_path, name, capsys):
     with pytest.raises(ValueError, match="dataset config name"):
         pipeline.resolve_config(tmp_path, name)
     with pytest.raises(SystemExit) as e:
-        build_cli.main(["--layout", "folders", "--manual_dir", str(tmp_path), "--data_dir", str(tmp_path / "d"),
+        cli.run(build_cli.main, ["--layout", "folders", "--manual_dir", str(tmp_path), "--data_dir", str(tmp_path / "d"),
                         "--config_name", name])
     assert e.value.code == 2 and "dataset config name" in capsys.readouterr().err
     assert not (tmp_path / "d").exists() and not (tmp_path / "x").exists()
@@ -120,7 +121,7 @@ def test_silence_threshold_is_a_builder_option(tmp_path, capsys):
                 "--image_size", "32", "--labels", str(tmp_path / "labels.txt"), "--workers", "0", "--no_progress"]
         assert build_cli.main(argv + ([] if threshold is None else ["--silence_dbfs", str(threshold)])) == 0
         name = capsys.readouterr().out.split("config_name: ")[1].split()[0]
-        out = builder_lib.dataset_dir(data_dir, name)
+        out = sources.dataset_dir(data_dir, name)
         skipped = _skipped(out)
         assert {p for p, r in skipped.items() if r["reason"].startswith("silence (RMS")} == silent
         meta = json.loads((out / "metadata.json").read_text())

@@ -1,4 +1,4 @@
-"""mtok_jax.demo.metric_models: the contrastive fit makes the tiny CLIP / Wav2CLIP tell matched demo
+"""metrics.demo_models: the contrastive fit makes the tiny CLIP / Wav2CLIP tell matched demo
 (audio, image) pairs from mismatched ones (AIS, IIS ≫ 50 on fresh pairs), which the random towers do not
 (≈ 50), so the demo's evaluation can show whether images follow their music."""
 
@@ -7,8 +7,8 @@ import numpy as np
 from metrics import scores
 from metrics.clip_image import load_clip_image, resize_and_crop
 from metrics.wav2clip import embed_audio, load_wav2clip
-from mtok_jax.demo import metric_models as mm
-from mtok_jax.demo.wav2clip import write_tiny_wav2clip
+from metrics import demo_models as mm
+from metrics.demo_models import write_tiny_wav2clip
 
 
 def test_fit_separates_matched_from_mismatched(tmp_path):

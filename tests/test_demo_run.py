@@ -1,11 +1,11 @@
-"""mtok_jax.demo.run.label_dependence: the demo's check that generated images follow their labels."""
+"""demo.label_dependence: the demo's check that generated images follow their labels."""
 
 import json
 
 import numpy as np
 from PIL import Image
 
-from mtok_jax.demo.run import _sample_label_dependence, label_dependence
+from demo import _sample_label_dependence, label_dependence
 
 TARGETS = np.random.default_rng(0).uniform(0, 1, (18, 3))
 

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from mtok_jax import checkpoints, cli, conditioning, config_utils, convert, export, sample
+from mtok_jax import checkpoints, cli, config_utils, convert, export, sample
+from mtok_jax import system as system_lib
 from mtok_jax.models import beats as beats_lib
 from mtok_jax.models import diffusion
 from mtok_jax.params_io import load_params
@@ -36,7 +37,7 @@ def run(tiny_assets, metric_models, tmp_path_factory):
     torch_or_skip()
     workdir = run_readme_block(tmp_path_factory.mktemp("readme"), tiny_assets, metric_models, *EXP2)
     config = config_utils.load_config(workdir / "config.json")
-    _, init = conditioning.load_system(config)
+    _, init = system_lib.load_system(config, ())
     params = jax.device_get(checkpoints.restore_trained(workdir, init, "best"))
     return dict(config=config, workdir=str(workdir), out=str(workdir / "model"), params=params,
                 init=jax.device_get(init))
@@ -77,13 +78,13 @@ def check_embedder_token(out, run_config, params, init) -> None:
     run's audio token within 1e-6; the untrained embedder's differs (so the check can fail)."""
     config = export.load_model_config(out)
     assert config.model.embedder_path == os.path.join(out, "embedder")
-    system, exported = conditioning.load_system(config)
-    run_system, _ = conditioning.load_system(run_config)
+    system, exported = system_lib.load_system(config, ())
+    run_system, _ = system_lib.load_system(run_config, ())
     waves = jnp.asarray(0.3 * np.random.default_rng(0).standard_normal((2, 16000)), jnp.float32)
     key = jax.random.key(3)
-    token = conditioning.audio_token(system, exported, waves, rng=key, train=False)
-    want = conditioning.audio_token(run_system, params, waves, rng=key, train=False)
-    untrained = conditioning.audio_token(run_system, init, waves, rng=key, train=False)
+    token = system_lib.audio_token(system, exported, waves, rng=key, train=False)
+    want = system_lib.audio_token(run_system, params, waves, rng=key, train=False)
+    untrained = system_lib.audio_token(run_system, init, waves, rng=key, train=False)
     np.testing.assert_allclose(np.asarray(token), np.asarray(want), atol=1e-6, rtol=0)
     assert np.abs(np.asarray(untrained) - np.asarray(want)).max() > 1e-3
 

@@ -96,17 +96,30 @@ def test_wants_verbose():
     assert not cli.wants_verbose(["--verbose=false"]) and not cli.wants_verbose(["--", "--verbose"])
 
 
-def test_argparse_usage_error_is_one_line(capsys):
-    p = cli.ArgumentParser(prog="prog")
-    p.add_argument("--n", type=int)
-    p.add_argument("path", type=cli.existing_file)
-    assert p.parse_args(["--verbose", __file__]).path == __file__  # --verbose is accepted everywhere
-    for argv, text in [(["--n", "x", __file__], "argument --n: invalid int value: 'x'"),
-                       (["/nonexistent.pt"], "argument path: no such file: /nonexistent.pt")]:
+def test_command_usage_error_is_one_line(capsys):
+    """cli.parse_command (the flags of data.build, convert, export, metrics.*): --verbose everywhere, a bad
+    flag value, a missing positional file and a wrong argument count are one line (exit 2)."""
+    def define(fv, argv):
+        cli.definer(fv)("integer", "n", None, "a number")
+
+    def main(argv):
+        fv, rest = cli.parse_command("prog", "doc", define, argv, args="PATH")
+        return cli.existing_file("path", cli.positional(rest, ("PATH",), "prog")[0]) and 0
+
+    with pytest.raises(SystemExit) as e:
+        cli.run(main, ["--verbose", __file__])
+    assert e.value.code == 0
+    for argv, text in [(["--n", "x", __file__], "--n=x"),
+                       (["/nonexistent.pt"], "argument path: no such file: /nonexistent.pt"),
+                       ([], "expected the arguments PATH, got none (see prog --help)")]:
         with pytest.raises(SystemExit) as e:
-            p.parse_args(argv)
+            cli.run(main, argv)
         err = capsys.readouterr().err
-        assert e.value.code == 2 and err.splitlines() == [f"error: {text} (see prog --help)"], err
+        assert e.value.code == 2 and err.splitlines() == [err.strip()] and text in err, err
+    with pytest.raises(SystemExit) as e:
+        cli.run(main, ["--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and out.startswith("usage: prog [flags] PATH\n\ndoc") and "--n: a number" in out, out
 
 
 # ----------------------------------------------------------------------------------- real entry points
@@ -141,10 +154,10 @@ def test_flag_parsing_errors_one_line(tmp_path):
     _, _, out = _run("train.py", "--help")  # the flags defined through mtok_jax.cli belong to train.py (absl exits 1)
     assert "--config: Config file" in out and "--[no]verbose" in out, out
     # the demo runner takes the same flags and override syntax (before it writes anything)
-    _one_line(["-m", "mtok_jax.demo.run", "--config.train.batch_sise=4"], "unknown config key train.batch_sise")
-    _one_line(["-m", "mtok_jax.demo.run", "--config", DEMO, "--config.train.batch_size=0"],
+    _one_line(["demo.py", "--config.train.batch_sise=4"], "unknown config key train.batch_sise")
+    _one_line(["demo.py", "--config", DEMO, "--config.train.batch_size=0"],
               "train.batch_size=0 must be > 0")
-    _, _, out = _run("-m", "mtok_jax.demo.run", "--help")
+    _, _, out = _run("demo.py", "--help")
     assert "--config: Config file" in out and "--[no]skip_eval" in out and "--[no]verbose" in out, out
 
 

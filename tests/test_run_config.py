@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from metrics import evaluate
-from mtok_jax import checkpoints, cli, config_utils, conditioning
+from mtok_jax import checkpoints, cli, config_utils
 from mtok_jax.data import pipeline
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -104,11 +104,11 @@ def test_builder_config_picked_by_shape(tiny_assets, tmp_path):
     m["config"].update(image_height=64, image_width=64)
     meta.write_text(json.dumps(m))
     base = [f"data.data_dir={data}", "data.builder_config=", "data.clip_seconds=1.0"]
-    assert conditioning.open_dataset(config_utils.load_config(DEMO, base)).path.parent.name == "tiny"
-    assert conditioning.open_dataset(config_utils.load_config(DEMO, base + ["data.image_size=64"])
+    assert pipeline.open_configured(config_utils.load_config(DEMO, base)).path.parent.name == "tiny"
+    assert pipeline.open_configured(config_utils.load_config(DEMO, base + ["data.image_size=64"])
                                      ).path.parent.name == "big"
     with pytest.raises(FileNotFoundError, match="no built music_image configs match .*set data.builder_config"):
-        conditioning.open_dataset(config_utils.load_config(DEMO, base + ["data.image_size=48"]))
+        pipeline.open_configured(config_utils.load_config(DEMO, base + ["data.image_size=48"]))
     with pytest.raises(FileNotFoundError, match="set data.builder_config"):
         pipeline.resolve_config(data)  # no shapes, two built
 

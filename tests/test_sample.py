@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mtok_jax import conditioning, config_utils, sample, sharding
+from mtok_jax import config_utils, sample, sharding
 from mtok_jax.audio.io import load_audio
 
 
@@ -195,7 +195,7 @@ def test_reference_512x320_samples_square(demo_models, waves):
     config = config_utils.load_config("configs/demo.py", [f"model.sd_path={demo_models['sd']}",
                                                           f"model.beats_path={demo_models['beats']}",
                                                           "data.reference_512x320=True"])
-    assert conditioning.image_hw(config) == (320, 512)
+    assert config_utils.image_hw(config) == (320, 512)
     p = sample.load_pipeline(config, None, checkpoint=None, max_batch=8)
     assert p.generate(waves[:1], [0], num_images=1, steps=1, guidance=7.5).shape == (1, 1, 32, 32, 3)
 

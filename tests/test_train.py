@@ -20,7 +20,9 @@ import numpy as np
 import ml_collections
 import pytest
 
-from mtok_jax import checkpoints, conditioning, config_utils, sharding, train
+from mtok_jax import checkpoints, config_utils, sharding, train
+from mtok_jax import tree as tree_lib
+from mtok_jax import system as system_lib
 from mtok_jax.data import pipeline, sources
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
@@ -43,7 +45,7 @@ def demo_config(assets, *overrides):
 @pytest.fixture(scope="module")
 def loaded(assets):
     config = demo_config(assets, "train.lr=1e-3")
-    system, params = conditioning.load_system(config)
+    system, params = system_lib.load_system(config, LABELS)
     assert system.labels == LABELS
     return system, params
 
@@ -64,7 +66,7 @@ def run_step(system, params, pattern: str, mesh, batch, fsdp_min_size: int = 2 *
     the tolerances below are fractions of one Adam step."""
     t = ml_collections.ConfigDict(system.config.train.to_dict())
     t.eps, t.lr, t.warmup_steps = eps, lr, 0
-    trainable, frozen = sharding.split_params(params, pattern)
+    trainable, frozen = tree_lib.split_params(params, pattern)
     schedule = train.learning_rate(t, 10)
     optimizer = train.make_optimizer(t, schedule)
     shard = pattern != "embedder"
@@ -82,11 +84,11 @@ def run_step(system, params, pattern: str, mesh, batch, fsdp_min_size: int = 2 *
     if shard:  # the big leaves really were split over fsdp
         specs = [s.spec for s in jax.tree.leaves(tr_sh)]
         assert mesh.shape["fsdp"] == 1 or any("fsdp" in tuple(s) for s in specs)
-    return sharding.merge_params(jax.device_get(new), jax.device_get(frozen)), jax.device_get(metrics)
+    return tree_lib.merge_params(jax.device_get(new), jax.device_get(frozen)), jax.device_get(metrics)
 
 
 def flat(tree):
-    return sharding.flatten(tree)
+    return tree_lib.flatten(tree)
 
 
 EXP2 = "embedder|beats|unet"
@@ -186,7 +188,7 @@ def test_resume_is_bit_identical(assets, tmp_path, caplog):
     assert (tmp_path / "full" / "loss.png").stat().st_size > 1000
 
     # The best checkpoint restores into the full params (the contract sample.py uses).
-    _, params = conditioning.load_system(demo_config(assets, *LOOP))
+    _, params = system_lib.load_system(demo_config(assets, *LOOP), LABELS)
     best_step = 2 * steps_per_epoch if full["val_losses"][1] < full["val_losses"][0] else steps_per_epoch
     restored = checkpoints.restore_trained(str(tmp_path / "full"), params, "best")
     latest = checkpoints.restore_trained(str(tmp_path / "full"), params, "latest")
@@ -324,7 +326,7 @@ def test_uncond_prob_replaces_the_prompt_states(loaded):
     batch = {k: v[0] for k, v in synthetic_batch(1, 2).items()}
     other = {**batch, "audio": batch["audio"][::-1].copy()}
     keys = jax.random.split(jax.random.key(0), 2)
-    trainable, frozen = sharding.split_params(params, "embedder")
+    trainable, frozen = tree_lib.split_params(params, "embedder")
 
     def pred(p_uncond, b, training=True):
         config = system.config.copy_and_resolve_references()

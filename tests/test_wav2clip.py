@@ -107,7 +107,7 @@ def test_convert_checkpoint_roundtrip(tmp_path, golden, state_dict):
 
 
 def test_tiny_writer(tmp_path):
-    from mtok_jax.demo.wav2clip import write_tiny_wav2clip
+    from metrics.demo_models import write_tiny_wav2clip
 
     d = write_tiny_wav2clip(tmp_path / "tiny", seed=1, width=8, embed_dim=24)
     model, variables, config = w2c.load_wav2clip(d)

@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mtok_jax.constants import SAMPLE_RATE
+
 WAVE_SCALE = 2.0**15                 # torchaudio's kaldi.fbank expects 16-bit-scaled samples
 LOG_FLOOR = float(np.finfo(np.float32).eps)
 BEATS_FBANK_MEAN = 15.41663          # BEATs.extract_features defaults (all released checkpoints)
@@ -64,7 +66,7 @@ def kaldi_mel_banks(num_bins: int, n_fft: int, sample_rate: float,
     return banks
 
 
-def num_frames(num_samples: int, sample_rate: int = 16000,
+def num_frames(num_samples: int, sample_rate: int = SAMPLE_RATE,
                frame_length_ms: float = 25.0, frame_shift_ms: float = 10.0) -> int:
     """Frames kept by snip_edges: 1 + (N − window) // shift (0 if the clip is shorter than a window)."""
     win = int(sample_rate * frame_length_ms * 1e-3)
@@ -72,7 +74,7 @@ def num_frames(num_samples: int, sample_rate: int = 16000,
     return 0 if num_samples < win else 1 + (num_samples - win) // hop
 
 
-def kaldi_fbank(waveforms: jax.Array, sample_rate: int = 16000, num_mel_bins: int = 128,
+def kaldi_fbank(waveforms: jax.Array, sample_rate: int = SAMPLE_RATE, num_mel_bins: int = 128,
                 frame_length_ms: float = 25.0, frame_shift_ms: float = 10.0,
                 preemphasis: float = 0.97, low_freq: float = 20.0, high_freq: float = 0.0) -> jax.Array:
     """Raw Kaldi log-mel fbank of float waveforms in [−1, 1].

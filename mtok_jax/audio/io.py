@@ -16,6 +16,8 @@ from typing import Optional
 
 import numpy as np
 
+from mtok_jax.constants import SAMPLE_RATE
+
 STEREO_MODES = ("first", "mean")  # multi-channel → mono: channel 0 (the reference) | channel average (librosa)
 
 # A clip whose RMS level is at or below this counts as silence (dBFS: 20·log10(RMS), 1.0 = full scale,
@@ -139,7 +141,7 @@ def fit_length(x: np.ndarray, n: int) -> np.ndarray:
 
 def load_audio(
     path,
-    sample_rate: int = 16000,
+    sample_rate: int = SAMPLE_RATE,
     clip_seconds: float = 30.0,
     *,
     start_seconds: float = 0.0,

@@ -3,6 +3,7 @@
   python -m mtok_jax.data.build --layout folders|csv --manual_dir DIR --data_dir OUT [--labels FILE]
       [--clip_seconds 30] [--image_size 512] [--stretch | --reference_512x320] [--audio_44k_as_16k]
       [--stereo first|mean] [--silence_dbfs -60] [--config_name NAME] [--workers N] [--overwrite]
+      [--no_progress]
 
 Prints per-split and per-label counts (audio examples / usable images), the skip reasons, and ends
 with exactly one line `built: train=N validation=N test=N skipped=N` (N audio examples per split;
@@ -14,10 +15,14 @@ from __future__ import annotations
 import json
 from collections import Counter
 from pathlib import Path
+from typing import Sequence
+
+from absl import app, flags
 
 import mtok_jax  # noqa: F401  (sets USE_TF=0 first)
 from mtok_jax import cli
 from mtok_jax.audio.io import SILENCE_DBFS
+from mtok_jax.data.builder import build, make_config
 from mtok_jax.data.sources import SPLITS, read_label_file
 
 
@@ -48,41 +53,43 @@ def summarize(dataset_dir) -> tuple[list[str], dict]:
     return lines, counts
 
 
-def main(argv=None) -> int:
-    from mtok_jax.data.builder import build, make_config
+def _define(fv: flags.FlagValues, argv: list[str]) -> None:
+    define = cli.definer(fv)
+    flags.DEFINE_enum("layout", None, ["folders", "csv"], "source layout (docs/data.md)", flag_values=fv)
+    define("string", "manual_dir", None, "folder with the source files (audio/ and image/, see docs/data.md)")
+    define("string", "data_dir", None, "TFDS data_dir to write the dataset to")
+    define("string", "labels", None, "text file, one label per line (default: the 18 thesis labels)")
+    define("float", "clip_seconds", 30.0, "audio clip length (s)")
+    define("integer", "image_size", 512, "square side (centre crop + bicubic)")
+    define("bool", "stretch", False, "stretch the whole image to image_size² without cropping (the reference's "
+                                     "no-crop geometry at the square sampling size)")
+    define("bool", "reference_512x320", False, "quirk: 512x320 (WxH), no crop")
+    define("bool", "audio_44k_as_16k", False, "quirk: store 44.1 kHz samples")
+    flags.DEFINE_enum("stereo", "first", ["first", "mean"], "multi-channel audio → mono: first channel (the "
+                      "reference's wav[0]) or the mean", flag_values=fv)
+    flags.DEFINE_enum("image_format", None, ["jpeg", "png"], "stored image format (default: as the layout)",
+                      flag_values=fv)
+    define("float", "silence_dbfs", SILENCE_DBFS, "skip audio whose RMS level is at or below this (dBFS, full "
+                                                  "scale 1.0)")
+    define("string", "config_name", None, "dataset config name (default: derived from the parameters)")
+    define("integer", "workers", None, "decode processes (default: CPU count)")
+    define("bool", "overwrite", False, "rebuild even if the dataset exists")
+    define("bool", "no_progress", False, "no progress bars")
+    for name in ("layout", "manual_dir", "data_dir"):
+        flags.mark_flag_as_required(name, flag_values=fv)
 
-    p = cli.ArgumentParser(prog="python -m mtok_jax.data.build", description=__doc__.split("\n")[0])
-    p.add_argument("--layout", choices=("folders", "csv"), required=True)
-    p.add_argument("--manual_dir", required=True, type=cli.existing_dir,
-                   help="folder with the source files (audio/ and image/, see docs/data.md)")
-    p.add_argument("--data_dir", required=True, help="TFDS data_dir to write the dataset to")
-    p.add_argument("--labels", type=cli.existing_file,
-                   help="text file, one label per line (default: the 18 thesis labels)")
-    p.add_argument("--clip_seconds", type=float, default=30.0)
-    p.add_argument("--image_size", type=int, default=512, help="square side (centre crop + bicubic)")
-    p.add_argument("--stretch", action="store_true",
-                   help="stretch the whole image to image_size² without cropping (the reference's no-crop "
-                        "geometry at the square sampling size)")
-    p.add_argument("--reference_512x320", action="store_true", help="quirk: 512x320 (WxH), no crop")
-    p.add_argument("--audio_44k_as_16k", action="store_true", help="quirk: store 44.1 kHz samples")
-    p.add_argument("--stereo", choices=("first", "mean"), default="first",
-                   help="multi-channel audio → mono: first channel (the reference's wav[0], default) or the mean")
-    p.add_argument("--image_format", choices=("jpeg", "png"), default=None)
-    p.add_argument("--silence_dbfs", type=float, default=SILENCE_DBFS,
-                   help="skip audio whose RMS level is at or below this (dBFS, full scale 1.0; default %(default)g)")
-    p.add_argument("--config_name", default=None, help="default: derived from the parameters")
-    p.add_argument("--workers", type=int, default=None, help="decode processes (default: CPU count)")
-    p.add_argument("--overwrite", action="store_true", help="rebuild even if the dataset exists")
-    p.add_argument("--no_progress", action="store_true")
-    a = p.parse_args(argv)
-    labels = read_label_file(a.labels) if a.labels else None
+
+def main(argv: Sequence[str] | None = None) -> int:
+    prog = "python -m mtok_jax.data.build"
+    a, rest = cli.parse_command(prog, __doc__, _define, argv)
+    cli.positional(rest, (), prog)
+    cli.existing_dir("--manual_dir", a.manual_dir)
+    labels = read_label_file(cli.existing_file("--labels", a.labels)) if a.labels else None
     if a.stretch and a.reference_512x320:
-        p.error("--stretch and --reference_512x320 are exclusive (the latter already stretches to 512x320)")
-    try:
-        cfg = make_config(a.layout, a.clip_seconds, a.image_size, a.reference_512x320, a.audio_44k_as_16k,
-                          labels, a.image_format, a.config_name, a.silence_dbfs, stretch=a.stretch, stereo=a.stereo)
-    except ValueError as e:  # e.g. --config_name ../x
-        p.error(str(e))
+        raise app.UsageError("--stretch and --reference_512x320 are exclusive (the latter already stretches to "
+                             "512x320)")
+    cfg = make_config(a.layout, a.clip_seconds, a.image_size, a.reference_512x320, a.audio_44k_as_16k,
+                      labels, a.image_format, a.config_name, a.silence_dbfs, stretch=a.stretch, stereo=a.stereo)
     out = build(a.manual_dir, a.data_dir, cfg, workers=a.workers, overwrite=a.overwrite,
                 progress=not a.no_progress)
     lines, counts = summarize(out)

@@ -29,7 +29,6 @@ import json
 import math
 import multiprocessing
 import os
-import re
 import shutil
 from collections import deque
 from pathlib import Path
@@ -39,23 +38,9 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from mtok_jax.audio.io import SILENCE_DBFS
+from mtok_jax.constants import REFERENCE_SAMPLE_RATE, SAMPLE_RATE
 from mtok_jax.data import jobs
-from mtok_jax.data.sources import DEFAULT_LABELS, SPLITS, SourceFile, scan, skip_record
-
-NAME = "music_image"
-VERSION = "1.0.0"
-REFERENCE_SAMPLE_RATE = 44100  # thesis quirk: audio at 44.1 kHz fed to the 16 kHz front-end
-_CONFIG_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-
-
-def check_config_name(name) -> str:
-    """``name`` if it is one safe path component (letters, digits, ``-``, ``_``, ``.``; first a letter
-    or digit: no separators, no ``..``), else ValueError naming the value."""
-    if not isinstance(name, str) or not _CONFIG_NAME.match(name):
-        raise ValueError(f"dataset config name {name!r}: use letters, digits, '-', '_' and '.' only, starting "
-                         "with a letter or digit (no path separators, no '..'), e.g. 'folders-4s-32px'")
-    return name
-
+from mtok_jax.data.sources import DEFAULT_LABELS, NAME, SPLITS, VERSION, SourceFile, check_config_name, scan, skip_record
 
 @dataclasses.dataclass
 class MusicImageConfig(tfds.core.BuilderConfig):
@@ -75,7 +60,7 @@ class MusicImageConfig(tfds.core.BuilderConfig):
     @property
     def sample_rate(self) -> int:
         """Rate the stored samples were resampled to (16 kHz unless the 44.1 kHz quirk is on)."""
-        return REFERENCE_SAMPLE_RATE if self.audio_44k_as_16k else 16000
+        return REFERENCE_SAMPLE_RATE if self.audio_44k_as_16k else SAMPLE_RATE
 
     @property
     def clip_samples(self) -> int:
@@ -351,11 +336,6 @@ class MusicImage(tfds.core.GeneratorBasedBuilder):
             yield key, {"audio": pcm, "image": image, "label": a.label, "audio_id": a.rel,
                         "image_id": image_id}
             key += 1
-
-
-def dataset_dir(data_dir, config_name: str) -> Path:
-    """The built dataset's version dir: DATA_DIR/music_image/<config_name>/<version>."""
-    return Path(data_dir) / NAME / check_config_name(config_name) / VERSION
 
 
 def build(manual_dir, data_dir, config: "MusicImageConfig | str" = "folders", *,

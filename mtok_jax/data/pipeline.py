@@ -28,8 +28,9 @@ from typing import Iterator, Mapping, Optional
 
 import numpy as np
 
+from mtok_jax import config_utils
 from mtok_jax.audio.io import from_pcm16
-from mtok_jax.data.builder import NAME, VERSION, check_config_name
+from mtok_jax.data.sources import NAME, VERSION, check_config_name, dataset_dir
 from mtok_jax.data.images import decode_image
 
 _PAIRING_SALT = 0x9A1B
@@ -57,7 +58,7 @@ def resolve_config(data_dir, config_name: Optional[str] = None, shapes: Optional
 
 def _built_shapes(data_dir, config_name: str) -> dict:
     """The shapes a built config holds ({'clip_samples', 'image_height', 'image_width'}, from its metadata)."""
-    meta = json.loads((Path(data_dir) / NAME / config_name / VERSION / "metadata.json").read_text(encoding="utf-8"))
+    meta = json.loads((dataset_dir(data_dir, config_name) / "metadata.json").read_text(encoding="utf-8"))
     return {k: int(meta["config"][k]) for k in ("clip_samples", "image_height", "image_width")}
 
 
@@ -108,11 +109,27 @@ def _open(path: str, stamp: int) -> Dataset:
 def open_dataset(data_dir, config_name: Optional[str] = None, shapes: Optional[Mapping] = None) -> Dataset:
     """Open DATA_DIR/music_image/<config>/<version> (:func:`resolve_config`; cached per process, refreshed
     after a rebuild)."""
-    path = Path(data_dir) / NAME / resolve_config(data_dir, config_name, shapes) / VERSION
+    path = dataset_dir(data_dir, resolve_config(data_dir, config_name, shapes))
     info = path / "dataset_info.json"
     if not info.exists():
         raise FileNotFoundError(f"{path}: no built dataset (run python -m mtok_jax.data.build)")
     return _open(str(path), info.stat().st_mtime_ns)
+
+
+def open_configured(config) -> Dataset:
+    """The dataset a config trains on: `data.builder_config`, or ("") the built config whose clip length
+    and image size are the config's."""
+    h, w = config_utils.image_hw(config)
+    return open_dataset(config.data.data_dir, config.data.builder_config or None,
+                        shapes={"clip_samples": config_utils.clip_samples(config), "image_height": h, "image_width": w})
+
+
+def configured_labels(config) -> tuple[str, ...]:
+    """Label names of the dataset `config` trains on (:func:`open_configured`); () when none is built."""
+    try:
+        return tuple(open_configured(config).label_names)
+    except FileNotFoundError:
+        return ()
 
 
 def num_examples(data_dir, split: str, config_name: Optional[str] = None) -> int:
@@ -284,7 +301,14 @@ def to_global(batch: Mapping[str, np.ndarray], sharding) -> dict:
 
 def iter_examples(data_dir, split: str, config_name: Optional[str] = None, *, seed: int = 0, epoch: int = 0
                   ) -> Iterator[dict]:
-    """Every record of a split, in stored order, as dicts (see `mtok_jax.data.load_examples`)."""
+    """Yield every example of a built split as a dict (stored order; also `mtok_jax.data.load_examples`).
+
+    Keys: 'audio' float32 [clip_samples] in [-1, 1) (16 kHz; 44.1 kHz with the quirk config),
+    'image' uint8 [H, W, 3] RGB, 'label' int, 'audio_id' / 'image_id' (source paths relative to the
+    manual dir). 'train' shows the (seed, epoch) training pairing; 'validation'/'test' the stored
+    pairing; '<split>_images' yields image-only dicts (no 'audio', 'audio_id').
+    `config_name` may be omitted when data_dir holds a single built config.
+    """
     ds = open_dataset(data_dir, config_name)
     src = ds.source(split)
     is_images = split.endswith("_images")

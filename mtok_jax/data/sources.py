@@ -23,10 +23,30 @@ import errno
 import hashlib
 import math
 import os
+import re
 import unicodedata
 from collections import defaultdict
 from pathlib import Path
 from typing import Optional, Sequence
+
+NAME = "music_image"  # the TFDS dataset: DATA_DIR/music_image/<config>/<VERSION>
+VERSION = "1.0.0"
+_CONFIG_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def check_config_name(name) -> str:
+    """``name`` if it is one safe path component (letters, digits, ``-``, ``_``, ``.``; first a letter
+    or digit: no separators, no ``..``), else ValueError naming the value."""
+    if not isinstance(name, str) or not _CONFIG_NAME.match(name):
+        raise ValueError(f"dataset config name {name!r}: use letters, digits, '-', '_' and '.' only, starting "
+                         "with a letter or digit (no path separators, no '..'), e.g. 'folders-4s-32px'")
+    return name
+
+
+def dataset_dir(data_dir, config_name: str) -> Path:
+    """The built dataset's version dir: DATA_DIR/music_image/<config_name>/<version>."""
+    return Path(data_dir) / NAME / check_config_name(config_name) / VERSION
+
 
 DEFAULT_LABELS: tuple[str, ...] = (
     "20th century abstractionism",

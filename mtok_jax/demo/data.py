@@ -15,6 +15,8 @@ from typing import Optional
 
 import numpy as np
 
+from mtok_jax.constants import SAMPLE_RATE
+from mtok_jax.data.builder import DEMO_CONFIG, build
 from mtok_jax.data.sources import DEFAULT_LABELS, SPLITS, split_counts
 
 DEFAULT_AUDIO_PER_LABEL = {"train": 8, "validation": 2, "test": 2}
@@ -40,7 +42,7 @@ def _band_noise(rng: np.random.Generator, n: int, sample_rate: int, low: float, 
     return x / (np.abs(x).max() + 1e-9)
 
 
-def demo_audio(label: int, rng: np.random.Generator, seconds: float, sample_rate: int = 16000) -> np.ndarray:
+def demo_audio(label: int, rng: np.random.Generator, seconds: float, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     """float32 [seconds·sample_rate] label-dependent clip, peak 0.8: a pulsing tone (pitch by label,
     18 labels over 5 octaves from 200 Hz; pulse rate by label % 5) over noise in a third-octave band
     around that pitch, so every label sits in its own part of the spectrum."""
@@ -96,7 +98,7 @@ def write_demo_sources(manual_dir, per_label: Optional[dict] = None, clip_second
         (manual / "image" / name).mkdir(parents=True, exist_ok=True)
         for i in range(n_audio):
             sf.write(manual / "audio" / name / f"clip{i:03d}.wav", demo_audio(label, rng, clip_seconds),
-                     16000, subtype="PCM_16")
+                     SAMPLE_RATE, subtype="PCM_16")
         for i in range(n_image):
             Image.fromarray(demo_image(label, rng)).save(manual / "image" / name / f"art{i:03d}.png")
     (manual / _DONE).write_text("ok\n")
@@ -108,8 +110,6 @@ def build_demo_dataset(root="demo_assets", *, seed: int = 0, workers: int = 0, p
 
     Returns the TFDS data_dir (ROOT/data); read it with config_name='demo'.
     """
-    from mtok_jax.data.builder import DEMO_CONFIG, build
-
     root = Path(root)
     manual = root / "manual"
     if not (manual / _DONE).exists():

@@ -39,7 +39,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from mtok_jax.data.sources import DEFAULT_LABELS
+from mtok_jax.demo.data import demo_image
+from mtok_jax.demo.tokenizer import write_clip_tokenizer
+from mtok_jax.models import beats, diffusion
 from mtok_jax.models.beats import BEATS_ITER3_PLUS_AS2M_CFG
+from mtok_jax.models.diffusion import SD14_SCHEDULER_CONFIG, param_shapes
 
 DEMO_TEXT_HIDDEN = 32
 DEMO_IMAGE_SIZE = 32
@@ -101,15 +106,11 @@ def random_params(shapes: Mapping[str, Any], seed: int) -> dict[str, Any]:
 
 def demo_labels() -> list[str]:
     """The 18 label names of the dataset (from the data package)."""
-    from mtok_jax.data.sources import DEFAULT_LABELS
-
     return list(DEFAULT_LABELS)
 
 
 # ----------------------------------------------------------------------------------- the parts
 def _write_tokenizer(directory: str) -> int:
-    from mtok_jax.demo.tokenizer import write_clip_tokenizer
-
     return write_clip_tokenizer(directory, [*DEMO_PROMPTS, *demo_labels()])
 
 
@@ -138,8 +139,6 @@ def _write_text_encoder(directory: str, tokenizer_dir: str, seed: int) -> None:
 
 
 def _write_diffusers(directory: str, module, seed: int) -> None:
-    from mtok_jax.models.diffusion import param_shapes
-
     module.save_pretrained(directory, params=random_params(param_shapes(module), seed))
 
 
@@ -155,8 +154,6 @@ def demo_vae_images(n: int, seed: int, size: int = DEMO_IMAGE_SIZE) -> np.ndarra
     """float32 [n, size, size, 3] in [-1, 1]: synthetic demo images (``demo.data.demo_image``) of random
     labels, drawn at the written size and bicubic-resized as the dataset builder stores them."""
     from PIL import Image
-
-    from mtok_jax.demo.data import demo_image
 
     rng = np.random.default_rng(seed)
     out = np.empty((n, size, size, 3), np.float32)
@@ -219,8 +216,6 @@ def latent_scaling_factor(vae, vae_params, images) -> float:
 def _write_fitted_vae(directory: str, seed: int) -> None:
     """The demo VAE fitted on synthetic demo images (``fit_demo_vae``, ≈45 s on 2 CPU cores), its
     ``scaling_factor`` set from its latents; diffusers Flax ``save_pretrained``."""
-    from mtok_jax.models import diffusion
-
     vae = diffusion.vae_from_config(DEMO_VAE_CONFIG)
     params = random_params(diffusion.param_shapes(vae), seed)
     params["quant_conv"]["bias"][DEMO_VAE_CONFIG["latent_channels"]:] = VAE_INIT_LOGVAR
@@ -231,8 +226,6 @@ def _write_fitted_vae(directory: str, seed: int) -> None:
 
 
 def _write_scheduler(directory: str) -> None:
-    from mtok_jax.models.diffusion import SD14_SCHEDULER_CONFIG
-
     os.makedirs(directory, exist_ok=True)
     with open(os.path.join(directory, "scheduler_config.json"), "w") as f:
         json.dump({**SD14_SCHEDULER_CONFIG, "_diffusers_version": "0.39.0"}, f, indent=2)
@@ -240,8 +233,6 @@ def _write_scheduler(directory: str) -> None:
 
 def write_demo_sd(directory: str, seed: int = 0) -> None:
     """The tiny Stable Diffusion folder (``directory`` must not exist)."""
-    from mtok_jax.models import diffusion  # first: it guards the diffusers import
-
     os.makedirs(directory)
     with open(os.path.join(directory, "model_index.json"), "w") as f:
         json.dump(DEMO_MODEL_INDEX, f, indent=2)
@@ -254,8 +245,6 @@ def write_demo_sd(directory: str, seed: int = 0) -> None:
 
 def write_demo_beats(directory: str, seed: int = 0) -> None:
     """The tiny BEATs params_io folder (its modules' own initialisers)."""
-    from mtok_jax.models import beats
-
     beats.save_beats(directory, DEMO_BEATS_CFG, beats.init_params(DEMO_BEATS_CFG, jax.random.PRNGKey(seed)))
 
 

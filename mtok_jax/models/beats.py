@@ -27,9 +27,9 @@ from flax import struct, traverse_util
 
 from mtok_jax import params_io
 from mtok_jax.audio.fbank import beats_normalize, kaldi_fbank
+from mtok_jax.constants import SAMPLE_RATE  # BEATs.preprocess hard-codes 16 kHz, 128 mel bins
 
 LN_EPS = 1e-5                     # torch.nn.LayerNorm default (Flax's is 1e-6)
-SAMPLE_RATE = 16000               # BEATs.preprocess hard-codes 16 kHz, 128 mel bins
 NUM_MEL_BINS = 128
 AUDIOTOKEN_LAYERS = (3, 7, 11)    # 0-based blocks whose outputs AudioToken concatenates ("layers 4, 8, 12")
 

@@ -31,9 +31,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from mtok_jax.constants import SAMPLERS
 from mtok_jax.models import hub
 
-SAMPLERS = ("pndm", "ddim", "dpm", "euler")
 
 
 # --- Released SD v1.4 configs (CompVis/stable-diffusion-v1-4), so full-size shapes resolve without weights.

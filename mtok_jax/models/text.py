@@ -233,4 +233,4 @@ def label_targets(tokenizer: CLIPTokenizer, params: Mapping[str, Any], labels: S
         if not ids:
             raise ValueError(f"label {label!r} has no tokens")
         targets.append(jnp.mean(jnp.take(table, jnp.asarray(ids), axis=0).astype(jnp.float32), axis=0))
-    return jnp.stack(targets)
+    return jnp.stack(targets) if targets else jnp.zeros((0, table.shape[-1]), jnp.float32)

@@ -24,15 +24,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from mtok_jax import config_utils
+from mtok_jax.constants import PROMPTS
 from mtok_jax.models import beats as beats_lib
 from mtok_jax.models import diffusion
 from mtok_jax.models import embedder as embedder_lib
 from mtok_jax.models import hub
 from mtok_jax.models import text as text_lib
 
-PARTS = ("beats", "embedder", "text", "unet", "vae")
-PROMPTS = ("train", "inference")
-SAMPLE_RATE = 16000
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -64,37 +63,33 @@ def compute_dtype(config) -> Any:
     return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[config.model.dtype]
 
 
-def clip_samples(config) -> int:
-    """Samples per clip fed to BEATs (the thesis's 44.1 kHz quirk stores 44.1k samples per second)."""
-    rate = 44100 if config.data.get("audio_44k_as_16k", False) else SAMPLE_RATE
-    return int(round(config.data.clip_seconds * rate))
-
-
-def image_hw(config) -> tuple[int, int]:
-    """(height, width) of the training images."""
-    if config.data.get("reference_512x320", False):
-        return 320, 512
-    return int(config.data.image_size), int(config.data.image_size)
-
-
-def sample_hw(config) -> tuple[int, int]:
-    """(height, width) of sampled images: square `data.image_size` (512), also under
-    `data.reference_512x320`, which trains on 512×320 but samples at the UNet's default 512×512."""
-    return int(config.data.image_size), int(config.data.image_size)
-
-
 # ---------------------------------------------------------------------------------------------------
 # The path
 # ---------------------------------------------------------------------------------------------------
+def example_keys(key: jax.Array, num: int, offset: int = 0) -> jax.Array:
+    """Keys [num] = fold_in(key, offset + i): example i's randomness never depends on how the batch is
+    split (micro-batches, devices)."""
+    idx = jnp.asarray(offset, jnp.uint32) + jnp.arange(num, dtype=jnp.uint32)
+    return jax.vmap(lambda i: jax.random.fold_in(key, i))(idx)
+
+
+def split_example_keys(keys: jax.Array) -> dict[str, jax.Array]:
+    """Example keys [B] → {'token', 'vae', 'noise', 'timestep'}: [B] keys each (split(key, 4) in that
+    order), the one split that the loss and the accumulation pre-pass share; CFG dropout draws from
+    fold_in(key, 4)."""
+    k = jax.vmap(lambda key: jax.random.split(key, 4))(keys)
+    return {name: k[:, i] for i, name in enumerate(("token", "vae", "noise", "timestep"))}
+
+
 def per_example_keys(rng: jax.Array, batch: int) -> jax.Array:
-    """One key per example: `rng` if it already holds [batch] keys, else fold_in(rng, i)."""
+    """One key per example: `rng` if it already holds [batch] keys, else :func:`example_keys` of it."""
     if not jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):  # raw uint32 keys [2] / [B, 2]
         rng = jax.random.wrap_key_data(jnp.asarray(rng, jnp.uint32))
     if rng.ndim == 1:
         if rng.shape[0] != batch:
             raise ValueError(f"got {rng.shape[0]} keys for {batch} examples")
         return rng
-    return jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(batch, dtype=jnp.uint32))
+    return example_keys(rng, batch)
 
 
 def beats_features(system: System, params: Mapping[str, Any], waveforms: jax.Array, *, rng: jax.Array,
@@ -167,26 +162,6 @@ def unconditional_states(system: System, text_params: Mapping[str, Any],
 # ---------------------------------------------------------------------------------------------------
 # Loading
 # ---------------------------------------------------------------------------------------------------
-def open_dataset(config):
-    """The configured built dataset: `data.builder_config`, or ("") the built config whose clip length
-    and image size are the config's (`pipeline.resolve_config`)."""
-    from mtok_jax.data import pipeline
-
-    h, w = image_hw(config)
-    return pipeline.open_dataset(config.data.data_dir, config.data.builder_config or None,
-                                 shapes={"clip_samples": clip_samples(config), "image_height": h, "image_width": w})
-
-
-def dataset_labels(config) -> tuple[str, ...]:
-    """Label names of the configured dataset (its metadata), else the 18 thesis labels."""
-    from mtok_jax.data import sources
-
-    try:
-        return tuple(open_dataset(config).label_names)
-    except FileNotFoundError:
-        return tuple(sources.DEFAULT_LABELS)
-
-
 def _embedder_module(config, output_dim: int) -> embedder_lib.AudioTokenEmbedder:
     return embedder_lib.AudioTokenEmbedder(output_dim, config.model.unary_dropout_at_inference, compute_dtype(config))
 
@@ -198,7 +173,7 @@ def _embedder_input_dim(config, beats_cfg: Mapping[str, Any]) -> int:
 def _check(config, beats_cfg: Mapping[str, Any], text_hidden: int, cross_dim: int,
            unet_cfg: Mapping[str, Any], vae_cfg: Mapping[str, Any]) -> None:
     factor = 2 ** (len(vae_cfg["block_out_channels"]) - 1) * 2 ** (len(unet_cfg["block_out_channels"]) - 1)
-    for hw in (image_hw(config), sample_hw(config)):
+    for hw in (config_utils.image_hw(config), config_utils.sample_hw(config)):
         if any(s % factor for s in hw):
             raise ValueError(f"image size {hw} must be a multiple of {factor} for this VAE + UNet (data.image_size)")
     n_layers = int(beats_lib.beats_config(beats_cfg)["encoder_layers"])
@@ -208,11 +183,13 @@ def _check(config, beats_cfg: Mapping[str, Any], text_hidden: int, cross_dim: in
         raise ValueError(f"CLIP text width {text_hidden} != UNet cross_attention_dim {cross_dim}")
 
 
-def load_system(config, *, labels: Sequence[str] | None = None) -> tuple[System, dict[str, Any]]:
+def load_system(config, labels: Sequence[str]) -> tuple[System, dict[str, Any]]:
     """Load every part named in `config.model` → (System, params {'beats','embedder','text','unet','vae'}).
 
     Params are float32 (the compute dtype is `config.model.dtype`). A missing `model.embedder_path`
-    means a fresh PyTorch-style init from `config.seed`. `labels` default: the dataset's label names.
+    means a fresh PyTorch-style init from `config.seed`. `labels`: the label names of the training
+    data (their CLIP text states are the targets τ of the label losses); the caller knows them (the
+    dataset's metadata, or the run's checkpoint).
     """
     m = config.model
     dtype = compute_dtype(config)
@@ -236,7 +213,7 @@ def load_system(config, *, labels: Sequence[str] | None = None) -> tuple[System,
         dummy = jnp.zeros((1, 2, _embedder_input_dim(config, beats.cfg)), jnp.float32)
         init = jax.jit(lambda k: embedder.init({"params": k, "dropout": k}, dummy)["params"])
         embedder_params = init(jax.random.fold_in(jax.random.key(config.seed), 1))
-    labels = tuple(labels) if labels is not None else dataset_labels(config)
+    labels = tuple(labels)
     prompts = {}
     for name in PROMPTS:
         ids, pos = text_lib.tokenize_prompts(tokenizer, [config.prompt[name]], config.prompt.placeholder)
@@ -320,8 +297,8 @@ def eval_shapes(config, *, full_size: bool = True, batch_size: int | None = None
     """
     system, shapes = abstract_system(config, full_size=full_size)
     b = int(batch_size or config.train.batch_size)
-    waves = jax.ShapeDtypeStruct((b, clip_samples(config)), jnp.float32)
-    images = jax.ShapeDtypeStruct((b, *image_hw(config), 3), jnp.float32)
+    waves = jax.ShapeDtypeStruct((b, config_utils.clip_samples(config)), jnp.float32)
+    images = jax.ShapeDtypeStruct((b, *config_utils.image_hw(config), 3), jnp.float32)
     key = jax.random.key(0)
 
     def forward(params, w, img):

@@ -1,27 +1,37 @@
-"""Demo metric models in the real on-disk formats (no pretrained weights exist here): tiny CLIP and
+"""The demo's metric models in the real on-disk formats (no pretrained weights exist here): tiny CLIP and
 Wav2CLIP fitted contrastively on demo pairs, a random Inception.
 
 ``write_demo_metric_models(root)`` writes
   root/clip/       transformers CLIP folder: tiny ViT (224 px, patch 32) + text tower, Flax msgpack,
                    ``preprocessor_config.json`` for ``CLIPImageProcessor`` (the real 224 px pipeline)
   root/inception/  full-size FID Inception-V3, random init, in the converted params_io format
-  root/wav2clip/   tiny Wav2CLIP (``mtok_jax.demo.wav2clip.write_tiny_wav2clip``)
+  root/wav2clip/   tiny Wav2CLIP (:func:`write_tiny_wav2clip`)
 """
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 
-import mtok_jax  # noqa: F401
+import mtok_jax  # noqa: F401  (first: USE_TF=0)
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
+from flax import traverse_util
+from PIL import Image
+from transformers import CLIPConfig, CLIPImageProcessor, FlaxCLIPModel
+
+from metrics import clip_image, inception, wav2clip
+from mtok_jax import params_io
+from mtok_jax.demo.data import demo_audio, demo_image
+from mtok_jax.demo.models import demo_labels
 
 
 def tiny_clip_config(image_size: int = 224, patch_size: int = 32, hidden: int = 32, projection_dim: int = 32):
     """A small ``CLIPConfig`` (2 layers, 4 heads per tower) with the real preprocessing size."""
-    from transformers import CLIPConfig
-
     text = dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2, num_attention_heads=4,
                 max_position_embeddings=77, vocab_size=1000)
     vision = dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2, num_attention_heads=4,
@@ -35,17 +45,10 @@ def write_tiny_clip(directory: str | os.PathLike, seed: int = 0, image_size: int
     Weights are numpy randoms on the traced parameter shapes (no init compile): kernels and embeddings
     ~ N(0, 0.02²), LayerNorm scales 1 + N(0, 0.02²), biases N(0, 0.02²), logit_scale log(1/0.07).
     """
-    import jax
-    import numpy as np
-    from flax import traverse_util
-    from transformers import CLIPImageProcessor, FlaxCLIPModel
-
-    from metrics.clip_image import clip_param_shapes
-
     config = tiny_clip_config(image_size=image_size)
     rng = np.random.default_rng(seed)
     flat = {}
-    for path, sd in traverse_util.flatten_dict(clip_param_shapes(config)).items():
+    for path, sd in traverse_util.flatten_dict(clip_image.clip_param_shapes(config)).items():
         v = rng.standard_normal(sd.shape) * 0.02
         if path[-1] == "scale":
             v = v + 1.0
@@ -69,11 +72,6 @@ FIT_CLIP_SECONDS = 4.0  # configs/demo.py data.clip_seconds
 def demo_pairs(per_label: int, seed: int, side: int = 32) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Synthetic demo data drawn as the dataset builder stores it → (labels int [L·per_label], audio float32
     [L·per_label, 4 s · 16 kHz], images uint8 [L·per_label, side, side, 3]); audio and image i share a label."""
-    from PIL import Image
-
-    from mtok_jax.demo.data import demo_audio, demo_image
-    from mtok_jax.demo.models import demo_labels
-
     rng = np.random.default_rng(seed)
     labels = np.repeat(np.arange(len(demo_labels())), per_label)
     audio = np.stack([demo_audio(int(l), rng, FIT_CLIP_SECONDS) for l in labels])
@@ -90,11 +88,6 @@ def fit_metric_models(clip, w2c, *, steps: int = FIT_STEPS, per_label: int = FIT
     same-label negatives), Adam. BatchNorm stays in eval mode (its running statistics are kept).
     clip: metrics.clip_image.ClipImageModel; w2c: (model, {'params', 'batch_stats'}, config) of
     metrics.wav2clip.load_wav2clip → (clip params, wav2clip variables, [(step, loss)])."""
-    import jax.numpy as jnp
-    import optax
-
-    from metrics import clip_image, wav2clip
-
     model, variables, config = w2c
     labels, audio, images = demo_pairs(per_label, seed)
     pixels = np.stack([clip_image.resize_and_crop(im, clip.pp) for im in images])  # uint8 [M, 224, 224, 3]
@@ -132,13 +125,7 @@ def fit_metric_models(clip, w2c, *, steps: int = FIT_STEPS, per_label: int = FIT
 
 def _fit_and_save(paths: dict[str, str], seed: int) -> list[tuple[int, float]]:
     """Fit the written tiny CLIP / Wav2CLIP (``fit_metric_models``) and save them back in place."""
-    from transformers import FlaxCLIPModel
-
-    from metrics.clip_image import load_clip_image
-    from metrics.wav2clip import load_wav2clip
-    from mtok_jax import params_io
-
-    clip, w2c = load_clip_image(paths["clip"]), load_wav2clip(paths["wav2clip"])
+    clip, w2c = clip_image.load_clip_image(paths["clip"]), wav2clip.load_wav2clip(paths["wav2clip"])
     clip_params, w2c_vars, history = fit_metric_models(clip, w2c, seed=seed)
     model, full = FlaxCLIPModel.from_pretrained(paths["clip"], _do_init=False, local_files_only=True)
     full = {**full, **jax.device_get(clip_params)}
@@ -155,12 +142,6 @@ def write_demo_metric_models(root: str | os.PathLike = "demo_assets/metrics", se
     from label-blind ones (random towers give ≈ 50 for both); Inception stays random (FID is not
     meaningful in the demo). Built in ``root.tmp`` and renamed into place (an interrupted run leaves
     nothing half-written)."""
-    import json
-    import shutil
-
-    from metrics.inception import save_random_inception
-    from mtok_jax.demo.wav2clip import write_tiny_wav2clip
-
     root = os.fspath(root)
     done = os.path.join(root, "fitted.json" if fit else "random.json")
     paths = {name: os.path.join(root, name) for name in ("clip", "inception", "wav2clip")}
@@ -170,7 +151,7 @@ def write_demo_metric_models(root: str | os.PathLike = "demo_assets/metrics", se
     shutil.rmtree(tmp, ignore_errors=True)
     tmp_paths = {name: os.path.join(tmp, name) for name in paths}
     write_tiny_clip(tmp_paths["clip"], seed=seed)
-    save_random_inception(tmp_paths["inception"], seed=seed)
+    inception.save_random_inception(tmp_paths["inception"], seed=seed)
     write_tiny_wav2clip(tmp_paths["wav2clip"], seed=seed)
     history = _fit_and_save(tmp_paths, seed) if fit else []
     with open(os.path.join(tmp, os.path.basename(done)), "w") as f:
@@ -180,7 +161,20 @@ def write_demo_metric_models(root: str | os.PathLike = "demo_assets/metrics", se
     return paths
 
 
-if __name__ == "__main__":
-    import sys
-
-    print(write_demo_metric_models(*(sys.argv[1:2] or ["demo_assets/metrics"])))
+def write_tiny_wav2clip(directory: str | os.PathLike, seed: int = 0, *, width: int = 8,
+                        embed_dim: int = 32) -> str:
+    """Write a random Wav2CLIP (same architecture, ResNet stem ``width``, MLP 8·width → embed_dim → embed_dim)
+    as a params_io folder that :func:`metrics.wav2clip.load_wav2clip` reads. ``embed_dim`` must equal the
+    CLIP image-feature size it is compared with: 32 = the demo's tiny CLIP
+    (:func:`tiny_clip_config` projection_dim), 512 for ViT-B/32. BatchNorm statistics are random
+    (mean N(0, 0.1²), var U(0.5, 1.5)) so that eval-mode BN is not the identity."""
+    config = {**wav2clip.DEFAULT_CONFIG, "width": int(width), "mlp_units": [8 * int(width), int(embed_dim), int(embed_dim)]}
+    model = wav2clip.model_from_config(config)
+    variables = jax.device_get(wav2clip.init_variables(model, jax.random.key(seed)))
+    rng = np.random.default_rng(seed)
+    stats = params_io.flatten(variables["batch_stats"])
+    for k, v in stats.items():
+        stats[k] = (rng.normal(0, 0.1, v.shape) if k.endswith("mean") else rng.uniform(0.5, 1.5, v.shape)).astype(np.float32)
+    variables = {"params": variables["params"], "batch_stats": params_io.unflatten(stats)}
+    params_io.save_params(directory, variables, config)
+    return str(directory)

@@ -1,6 +1,6 @@
-"""The built-in demo end to end (what `make demo` runs): python -m mtok_jax.demo.run
+"""The built-in demo end to end (what `make demo` runs): python demo.py
 
-  python -m mtok_jax.demo.run [--config configs/demo.py] [--workdir DIR] [--skip_eval] [--config.a.b=value ...]
+  python demo.py [--config configs/demo.py] [--workdir DIR] [--skip_eval] [--config.a.b=value ...]
 
 Stages (each idempotent; timings printed per stage):
   1. tiny SD (fitted VAE) / BEATs folders in the real formats  → demo_assets/sd, demo_assets/beats
@@ -19,12 +19,20 @@ from __future__ import annotations
 
 import mtok_jax  # noqa: F401  (first: USE_TF=0)
 
+import glob
 import json
-import logging
 import os
 import time
 
-from mtok_jax import _compat, cli
+import numpy as np
+from absl import app, flags
+from PIL import Image
+
+from metrics import evaluate
+from metrics.demo_models import write_demo_metric_models
+from mtok_jax import cli, config_utils, sample, signals, train
+from mtok_jax.demo.data import build_demo_dataset
+from mtok_jax.demo.models import write_demo_models
 
 
 class _Stages:
@@ -55,8 +63,6 @@ def label_dependence(sample_rgb, label_rgb) -> dict[str, float]:
     same), and 'spread' / 'label_spread': the mean distance between two images' colours (generated /
     label targets); a spread near 0 means every label got the same picture.
     """
-    import numpy as np
-
     a, b = np.asarray(sample_rgb, np.float64), np.asarray(label_rgb, np.float64)
     a, b = a - a.mean(0), b - b.mean(0)
     corr = float((a * b).sum() / (np.sqrt((a * a).sum() * (b * b).sum()) + 1e-12))
@@ -70,11 +76,6 @@ def label_dependence(sample_rgb, label_rgb) -> dict[str, float]:
 
 def _sample_label_dependence(records: list[dict], samples_dir: str, manual_dir: str) -> dict[str, float]:
     """label_dependence of sampled PNGs vs the mean colour of each label's images in manual_dir/image/."""
-    import glob
-
-    import numpy as np
-    from PIL import Image
-
     def mean_rgb(path):
         return np.asarray(Image.open(path).convert("RGB"), np.float64).mean((0, 1)) / 255.0
 
@@ -115,19 +116,13 @@ def run(config, workdir: str | None, skip_eval: bool = False) -> dict:
     'records' (sampled images), 'label_dependence', 'reports' (name → evaluation report; empty with
     skip_eval), 'interrupted' (the signal that stopped training, then nothing else is done; else None).
     Prints each stage's time and, at the end, the comparison of trained and untrained."""
-    workdir = workdir or os.path.join("runs", config.workdir_name)
+    workdir = workdir or cli.default_workdir(config)
     root = os.path.dirname(os.path.normpath(config.data.data_dir))  # demo_assets
     stages = _Stages()
-
-    from mtok_jax.demo.data import build_demo_dataset
-    from mtok_jax.demo.metric_models import write_demo_metric_models
-    from mtok_jax.demo.models import write_demo_models
 
     stages.run("1 demo models (SD, BEATs)", write_demo_models, root)
     stages.run("2 metric models", write_demo_metric_models, os.path.join(root, "metrics"))
     stages.run("3 demo dataset (TFDS)", build_demo_dataset, root)
-
-    from mtok_jax import sample, train
 
     trained_run = stages.run(f"4 train → {workdir}", train.train_and_evaluate, config, workdir)
     if trained_run["interrupted"]:  # saved at a step boundary; train logged how to go on
@@ -148,8 +143,6 @@ def run(config, workdir: str | None, skip_eval: bool = False) -> dict:
 
     reports = {}
     if not skip_eval:
-        from metrics import evaluate
-
         m = config.metrics
         def metric_models():
             models = evaluate.MetricModels.load(m.clip_path, m.inception_path, m.wav2clip_path)
@@ -166,7 +159,7 @@ def run(config, workdir: str | None, skip_eval: bool = False) -> dict:
     print("\n=== demo done ===")
     print(stages.summary())
     if val:
-        print(f"validation loss by epoch: " + ", ".join(f"{e}: {v:.4f}" for e, v in val))
+        print("validation loss by epoch: " + ", ".join(f"{e}: {v:.4f}" for e, v in val))
     print(f"{len(records)} images → {os.path.join(workdir, 'samples')}/grid.png")
     print(f"images vs labels: mean-colour correlation with the label's training images "
           f"{dep['colour_corr']:.2f} (0 = unrelated); colour distance between two labels' images "
@@ -179,9 +172,7 @@ def run(config, workdir: str | None, skip_eval: bool = False) -> dict:
 
 
 def main() -> None:
-    """`python -m mtok_jax.demo.run`: the flags of train.py (absl; --config, --config.a.b=value, --workdir)."""
-    from absl import app, flags
-
+    """`python demo.py`: the flags of train.py (absl; --config, --config.a.b=value, --workdir)."""
     config = cli.define_config_file("config", "configs/demo.py", "Config file (configs/*.py).")
     workdir = flags.DEFINE_string("workdir", None, "Run directory (default: runs/<config.workdir_name>).")
     skip_eval = flags.DEFINE_bool("skip_eval", False, "Stop after sampling.")
@@ -189,16 +180,10 @@ def main() -> None:
     def demo(argv):
         if len(argv) > 1:
             raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-        from mtok_jax import config_utils
-
         cfg = config_utils.validate(config.value)
-        _compat.quiet_third_party_loggers()
-        logging.getLogger("absl").setLevel(logging.WARNING)
-        logging.getLogger("mtok_jax").setLevel(logging.INFO)
+        cli.setup_logging()
         out = run(cfg, workdir.value, skip_eval.value)
         if out["interrupted"]:
-            from mtok_jax import signals
-
             raise SystemExit(signals.EXIT_CODES[out["interrupted"]])
 
     cli.run_absl(demo)
