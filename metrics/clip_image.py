@@ -5,17 +5,15 @@ PyTorch-format ``model.safetensors``, read without torch, or ``pytorch_model.bin
 transformers 4.57's Flax CLIP: only the vision tower (``FlaxCLIPVisionTransformer``) and
 ``visual_projection`` are kept and applied, exactly as ``FlaxCLIPModel.get_image_features`` does.
 
-Preprocessing matches ``CLIPImageProcessor`` to float32 rounding: the resize (short side → 224,
-bicubic) runs on the host through PIL on the uint8 image, as the processor does — PIL's antialiased
-fixed-point resampler rounds to uint8 after each pass, which no float resize reproduces — followed by
-the centre crop (slicing); the rescale (1/255) and the CLIP mean/std normalisation run jitted on the
-device together with the model. Sizes, mean/std and filter come from the folder's
-``preprocessor_config.json`` (defaults: the processor's, i.e. OpenAI CLIP's).
+Preprocessing is the folder's ``CLIPImageProcessor`` (``preprocessor_config.json``; without one,
+OpenAI CLIP's at the model's image size), split in two: its resize and centre crop run on the host on
+the uint8 image (PIL's antialiased fixed-point resampler rounds to uint8 after each pass, which no
+float resize reproduces); its rescale and mean/std normalisation run jitted on the device together
+with the model. The result equals the processor's own output to float32 rounding.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from typing import Any, Sequence
 
@@ -23,98 +21,62 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
-from PIL import Image
 
 import mtok_jax  # noqa: F401  (USE_TF=0 before transformers)
 
-OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-PIL_BICUBIC = 3
+from transformers import CLIPConfig, CLIPImageProcessor, FlaxCLIPModel
+from transformers.modeling_flax_pytorch_utils import convert_pytorch_state_dict_to_flax
+from transformers.models.clip.modeling_flax_clip import FlaxCLIPVisionTransformer
+
+def default_processor(image_size: int = 224) -> CLIPImageProcessor:
+    """The processor of a CLIP folder without ``preprocessor_config.json``: OpenAI CLIP's (short side →
+    ``image_size`` bicubic, centre crop ``image_size``², CLIP mean/std)."""
+    return CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
 
 
-@dataclasses.dataclass(frozen=True)
-class ClipPreprocess:
-    """What ``CLIPImageProcessor`` does to an RGB uint8 image, as plain values."""
-
-    shortest_edge: int = 224
-    crop_size: tuple[int, int] = (224, 224)  # (height, width)
-    image_mean: tuple[float, float, float] = OPENAI_CLIP_MEAN
-    image_std: tuple[float, float, float] = OPENAI_CLIP_STD
-    resample: int = PIL_BICUBIC  # PIL filter code
-    rescale_factor: float = 1 / 255
-    do_resize: bool = True
-    do_center_crop: bool = True
-    do_rescale: bool = True
-    do_normalize: bool = True
-
-    @classmethod
-    def from_processor_dict(cls, d: dict[str, Any], image_size: int = 224) -> "ClipPreprocess":
-        """From a ``preprocessor_config.json`` dict (missing keys take the processor's defaults)."""
-        size = d.get("size", {"shortest_edge": image_size})
-        if isinstance(size, int):
-            size = {"shortest_edge": size}
-        if "shortest_edge" not in size:
-            raise NotImplementedError(f"only size={{'shortest_edge': n}} is supported, got {size}")
-        crop = d.get("crop_size", {"height": image_size, "width": image_size})
-        if isinstance(crop, int):
-            crop = {"height": crop, "width": crop}
-        return cls(
-            shortest_edge=int(size["shortest_edge"]),
-            crop_size=(int(crop["height"]), int(crop["width"])),
-            image_mean=tuple(float(v) for v in d.get("image_mean", OPENAI_CLIP_MEAN)),
-            image_std=tuple(float(v) for v in d.get("image_std", OPENAI_CLIP_STD)),
-            resample=int(d.get("resample", PIL_BICUBIC)),
-            rescale_factor=float(d.get("rescale_factor", 1 / 255)),
-            do_resize=bool(d.get("do_resize", True)),
-            do_center_crop=bool(d.get("do_center_crop", True)),
-            do_rescale=bool(d.get("do_rescale", True)),
-            do_normalize=bool(d.get("do_normalize", True)),
-        )
-
-
-def resized_size(height: int, width: int, shortest_edge: int) -> tuple[int, int]:
-    """(h, w) after scaling the short side to ``shortest_edge`` (long side truncated, as transformers)."""
-    if width <= height:
-        return int(shortest_edge * height / width), shortest_edge
-    return shortest_edge, int(shortest_edge * width / height)
-
-
-def resize_and_crop(image: np.ndarray, pp: ClipPreprocess) -> np.ndarray:
-    """Host part: uint8 [H, W, 3] → PIL resize (short side) → centre crop → uint8 [ch, cw, 3]."""
+def resize_and_crop(image: np.ndarray, processor: CLIPImageProcessor) -> np.ndarray:
+    """Host part: uint8 [H, W, 3] → the processor's resize and centre crop (PIL, uint8 throughout) →
+    uint8 [ch, cw, 3]. Every processor option is honoured (``size`` as shortest edge or height/width,
+    ``resample``, ``do_resize``, ``do_center_crop``); rescale and normalisation are left to :func:`normalize`."""
     image = np.asarray(image)
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
         raise ValueError(f"expected a uint8 [H, W, 3] image, got {image.dtype} {image.shape}")
-    if pp.do_resize:
-        h, w = resized_size(image.shape[0], image.shape[1], pp.shortest_edge)
-        if (h, w) != image.shape[:2]:
-            image = np.asarray(Image.fromarray(image).resize((w, h), resample=pp.resample))
-    if pp.do_center_crop:
-        ch, cw = pp.crop_size
-        h, w = image.shape[:2]
-        if ch > h or cw > w:
-            raise NotImplementedError(f"crop {pp.crop_size} larger than the resized image {(h, w)}")
-        top, left = (h - ch) // 2, (w - cw) // 2
-        image = image[top:top + ch, left:left + cw]
-    return image
+    out = processor.preprocess([image], do_rescale=False, do_normalize=False, return_tensors="np",
+                               data_format="channels_last", input_data_format="channels_last")["pixel_values"][0]
+    return out.astype(np.uint8)
 
 
-def normalize(pixels: jax.Array, pp: ClipPreprocess) -> jax.Array:
-    """Device part: uint8 [B, H, W, 3] → float32 (x·rescale − mean)/std, NHWC (jittable)."""
+def normalize(pixels: jax.Array, processor: CLIPImageProcessor) -> jax.Array:
+    """Device part: uint8 [B, H, W, 3] → float32 (x·rescale_factor − mean)/std as the processor says,
+    NHWC (jittable; the processor's values are constants of the trace)."""
     x = pixels.astype(jnp.float32)
-    if pp.do_rescale:
-        x = x * jnp.float32(pp.rescale_factor)
-    if pp.do_normalize:
-        x = (x - jnp.asarray(pp.image_mean, jnp.float32)) / jnp.asarray(pp.image_std, jnp.float32)
+    if processor.do_rescale:
+        x = x * jnp.float32(processor.rescale_factor)
+    if processor.do_normalize:
+        x = (x - jnp.asarray(processor.image_mean, jnp.float32)) / jnp.asarray(processor.image_std, jnp.float32)
     return x
 
 
-def pixel_values(images: Sequence[np.ndarray] | np.ndarray, pp: ClipPreprocess) -> np.ndarray:
+def pixel_values(images: Sequence[np.ndarray] | np.ndarray, processor: CLIPImageProcessor) -> np.ndarray:
     """Full preprocessing, NHWC float32: what ``CLIPImageProcessor`` returns, transposed to NHWC."""
-    cropped = np.stack([resize_and_crop(im, pp) for im in images])
-    return np.asarray(_normalize_jit(cropped, pp))
+    cropped = np.stack([resize_and_crop(im, processor) for im in images])
+    return np.asarray(jax.jit(normalize, static_argnums=1)(cropped, _Hashable(processor)))
 
 
-_normalize_jit = jax.jit(normalize, static_argnums=1)
+class _Hashable:
+    """A processor as a static jit argument (hashed by its settings)."""
+
+    def __init__(self, processor: CLIPImageProcessor):
+        self.processor, self._key = processor, processor.to_json_string()
+
+    def __getattr__(self, name):
+        return getattr(self.processor, name)
+
+    def __hash__(self):
+        return hash(self._key)
+
+    def __eq__(self, other):
+        return isinstance(other, _Hashable) and self._key == other._key
 
 
 class ClipImageFeatures(nn.Module):
@@ -125,8 +87,6 @@ class ClipImageFeatures(nn.Module):
     dtype: Any = jnp.float32
 
     def setup(self):
-        from transformers.models.clip.modeling_flax_clip import FlaxCLIPVisionTransformer
-
         self.vision_model = FlaxCLIPVisionTransformer(self.vision_config, dtype=self.dtype)
         self.visual_projection = nn.Dense(self.projection_dim, use_bias=False, dtype=self.dtype)
 
@@ -136,9 +96,10 @@ class ClipImageFeatures(nn.Module):
 
 
 class ClipImageModel:
-    """Loaded CLIP image embedder: ``.params`` (vision_model + visual_projection), ``.pp``, ``.dim``."""
+    """Loaded CLIP image embedder: ``.params`` (vision_model + visual_projection), ``.pp`` (the folder's
+    ``CLIPImageProcessor``), ``.dim``."""
 
-    def __init__(self, clip_config, params: dict[str, Any], pp: ClipPreprocess, dtype=jnp.float32):
+    def __init__(self, clip_config, params: dict[str, Any], pp: CLIPImageProcessor, dtype=jnp.float32):
         self.config = clip_config
         self.pp = pp
         self.dim = int(clip_config.projection_dim)
@@ -154,8 +115,6 @@ class ClipImageModel:
 
 def clip_param_shapes(clip_config) -> dict[str, Any]:
     """``FlaxCLIPModel`` parameter tree as ``jax.ShapeDtypeStruct`` (traced, nothing computed)."""
-    from transformers import FlaxCLIPModel
-
     model = FlaxCLIPModel(clip_config, _do_init=False)
     return jax.eval_shape(lambda: model.init_weights(jax.random.PRNGKey(0), model.input_shape))
 
@@ -167,8 +126,6 @@ def _params_from_pytorch_folder(path: str, clip_config) -> dict[str, Any]:
     init (its ``from_pretrained(from_pt=True, _do_init=False)`` path needs initialised params).
     """
     import types
-
-    from transformers.modeling_flax_pytorch_utils import convert_pytorch_state_dict_to_flax
 
     safe = os.path.join(path, "model.safetensors")
     if os.path.isfile(safe):
@@ -187,8 +144,6 @@ def _params_from_pytorch_folder(path: str, clip_config) -> dict[str, Any]:
 def load_clip_image(path: str | os.PathLike, dtype=jnp.float32) -> ClipImageModel:
     """Local HF CLIP folder (CLIPModel weights: flax msgpack, or pt-format safetensors/bin) → model.
     Never a hub id: a path that is not a folder raises FileNotFoundError (nothing is downloaded)."""
-    from transformers import CLIPConfig, FlaxCLIPModel
-
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"not found: {path} (a local CLIP folder, e.g. a copy of "
@@ -198,15 +153,10 @@ def load_clip_image(path: str | os.PathLike, dtype=jnp.float32) -> ClipImageMode
         _, params = FlaxCLIPModel.from_pretrained(path, _do_init=False, local_files_only=True)
     else:
         params = _params_from_pytorch_folder(path, config)
-    image_size = config.vision_config.image_size
-    pp_file = os.path.join(path, "preprocessor_config.json")
-    if os.path.isfile(pp_file):
-        import json
-
-        with open(pp_file) as f:
-            pp = ClipPreprocess.from_processor_dict(json.load(f), image_size)
+    if os.path.isfile(os.path.join(path, "preprocessor_config.json")):
+        pp = CLIPImageProcessor.from_pretrained(path, local_files_only=True)
     else:
-        pp = ClipPreprocess.from_processor_dict({}, image_size)
+        pp = default_processor(config.vision_config.image_size)
     return ClipImageModel(config, params, pp, dtype)
 
 
@@ -231,6 +181,6 @@ def embed_images(model: ClipImageModel, images: Sequence[np.ndarray] | np.ndarra
 
 
 __all__ = [
-    "ClipPreprocess", "ClipImageFeatures", "ClipImageModel", "resized_size", "resize_and_crop", "normalize",
+    "default_processor", "ClipImageFeatures", "ClipImageModel", "resize_and_crop", "normalize",
     "pixel_values", "clip_param_shapes", "load_clip_image", "embed_images",
 ]

@@ -13,7 +13,7 @@ from typing import Any, Mapping
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 BATCH_AXES = ("data", "fsdp")
 
@@ -35,7 +35,9 @@ def maybe_initialize_distributed(config) -> None:
 
 
 def make_mesh(mesh_config: Mapping[str, int], devices=None) -> Mesh:
-    """Mesh over `devices` (default: all) with axes ('data', 'fsdp'); one size may be -1 (the rest).
+    """Mesh over `devices` (default: all, of every process) with axes ('data', 'fsdp'); one size may be -1
+    (the rest). `jax.make_mesh` orders the devices by the physical topology (TPU ICI rings, GPU NVLink
+    islands) with GSPMD's automatic sharding propagation on both axes.
 
     Sizes whose product is below the device count use the first devices (e.g. data=1, fsdp=1 runs on
     one device of many).
@@ -49,8 +51,7 @@ def make_mesh(mesh_config: Mapping[str, int], devices=None) -> Mesh:
         fsdp = n // data
     if data < 1 or fsdp < 1 or data * fsdp > n:
         raise ValueError(f"mesh data={mesh_config['data']} fsdp={mesh_config['fsdp']} does not fit {n} devices")
-    grid = np.asarray(devices[: data * fsdp], dtype=object).reshape(data, fsdp)
-    return Mesh(grid, BATCH_AXES)
+    return jax.make_mesh((data, fsdp), BATCH_AXES, axis_types=(AxisType.Auto,) * 2, devices=devices[: data * fsdp])
 
 
 def batch_sharding(mesh: Mesh, leading: int = 0) -> NamedSharding:

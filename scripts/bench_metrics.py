@@ -47,12 +47,12 @@ def _timed(fn, repeats: int = 1):
 def bench_clip(args, rng):
     from transformers import CLIPConfig
 
-    from metrics.clip_image import ClipImageFeatures, ClipImageModel, ClipPreprocess, embed_images, resize_and_crop
+    from metrics.clip_image import ClipImageFeatures, ClipImageModel, default_processor, embed_images, resize_and_crop
 
     config = CLIPConfig()  # defaults = ViT-B/32: 768 wide, 12 layers, patch 32, 224 px, projection 512
     module = ClipImageFeatures(config.vision_config, config.projection_dim)
     shapes = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), jnp.zeros((1, 224, 224, 3))))["params"]
-    model = ClipImageModel(config, _random_like(shapes, rng, kernel_std=0.02), ClipPreprocess())
+    model = ClipImageModel(config, _random_like(shapes, rng, kernel_std=0.02), default_processor())
     n_params = sum(int(x.size) for x in jax.tree_util.tree_leaves(model.params))
     images = rng.integers(0, 256, (args.clip_images, args.image_size, args.image_size, 3), dtype=np.uint8)
     bs = args.clip_batch

@@ -31,21 +31,16 @@ def _processor_pixels(processor, images):
     return out.transpose(0, 2, 3, 1)
 
 
-def test_defaults_equal_processor_defaults(processor):
-    pp = ci.ClipPreprocess()
-    assert pp == ci.ClipPreprocess.from_processor_dict(processor.to_dict())
-    assert pp.shortest_edge == processor.size["shortest_edge"]
-    assert pp.crop_size == (processor.crop_size["height"], processor.crop_size["width"])
-    np.testing.assert_allclose(pp.image_mean, processor.image_mean)
-    np.testing.assert_allclose(pp.image_std, processor.image_std)
-    assert pp.resample == int(processor.resample)
+def test_default_processor_is_openai_clip(processor):
+    """A CLIP folder without preprocessor_config.json gets the processor's defaults (OpenAI CLIP)."""
+    assert ci.default_processor().to_dict() == processor.to_dict()
+    assert ci.default_processor(64).size == {"shortest_edge": 64}
 
 
 def test_preprocess_matches_clip_image_processor(processor):
     rng = np.random.default_rng(0)
-    pp = ci.ClipPreprocess.from_processor_dict(processor.to_dict())
     for im in _images(rng, SIZES):
-        ours = ci.pixel_values([im], pp)
+        ours = ci.pixel_values([im], processor)
         ref = _processor_pixels(processor, [im])
         assert ours.shape == ref.shape == (1, 224, 224, 3)
         np.testing.assert_allclose(ours, ref, atol=1e-5, rtol=0, err_msg=str(im.shape))
@@ -54,12 +49,12 @@ def test_preprocess_matches_clip_image_processor(processor):
 def test_preprocess_other_sizes_match_processor():
     from transformers import CLIPImageProcessor
 
-    proc = CLIPImageProcessor(size={"shortest_edge": 40}, crop_size={"height": 36, "width": 32},
-                              image_mean=[0.5, 0.4, 0.3], image_std=[0.2, 0.3, 0.4])
-    pp = ci.ClipPreprocess.from_processor_dict(proc.to_dict())
     rng = np.random.default_rng(1)
-    for im in _images(rng, [(64, 48), (41, 97), (40, 40)]):
-        np.testing.assert_allclose(ci.pixel_values([im], pp), _processor_pixels(proc, [im]), atol=1e-5, rtol=0)
+    for proc in (CLIPImageProcessor(size={"shortest_edge": 40}, crop_size={"height": 36, "width": 32},
+                                    image_mean=[0.5, 0.4, 0.3], image_std=[0.2, 0.3, 0.4]),
+                 CLIPImageProcessor(size={"height": 30, "width": 44}, do_center_crop=False, resample=2)):
+        for im in _images(rng, [(64, 48), (41, 97), (40, 40)]):
+            np.testing.assert_allclose(ci.pixel_values([im], proc), _processor_pixels(proc, [im]), atol=1e-5, rtol=0)
 
 
 def test_features_match_flax_clip_get_image_features(flax_clip_dir):
