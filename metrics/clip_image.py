@@ -25,8 +25,9 @@ from flax import linen as nn
 import mtok_jax  # noqa: F401  (USE_TF=0 before transformers)
 
 from transformers import CLIPConfig, CLIPImageProcessor, FlaxCLIPModel
-from transformers.modeling_flax_pytorch_utils import convert_pytorch_state_dict_to_flax
 from transformers.models.clip.modeling_flax_clip import FlaxCLIPVisionTransformer
+
+from mtok_jax.models import hub
 
 def default_processor(image_size: int = 224) -> CLIPImageProcessor:
     """The processor of a CLIP folder without ``preprocessor_config.json``: OpenAI CLIP's (short side →
@@ -119,28 +120,6 @@ def clip_param_shapes(clip_config) -> dict[str, Any]:
     return jax.eval_shape(lambda: model.init_weights(jax.random.PRNGKey(0), model.input_shape))
 
 
-def _params_from_pytorch_folder(path: str, clip_config) -> dict[str, Any]:
-    """PyTorch-layout ``model.safetensors`` (no torch needed) or ``pytorch_model.bin`` → Flax params.
-
-    transformers' own PyTorch→Flax key/layout conversion, fed with traced shapes instead of a random
-    init (its ``from_pretrained(from_pt=True, _do_init=False)`` path needs initialised params).
-    """
-    import types
-
-    safe = os.path.join(path, "model.safetensors")
-    if os.path.isfile(safe):
-        from safetensors.numpy import load_file
-
-        state = load_file(safe)
-    else:
-        import torch
-
-        state = torch.load(os.path.join(path, "pytorch_model.bin"), map_location="cpu", weights_only=True)
-        state = {k: v.float().numpy() for k, v in state.items()}
-    shim = types.SimpleNamespace(params=clip_param_shapes(clip_config), base_model_prefix="clip")
-    return convert_pytorch_state_dict_to_flax(state, shim)
-
-
 def load_clip_image(path: str | os.PathLike, dtype=jnp.float32) -> ClipImageModel:
     """Local HF CLIP folder (CLIPModel weights: flax msgpack, or pt-format safetensors/bin) → model.
     Never a hub id: a path that is not a folder raises FileNotFoundError (nothing is downloaded)."""
@@ -151,8 +130,10 @@ def load_clip_image(path: str | os.PathLike, dtype=jnp.float32) -> ClipImageMode
     config = CLIPConfig.from_pretrained(path, local_files_only=True)
     if os.path.isfile(os.path.join(path, "flax_model.msgpack")):
         _, params = FlaxCLIPModel.from_pretrained(path, _do_init=False, local_files_only=True)
+    elif (state := hub.pt_state_dict(path)) is not None:
+        params = hub.flax_params_from_pt(state, clip_param_shapes(config), path, base_model_prefix="clip")
     else:
-        params = _params_from_pytorch_folder(path, config)
+        raise FileNotFoundError(f"{path}: no flax_model.msgpack, {hub.PT_SAFETENSORS} or {hub.PT_BIN}")
     if os.path.isfile(os.path.join(path, "preprocessor_config.json")):
         pp = CLIPImageProcessor.from_pretrained(path, local_files_only=True)
     else:

@@ -17,10 +17,50 @@ from __future__ import annotations
 import json
 import os
 import re
+import types
+from typing import Any, Mapping
 
 import huggingface_hub
+import numpy as np
+from flax import traverse_util
+from safetensors import safe_open
+from transformers.modeling_flax_pytorch_utils import convert_pytorch_state_dict_to_flax
+
+from mtok_jax import pt_checkpoint
 
 CONFIG_FILE = "config.json"
+PT_SAFETENSORS, PT_BIN = "model.safetensors", "pytorch_model.bin"  # transformers' PyTorch weight files
+
+
+def pt_state_dict(folder: str | os.PathLike) -> dict[str, np.ndarray] | None:
+    """The PyTorch-layout state dict of a transformers folder as numpy (floating leaves float32, bf16 too):
+    ``model.safetensors`` (read without torch), else ``pytorch_model.bin`` (torch, ``weights_only``);
+    None when it has neither."""
+    safe, pt_bin = os.path.join(folder, PT_SAFETENSORS), os.path.join(folder, PT_BIN)
+    if os.path.isfile(safe):
+        with safe_open(safe, framework="flax") as f:  # jax arrays: bf16 survives (numpy has none)
+            state = {k: np.asarray(f.get_tensor(k)) for k in f.keys()}
+    elif os.path.isfile(pt_bin):
+        state = {k: v.float().numpy() if v.is_floating_point() else v.numpy()
+                 for k, v in pt_checkpoint.load(pt_bin).items()}
+    else:
+        return None
+    return {k: v.astype(np.float32) if np.issubdtype(v.dtype, np.floating) or v.dtype.name == "bfloat16" else v
+            for k, v in state.items()}
+
+
+def flax_params_from_pt(state: Mapping[str, np.ndarray], shapes: Mapping[str, Any], source: str,
+                        base_model_prefix: str = "") -> dict[str, Any]:
+    """transformers' own PyTorch→Flax key and layout conversion (``convert_pytorch_state_dict_to_flax``),
+    fed the Flax parameter shapes (a tree of ShapeDtypeStructs) instead of an eagerly initialised model.
+    → params with exactly the leaves of `shapes`; a leaf the state lacks is a KeyError naming it."""
+    shim = types.SimpleNamespace(params=shapes, base_model_prefix=base_model_prefix)
+    flat = traverse_util.flatten_dict(convert_pytorch_state_dict_to_flax(dict(state), shim))
+    wanted = traverse_util.flatten_dict(shapes)
+    missing = [k for k in wanted if k not in flat]
+    if missing:
+        raise KeyError(f"{source}: no weights for {len(missing)} Flax leaves, e.g. {'/'.join(missing[0])}")
+    return traverse_util.unflatten_dict({k: flat[k] for k in wanted})
 
 
 def read_json(path: str | os.PathLike) -> dict:

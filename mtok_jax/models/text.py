@@ -10,9 +10,9 @@ unchanged and there is no second implementation to keep in sync. Nothing here re
 49k-row token table: the audio token enters by a ``where`` on the looked-up rows, so gradients flow
 only into the audio token.
 
-Loading: ``flax_model.msgpack`` through transformers; a PyTorch ``model.safetensors`` is converted here
-(:func:`params_from_pt_safetensors`, no torch, no random init — transformers 4.57's ``from_pt`` path needs
-an eager random init of the whole model first, and its ``from_flax`` path leaves meta tensors).
+Loading: ``flax_model.msgpack`` through transformers; a PyTorch ``model.safetensors`` / ``pytorch_model.bin``
+through transformers' PyTorch→Flax conversion fed traced shapes (:func:`mtok_jax.models.hub.flax_params_from_pt`:
+no random init — transformers 4.57's ``from_pt`` path needs an eager random init of the whole model first).
 Prompts without a placeholder (the CFG negative prompt): :func:`tokenize_plain` + :func:`plain_text_states`.
 
 Params for this module are ``{'text_model': ...}`` (exactly ``FlaxCLIPTextModel.params``).
@@ -32,10 +32,11 @@ from typing import Any, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
 from flax.core import unfreeze
 from transformers import CLIPTextConfig, CLIPTokenizer
 from transformers.models.clip.modeling_flax_clip import FlaxCLIPTextModel, FlaxCLIPTextModule
+
+from mtok_jax.models import hub
 
 MAX_LENGTH = 77
 PLACEHOLDER = "<*>"
@@ -120,50 +121,23 @@ def init_text_params(module: FlaxCLIPTextModule, rng: jax.Array) -> dict[str, An
     return module.init(rng, ids, jnp.ones_like(ids), pos)["params"]
 
 
-def params_from_pt_safetensors(file: str | os.PathLike, module: FlaxCLIPTextModule) -> dict[str, Any]:
-    """PyTorch ``CLIPTextModel`` safetensors (``text_model.…weight`` names) → Flax params, float32, no torch.
-
-    Mapping (checked leaf by leaf against the module's shapes): Dense ``kernel`` = ``weight``ᵀ,
-    LayerNorm ``scale`` = ``weight``, Embed ``embedding`` = ``weight``, ``bias`` = ``bias``.
-    """
-    from safetensors import safe_open
-
-    shapes = jax.eval_shape(lambda k: init_text_params(module, k), jax.random.PRNGKey(0))
-    flat = {}
-    with safe_open(str(file), framework="flax") as f:
-        names = set(f.keys())
-        for path, shape in traverse_util.flatten_dict(shapes).items():
-            leaf = path[-1]
-            name = ".".join(path[:-1]) + ("." + leaf if leaf == "bias" else ".weight")
-            if name not in names:
-                raise KeyError(f"{file}: missing {name} (needed for Flax {'/'.join(path)})")
-            value = jnp.asarray(f.get_tensor(name), jnp.float32)
-            value = value.T if leaf == "kernel" else value
-            if value.shape != shape.shape:
-                raise ValueError(f"{file}: {name} has shape {value.shape}, expected {shape.shape}")
-            flat[path] = value
-    return traverse_util.unflatten_dict(flat)
-
-
 def load_text_encoder(path: str | os.PathLike, dtype=jnp.float32) -> tuple[FlaxCLIPTextModule, dict[str, Any]]:
     """HF CLIP text folder → (module, params float32 whatever the file's dtype).
 
     Floating leaves are cast to float32 like the UNet/VAE loaders do: a bf16 ``flax_model.msgpack`` would
     otherwise keep the token table in bf16 and round the audio token where it replaces the placeholder row.
-    ``flax_model.msgpack`` is read by transformers; else ``model.safetensors`` (PyTorch names) is converted
-    here without torch; else ``pytorch_model.bin`` is converted by transformers (needs torch).
+    ``flax_model.msgpack`` is read by transformers; else the PyTorch ``model.safetensors`` (without torch)
+    or ``pytorch_model.bin`` goes through transformers' PyTorch→Flax conversion (:func:`hub.flax_params_from_pt`).
     """
     path = str(path)
     module = text_encoder_module(path, dtype)
     if os.path.exists(os.path.join(path, "flax_model.msgpack")):
         _, params = FlaxCLIPTextModel.from_pretrained(path, _do_init=False, dtype=dtype)
-    elif os.path.exists(os.path.join(path, "model.safetensors")):
-        params = params_from_pt_safetensors(os.path.join(path, "model.safetensors"), module)
-    elif os.path.exists(os.path.join(path, "pytorch_model.bin")):
-        # transformers 4.57's PT→Flax conversion reads model.params, so it needs _do_init=True.
-        params = FlaxCLIPTextModel.from_pretrained(path, from_pt=True, dtype=dtype).params
+    elif (state := hub.pt_state_dict(path)) is not None:
+        shapes = jax.eval_shape(lambda k: init_text_params(module, k), jax.random.PRNGKey(0))
+        params = hub.flax_params_from_pt(state, shapes, path)
     else:
-        raise FileNotFoundError(f"{path}: no flax_model.msgpack, model.safetensors or pytorch_model.bin")
+        raise FileNotFoundError(f"{path}: no flax_model.msgpack, {hub.PT_SAFETENSORS} or {hub.PT_BIN}")
     return module, jax.tree_util.tree_map(_as_float32, unfreeze(params))
 
 
