@@ -14,12 +14,5 @@ from configs import default
 
 def get_config():
     c = default.get_config()
-    c.workdir_name = "exp1"
-    c.train.trainable = "embedder"
-    c.train.epochs = 25
-    c.train.lr = 8e-5
-    c.train.schedule = "cosine"
-    c.train.batch_size = 8
-    c.train.grad_accum = 1
-    c.train.val_batch_size = 1
+    c.workdir_name = "exp1"  # the thesis settings above are the defaults (configs/default.py)
     return c

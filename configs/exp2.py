@@ -18,8 +18,5 @@ def get_config():
     c.train.trainable = "embedder|beats|unet"
     c.train.epochs = 50
     c.train.lr = 1e-5
-    c.train.schedule = "cosine"
-    c.train.batch_size = 8
-    c.train.grad_accum = 1
     c.train.val_batch_size = 8
     return c

@@ -15,13 +15,10 @@ from configs import default
 def get_config():
     c = default.get_config()
     c.workdir_name = "prelim1"
-    c.train.trainable = "embedder"
     c.train.epochs = 8
-    c.train.lr = 8e-5
     c.train.schedule = "constant"
     c.train.warmup_steps = 0  # diffusers' "constant" ignores the script's lr_warmup_steps
     c.train.batch_size = 1
     c.train.grad_accum = 4
-    c.train.val_batch_size = 1
     c.mesh.data = 1  # a micro-batch of 1 cannot be split over devices
     return c

@@ -129,7 +129,7 @@ def test_sampler_matches_pytorch_scheduler(torch_sd, flax_unet, kind, prediction
     unet, params = flax_unet
     config = {**diffusion.read_scheduler_config(root), "prediction_type": prediction_type}  # SD-2: v_prediction
     if prediction_type == "epsilon":
-        scheduler, state = diffusion.make_sampler_scheduler(root, kind)
+        scheduler, state = diffusion.sampler_from_config(diffusion.read_scheduler_config(root), kind)
     else:
         scheduler, state = diffusion.sampler_from_config(config, kind)
     assert scheduler.config.prediction_type == prediction_type

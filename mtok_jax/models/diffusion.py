@@ -257,19 +257,6 @@ def sampler_from_config(config: Mapping[str, Any], kind: str = "pndm"):
     return _scheduler(classes[kind], config)
 
 
-def make_sampler_scheduler(path: str | os.PathLike, kind: str = "pndm", *, allow_download: bool = False):
-    """``(scheduler, state)`` for sampling with ``kind`` ∈ {'pndm','ddim','dpm','euler'} from the SD folder."""
-    return sampler_from_config(read_scheduler_config(path, allow_download=allow_download), kind)
-
-
-def sampler_timesteps(scheduler, state, num_steps: int, shape: tuple[int, ...]):
-    """State with the inference timesteps of ``num_steps`` steps for latents of ``shape`` set.
-
-    ``len(state.timesteps)`` is the number of UNet calls (PNDM with skip_prk_steps: num_steps + 1).
-    """
-    return scheduler.set_timesteps(state, num_steps, shape)
-
-
 def sampler_step(scheduler, state, model_output, index, sample):
     """One denoising step at ``state.timesteps[index]`` → ``(prev_sample, state)`` (jit-able, traced index).
 
@@ -297,7 +284,7 @@ def denoise_latents(unet, unet_params, scheduler, state, text_states, uncond_sta
     the same with or without it.
     Returns the final latents [B, C, h, w] (still × scaling_factor).
     """
-    state = sampler_timesteps(scheduler, state, num_steps, latents.shape)
+    state = scheduler.set_timesteps(state, num_steps, latents.shape)  # PNDM: num_steps + 1 UNet calls
     context = jnp.concatenate([uncond_states, text_states], axis=0)
     guidance = jnp.asarray(guidance, jnp.float32)
     latents = latents * state.init_noise_sigma
