@@ -21,7 +21,7 @@ from absl import app, flags
 from ml_collections import config_flags
 from ml_collections.config_flags.config_flags import ConfigFileFlagParser
 
-from mtok_jax import _compat, config_utils, errors
+from mtok_jax import config_utils, environment, errors
 
 flags.disclaim_key_flags()  # flags defined through this module belong to its caller (train.py --help lists them)
 
@@ -96,7 +96,7 @@ CHECKPOINT_HELP = "best | latest | a step number | none (the untrained init); de
 def setup_logging() -> None:
     """The log every entry point shows: mtok_jax at INFO; absl (orbax logs each file it writes), JAX's
     backend probing ("Unable to initialize backend 'tpu'") and diffusers/transformers' deprecation lines quiet."""
-    _compat.quiet_third_party_loggers()
+    environment.quiet_third_party_loggers()
     logging.getLogger("absl").setLevel(logging.WARNING)
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
     logging.getLogger("mtok_jax").setLevel(logging.INFO)

@@ -228,11 +228,12 @@ def _once_per_step(progress, call: int, calls: int):
 
 
 def load_pipeline(config, workdir: str | os.PathLike | None, checkpoint: str | int | None = "best",
-                  max_batch: int = 8) -> Pipeline:
+                  max_batch: int = 8, labels: Sequence[str] | None = None) -> Pipeline:
     """Load the system of `config`, replace its trained leaves by `workdir`'s checkpoint
     ('best' | 'latest' | step; None = no checkpoint, the untrained init) and place params on the mesh.
-    Label names (output file names, held-out audio): the configured dataset's, none if it is not built."""
-    system, params = system_lib.load_system(config, pipeline.configured_labels(config))
+    `labels` (output file names, held-out audio) default: the configured dataset's, none if it is not built."""
+    labels = pipeline.configured_labels(config) if labels is None else labels
+    system, params = system_lib.load_system(config, labels)
     mesh = sharding.make_mesh(config.mesh)
     shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
     placement = sharding.param_shardings(mesh, shapes, shard=mesh.shape["fsdp"] > 1,

@@ -312,45 +312,46 @@ def _train(config, workdir: str, stop: signals.GracefulStop) -> dict[str, Any]:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2, sort_keys=True))
     metrics_log = MetricsLog(workdir, enabled=is_main and "jsonl" in config.train.report_to)
-    t = config.train
+    train_cfg = config.train
 
     # ---------------------------------------------------------------------------------- mesh
     mesh = sharding.make_mesh(config.mesh)
     shards = sharding.num_batch_shards(mesh)
-    if t.batch_size % shards:
-        raise ValueError(f"train.batch_size={t.batch_size} must be divisible by the {shards} devices of the mesh "
-                         f"(set --config.mesh.data / --config.mesh.fsdp)")
+    if train_cfg.batch_size % shards:
+        raise ValueError(f"train.batch_size={train_cfg.batch_size} must be divisible by the {shards} devices of the "
+                         f"mesh (set --config.mesh.data / --config.mesh.fsdp)")
     log.info("mesh %s over %d devices", dict(mesh.shape), shards)
 
     # ---------------------------------------------------------------------------------- input
-    d = config.data
+    data_cfg = config.data
     dataset = _check_dataset(config)
     builder_config = dataset.path.parent.name
-    data_kw = dict(config_name=builder_config, bgr=d.bgr, prefetch=d.prefetch)
-    num_train = pipeline.num_examples(d.data_dir, "train", builder_config)
-    num_val = pipeline.num_examples(d.data_dir, "validation", builder_config)
-    examples_per_step = t.batch_size * t.grad_accum
+    data_kw = dict(config_name=builder_config, bgr=data_cfg.bgr, prefetch=data_cfg.prefetch)
+    num_train = pipeline.num_examples(data_cfg.data_dir, "train", builder_config)
+    num_val = pipeline.num_examples(data_cfg.data_dir, "validation", builder_config)
+    examples_per_step = train_cfg.batch_size * train_cfg.grad_accum
     steps_per_epoch = pipeline.num_batches(num_train, examples_per_step, jax.process_count())
     if steps_per_epoch == 0:
         raise ValueError(f"{num_train} training examples give no full batch of {examples_per_step}")
-    val_batch = math.lcm(t.val_batch_size, shards)  # padded + masked, loss in groups of val_batch_size
+    val_batch = math.lcm(train_cfg.val_batch_size, shards)  # padded + masked, loss in groups of val_batch_size
     log.info("%d train / %d validation examples, %d steps per epoch", num_train, num_val, steps_per_epoch)
 
     # ---------------------------------------------------------------------------------- models & optimizer
     system, params = system_lib.load_system(config, dataset.label_names)
-    trainable, frozen = tree_lib.split_params(params, t.trainable)
+    trainable, frozen = tree_lib.split_params(params, train_cfg.trainable)
     del params
     if system.config.model.dtype == "bfloat16":  # fp32 master copy of what trains; frozen weights in bf16
         frozen = tree_lib.cast_floating(frozen, jnp.bfloat16)
-    schedule = learning_rate(t, steps_per_epoch)
-    optimizer = make_optimizer(t, schedule)
+    schedule = learning_rate(train_cfg, steps_per_epoch)
+    optimizer = make_optimizer(train_cfg, schedule)
     n_trainable = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainable))
-    log.info("trainable %r: %d parameters in %d leaves", t.trainable, n_trainable, len(jax.tree.leaves(trainable)))
+    log.info("trainable %r: %d parameters in %d leaves", train_cfg.trainable, n_trainable,
+             len(jax.tree.leaves(trainable)))
 
     # ---------------------------------------------------------------------------------- shard
     # Leaves above fsdp_min_size elements are split over the `fsdp` axis (mesh.fsdp = 1: all replicated).
-    trainable_sh = sharding.param_shardings(mesh, trainable, shard=True, min_size=t.fsdp_min_size)
-    frozen_sh = sharding.param_shardings(mesh, frozen, shard=True, min_size=t.fsdp_min_size)
+    trainable_sh = sharding.param_shardings(mesh, trainable, shard=True, min_size=train_cfg.fsdp_min_size)
+    frozen_sh = sharding.param_shardings(mesh, frozen, shard=True, min_size=train_cfg.fsdp_min_size)
     trainable = jax.device_put(trainable, trainable_sh)
     frozen = jax.device_put(frozen, frozen_sh)
     opt_state_shapes = jax.eval_shape(optimizer.init, trainable)
@@ -364,52 +365,52 @@ def _train(config, workdir: str, stop: signals.GracefulStop) -> dict[str, Any]:
     # ---------------------------------------------------------------------------------- step
     train_step = jax.jit(
         make_train_step(lambda *a: system_loss(system, *a), lambda *a: system_cosines(system, *a), optimizer,
-                        schedule, t.faithful_accumulation),
+                        schedule, train_cfg.faithful_accumulation),
         in_shardings=(trainable_sh, opt_sh, frozen_sh, train_batch_sh, repl, repl),
         out_shardings=(trainable_sh, opt_sh, repl), donate_argnums=(0, 1))
     eval_step = jax.jit(make_eval_step(lambda *a: system_eval_loss(system, *a)),
                         in_shardings=(trainable_sh, frozen_sh, eval_batch_sh, repl, repl), out_shardings=(repl, repl))
     eval_key = jax.device_put(jax.random.fold_in(jax.random.key(config.seed), EVAL_SEED), repl)
     # Ahead-of-time compile, so that compile time is reported apart from step time.
-    micro = t.batch_size
+    micro = train_cfg.batch_size
     h, w = config_utils.image_hw(config)
     abstract_batch = {
-        "audio": jax.ShapeDtypeStruct((t.grad_accum, micro, config_utils.clip_samples(config)), jnp.float32,
+        "audio": jax.ShapeDtypeStruct((train_cfg.grad_accum, micro, config_utils.clip_samples(config)), jnp.float32,
                                       sharding=train_batch_sh),
-        "image": jax.ShapeDtypeStruct((t.grad_accum, micro, h, w, 3), jnp.float32, sharding=train_batch_sh),
-        "label": jax.ShapeDtypeStruct((t.grad_accum, micro), jnp.int32, sharding=train_batch_sh)}
+        "image": jax.ShapeDtypeStruct((train_cfg.grad_accum, micro, h, w, 3), jnp.float32, sharding=train_batch_sh),
+        "label": jax.ShapeDtypeStruct((train_cfg.grad_accum, micro), jnp.int32, sharding=train_batch_sh)}
     started = time.perf_counter()
     train_step = train_step.lower(trainable, opt_state, frozen, abstract_batch, jnp.int32(0), root_key).compile()
     log.info("train step compiled in %.1f s", time.perf_counter() - started)
     flops_per_step = monitor.compiled_flops(train_step)
-    tb = monitor.TensorBoard(workdir, enabled=is_main and "tensorboard" in t.report_to)
+    tb = monitor.TensorBoard(workdir, enabled=is_main and "tensorboard" in train_cfg.report_to)
     validation_images = monitor.ValidationImages(config, system, mesh, workdir, enabled=is_main)
-    profile = monitor.Profile(workdir, tuple(t.profile_steps), enabled=is_main)
+    profile = monitor.Profile(workdir, tuple(train_cfg.profile_steps), enabled=is_main)
 
     # ---------------------------------------------------------------------------------- checkpoint
     ckpt = checkpoints.Checkpointer(workdir)
-    paths = tree_lib.trainable_paths(tree_lib.merge_params(trainable, {}), t.trainable)
-    step, epoch, start_batch = 0, 0, 0
+    paths = tree_lib.trainable_paths(tree_lib.merge_params(trainable, {}), train_cfg.trainable)
+    step, epoch, batch_in_epoch = 0, 0, 0
     best_val, epoch_loss_sum, epoch_loss_n = math.inf, 0.0, 0
     restored = ckpt.restore_latest(trainable, opt_state)
     if restored is not None:
         trainable, opt_state, saved = restored
-        step, epoch, start_batch = int(saved["step"]), int(saved["epoch"]), int(saved["batch_in_epoch"])
+        step, epoch, batch_in_epoch = int(saved["step"]), int(saved["epoch"]), int(saved["batch_in_epoch"])
         best_val = float(saved["best_val_loss"])
         epoch_loss_sum, epoch_loss_n = float(saved["epoch_loss_sum"]), int(saved["epoch_loss_n"])
-        log.info("resumed from step %d (epoch %d, batch %d)", step, epoch, start_batch)
+        log.info("resumed from step %d (epoch %d, batch %d)", step, epoch, batch_in_epoch)
     metrics_log.truncate_after(step)  # equal to an uninterrupted run's log up to here
 
     def meta() -> dict:
-        return {"step": step, "epoch": epoch, "batch_in_epoch": start_batch, "best_val_loss": best_val,
+        return {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "best_val_loss": best_val,
                 "epoch_loss_sum": epoch_loss_sum, "epoch_loss_n": epoch_loss_n, "trainable_paths": paths,
                 "examples_per_step": examples_per_step, "seed": config.seed}
 
     # ---------------------------------------------------------------------------------- eval
     def evaluate() -> float:
         total, count = jnp.zeros(()), jnp.zeros(())
-        batches = pipeline.batches(d.data_dir, "validation", global_batch_size=val_batch, seed=d.seed, epoch=0,
-                                   shuffle=False, drop_remainder=False, **data_kw)
+        batches = pipeline.batches(data_cfg.data_dir, "validation", global_batch_size=val_batch, seed=data_cfg.seed,
+                                   epoch=0, shuffle=False, drop_remainder=False, **data_kw)
         for i, host_batch in enumerate(batches):
             batch = pipeline.to_global(host_batch, eval_batch_sh)
             s, n = eval_step(trainable, frozen, batch, jnp.uint32(i * val_batch), eval_key)
@@ -417,18 +418,18 @@ def _train(config, workdir: str, stop: signals.GracefulStop) -> dict[str, Any]:
         return float(total / jnp.maximum(count, 1.0))
 
     # ---------------------------------------------------------------------------------- loop
-    max_steps = t.max_steps if t.max_steps >= 0 else t.epochs * steps_per_epoch
+    max_steps = train_cfg.max_steps if train_cfg.max_steps >= 0 else train_cfg.epochs * steps_per_epoch
     val_losses: list[float] = []
     interrupted = None
     speed = monitor.Throughput(examples_per_step, flops_per_step)
     try:
-        while epoch < t.epochs and step < max_steps and interrupted is None:
-            bar = _progress(steps_per_epoch, start_batch, examples_per_step, f"epoch {epoch + 1}/{t.epochs}",
+        while epoch < train_cfg.epochs and step < max_steps and interrupted is None:
+            bar = _progress(steps_per_epoch, batch_in_epoch, examples_per_step, f"epoch {epoch + 1}/{train_cfg.epochs}",
                             is_main)
-            host_batches = pipeline.batches(d.data_dir, "train", global_batch_size=examples_per_step, seed=d.seed,
-                                            epoch=epoch, start_batch=start_batch, **data_kw)
+            host_batches = pipeline.batches(data_cfg.data_dir, "train", global_batch_size=examples_per_step,
+                                            seed=data_cfg.seed, epoch=epoch, start_batch=batch_in_epoch, **data_kw)
             for host_batch in host_batches:
-                host_batch = {k: v.reshape(t.grad_accum, -1, *v.shape[1:]) for k, v in host_batch.items()}
+                host_batch = {k: v.reshape(train_cfg.grad_accum, -1, *v.shape[1:]) for k, v in host_batch.items()}
                 batch = pipeline.to_global(host_batch, train_batch_sh)
                 profile.before(step)
                 trainable, opt_state, metrics = train_step(trainable, opt_state, frozen, batch, jnp.int32(step),
@@ -440,26 +441,26 @@ def _train(config, workdir: str, stop: signals.GracefulStop) -> dict[str, Any]:
                     ckpt.wait()
                     raise FloatingPointError(
                         f"non-finite training loss {loss} at step {step + 1} (epoch {epoch + 1}, batch "
-                        f"{start_batch + 1}); last good checkpoint: {ckpt.latest_step()}")
-                step, start_batch = step + 1, start_batch + 1
+                        f"{batch_in_epoch + 1}); last good checkpoint: {ckpt.latest_step()}")
+                step, batch_in_epoch = step + 1, batch_in_epoch + 1
                 epoch_loss_sum, epoch_loss_n = epoch_loss_sum + loss, epoch_loss_n + 1
                 bar.update(examples_per_step)
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{float(metrics['lr']):.2e}",
-                                run_eta=speed.eta(min(max_steps, t.epochs * steps_per_epoch) - step))
-                if step % t.log_every == 0:
+                                run_eta=speed.eta(min(max_steps, train_cfg.epochs * steps_per_epoch) - step))
+                if step % train_cfg.log_every == 0:
                     terms = {k: float(metrics[k]) for k in ("mse", "l1", "l2", "cosine", "grad_norm")}
-                    metrics_log.write(kind="step", epoch=epoch + start_batch / steps_per_epoch, step=step,
+                    metrics_log.write(kind="step", epoch=epoch + batch_in_epoch / steps_per_epoch, step=step,
                                       train_loss=loss, val_loss=None, lr=float(metrics["lr"]), **terms)
                     tb.scalars(step, {"train/loss": loss, "train/lr": float(metrics["lr"]),
                                       **{f"train/{k}": v for k, v in terms.items()}, **perf,
                                       **monitor.device_memory()})
                 if step >= max_steps or stop.requested:
                     break
-                if step % t.checkpoint_every == 0 and start_batch < steps_per_epoch:
+                if step % train_cfg.checkpoint_every == 0 and batch_in_epoch < steps_per_epoch:
                     ckpt.save_latest(step, trainable, opt_state, meta())
             bar.close()
             getattr(host_batches, "close", lambda: None)()  # stop its prefetch thread
-            if start_batch < steps_per_epoch:  # stopped inside the epoch: max_steps or a signal
+            if batch_in_epoch < steps_per_epoch:  # stopped inside the epoch: max_steps or a signal
                 ckpt.save_latest(step, trainable, opt_state, meta())
                 interrupted = stop.requested
                 break
@@ -467,7 +468,7 @@ def _train(config, workdir: str, stop: signals.GracefulStop) -> dict[str, Any]:
             val_loss = evaluate()
             train_loss = epoch_loss_sum / max(epoch_loss_n, 1)
             val_losses.append(val_loss)
-            epoch, start_batch, epoch_loss_sum, epoch_loss_n = epoch + 1, 0, 0.0, 0
+            epoch, batch_in_epoch, epoch_loss_sum, epoch_loss_n = epoch + 1, 0, 0.0, 0
             metrics_log.write(kind="epoch", epoch=epoch, step=step, train_loss=train_loss, val_loss=val_loss,
                               lr=float(schedule(step)))
             metrics_log.plot()
@@ -479,7 +480,7 @@ def _train(config, workdir: str, stop: signals.GracefulStop) -> dict[str, Any]:
             ckpt.save_latest(step, trainable, opt_state, meta())
             if validation_images.due(epoch):  # after the saves: a kill here loses no training
                 validation_images.write(epoch, step, tree_lib.merge_params(trainable, frozen), tb)
-            finished = epoch >= t.epochs or step >= max_steps
+            finished = epoch >= train_cfg.epochs or step >= max_steps
             interrupted = None if finished else stop.requested  # a signal in the last validation: nothing left
             speed.exclude_since_last()  # the next step time leaves out validation and its images
         ckpt.wait()
@@ -488,7 +489,8 @@ def _train(config, workdir: str, stop: signals.GracefulStop) -> dict[str, Any]:
         tb.close()
         _close_quietly_on_error(ckpt)
     if interrupted:
-        where = f"epoch {epoch + 1}, batch {start_batch}/{steps_per_epoch}" if start_batch else f"end of epoch {epoch}"
+        where = (f"epoch {epoch + 1}, batch {batch_in_epoch}/{steps_per_epoch}" if batch_in_epoch
+                 else f"end of epoch {epoch}")
         log.warning("interrupted at step %d (%s); saved checkpoint %d — rerun the same command to resume", step,
                     where, step)
     return {"step": step, "epoch": epoch, "best_val_loss": best_val, "val_losses": val_losses,
@@ -521,7 +523,7 @@ def _like_params(opt_shapes: Any, param_sh: Any, default: NamedSharding) -> Any:
 def _check_dataset(config) -> pipeline.Dataset:
     """The built dataset must hold what the config's shapes say (clip length, image size) and mix stereo
     as `data.stereo` says (datasets built before the option averaged the channels). → the dataset."""
-    d = config.data
+    data_cfg = config.data
     ds = pipeline.open_configured(config)
     built = ds.config
     want_samples = config_utils.clip_samples(config)
@@ -529,10 +531,11 @@ def _check_dataset(config) -> pipeline.Dataset:
     got_hw = (int(built["image_height"]), int(built["image_width"]))
     if int(built["clip_samples"]) != want_samples or got_hw != want_hw:
         raise ValueError(f"dataset {ds.path} holds {built['clip_samples']} samples / {got_hw} images, the config "
-                         f"asks for {want_samples} / {want_hw} (data.builder_config={d.builder_config!r}, "
+                         f"asks for {want_samples} / {want_hw} (data.builder_config={data_cfg.builder_config!r}, "
                          f"clip_seconds, image_size, audio_44k_as_16k, reference_512x320)")
     got_stereo = built.get("stereo", "mean")
-    if got_stereo != d.stereo:
+    if got_stereo != data_cfg.stereo:
         raise ValueError(f"dataset {ds.path} mixed stereo audio with {got_stereo!r}, the config asks for "
-                         f"data.stereo={d.stereo!r}: rebuild with --stereo {d.stereo} or set data.stereo={got_stereo}")
+                         f"data.stereo={data_cfg.stereo!r}: rebuild with --stereo {data_cfg.stereo} or set "
+                         f"data.stereo={got_stereo}")
     return ds

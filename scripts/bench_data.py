@@ -3,7 +3,7 @@
   python scripts/bench_data.py [--clips 64] [--workers 2] [--batch 8] [--epochs 4] [--workdir DIR]
 
 Generates --clips source clips (half 44.1 kHz stereo wav, half 44.1 kHz stereo mp3, 35 s each) and as
-many 1024×768 JPEG artworks in 4 label folders, builds them with `mtok_jax.data.builder.build`
+many 1024×768 JPEG artworks in 4 label folders, builds them with `mtok_jax.data.music_image.build`
 (config 'folders': 30 s, 512×512), then iterates `mtok_jax.data.pipeline.batches('train', ...)`.
 Prints the build rate (source files/s), stored bytes per example, and the iterator's examples/s.
 """
@@ -42,7 +42,7 @@ def write_sources(root: Path, clips: int, labels) -> None:
 
 
 def main(argv=None) -> int:
-    from mtok_jax.data.builder import build, make_config
+    from mtok_jax.data.music_image import build, make_config
     from mtok_jax.data.pipeline import batches, num_examples
     from mtok_jax.data.sources import DEFAULT_LABELS
 

@@ -17,9 +17,9 @@ import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
-import mtok_jax._compat as _compat  # noqa: E402
+import mtok_jax.environment as environment  # noqa: E402
 
-_compat.quiet_third_party_loggers()
+environment.quiet_third_party_loggers()
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED = pathlib.Path(os.environ.get("MTOK_SHARED", REPO.parent / "shared"))
@@ -77,7 +77,7 @@ def tiny_assets(tmp_path_factory, demo_models) -> dict[str, str]:
     """Tiny demo models (real formats) + a 3-label, 1 s, 32 px dataset built by the real TFDS builder:
     6 train / 3 validation / 3 test clips → {'sd', 'beats', 'data'} (builder config 'tiny')."""
     from mtok_jax.data import sources
-    from mtok_jax.data.builder import build, make_config
+    from mtok_jax.data.music_image import build, make_config
     from mtok_jax.demo.data import write_demo_sources
 
     def make(root: pathlib.Path) -> dict:

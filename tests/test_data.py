@@ -22,7 +22,7 @@ import soxr
 from PIL import Image
 
 import mtok_jax  # noqa: F401
-from mtok_jax.data import builder as builder_lib
+from mtok_jax.data import music_image as builder_lib
 from mtok_jax.data import jobs as jobs_lib
 from mtok_jax.data import load_examples
 from mtok_jax.data.pipeline import batches, num_batches, num_examples, open_dataset

@@ -16,7 +16,7 @@ from PIL import Image
 import mtok_jax  # noqa: F401
 from mtok_jax import cli
 from mtok_jax.data import build as build_cli
-from mtok_jax.data import builder as builder_lib
+from mtok_jax.data import music_image as builder_lib
 from mtok_jax.data import pipeline, sources
 
 LABEL = "Heavy metal"

@@ -10,7 +10,8 @@ import soxr
 from PIL import Image
 
 from mtok_jax.audio.io import AudioDecodeError, load_audio, rms_dbfs
-from mtok_jax.data import builder, jobs
+from mtok_jax.data import jobs
+from mtok_jax.data import music_image as builder
 from mtok_jax.data.images import ImageDecodeError, load_image
 
 

@@ -13,6 +13,7 @@ from PIL import Image
 
 from mtok_jax import config_utils, sample, sharding
 from mtok_jax.audio.io import load_audio
+from mtok_jax.data import sources
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +22,7 @@ def pipe(demo_models):
     paths = demo_models
     config = config_utils.load_config("configs/demo.py", [f"model.sd_path={paths['sd']}",
                                                           f"model.beats_path={paths['beats']}"])
-    return sample.load_pipeline(config, None, checkpoint=None, max_batch=8)
+    return sample.load_pipeline(config, None, checkpoint=None, max_batch=8, labels=sources.DEFAULT_LABELS)
 
 
 @pytest.fixture(scope="module")

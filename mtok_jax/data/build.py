@@ -22,7 +22,7 @@ from absl import app, flags
 import mtok_jax  # noqa: F401  (sets USE_TF=0 first)
 from mtok_jax import cli
 from mtok_jax.audio.io import SILENCE_DBFS
-from mtok_jax.data.builder import build, make_config
+from mtok_jax.data.music_image import build, make_config
 from mtok_jax.data.sources import SPLITS, read_label_file
 
 

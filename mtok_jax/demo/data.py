@@ -16,7 +16,7 @@ from typing import Optional
 import numpy as np
 
 from mtok_jax.constants import SAMPLE_RATE
-from mtok_jax.data.builder import DEMO_CONFIG, build
+from mtok_jax.data.music_image import DEMO_CONFIG, build
 from mtok_jax.data.sources import DEFAULT_LABELS, SPLITS, split_counts
 
 DEFAULT_AUDIO_PER_LABEL = {"train": 8, "validation": 2, "test": 2}

@@ -1,4 +1,5 @@
-"""Process-wide quieting of known-noisy third-party loggers (imported first by ``mtok_jax``).
+"""Process-wide set-up of the third-party libraries (imported first by ``mtok_jax``): no TensorFlow,
+quiet known-noisy loggers, a broken torchvision hidden.
 
 diffusers 0.39 logs "Flax classes are deprecated" from every Flax module's ``setup`` (~120 lines per
 UNet trace) through its own non-propagating logger, so ``warnings`` filters cannot reach it; we drop
