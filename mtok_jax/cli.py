@@ -118,14 +118,17 @@ def parse_command(prog: str, doc: str, define: Callable[[flags.FlagValues, list[
     """The absl flags of one entry point, parsed from `argv` (default sys.argv[1:]) into a FlagValues of
     its own (so `main(argv)` also runs in-process, e.g. in tests). `define(flag_values, [prog, *argv])`
     defines them (`--verbose` is added); `args` names the positional arguments for the usage line.
-    `--help` / `-h` prints the usage, `doc` and the flags (exit 0). → (flag values, positional arguments)."""
+    `--help` / `-h` prints `doc`, the usage and the flags as absl.app does for train.py (exit 0).
+    → (flag values, positional arguments)."""
     argv = [prog, *(sys.argv[1:] if argv is None else argv)]
     fv = flags.FlagValues()
     define(fv, argv)
     flags.DEFINE_bool("verbose", False, VERBOSE_HELP, flag_values=fv)
     if {"--help", "-h", "--helpfull"} & set(argv[1:argv.index("--") if "--" in argv else len(argv)]):
+        flag_lines = [line for line in fv.get_help(include_special_flags=False).splitlines()
+                      if line.startswith(" ")]  # without the per-module headers
         usage = f"usage: {prog} [flags] {args}".rstrip()
-        print(f"{usage}\n\n{doc.strip()}\n\n{fv.get_help(include_special_flags=False)}")
+        print(f"{doc.strip()}\n\n{usage}\n\nflags:\n\n{prog}:\n" + "\n".join(flag_lines))
         raise SystemExit(0)
     return fv, parse_flags(argv, fv)[1:]
 

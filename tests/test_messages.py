@@ -119,7 +119,7 @@ def test_command_usage_error_is_one_line(capsys):
     with pytest.raises(SystemExit) as e:
         cli.run(main, ["--help"])
     out = capsys.readouterr().out
-    assert e.value.code == 0 and out.startswith("usage: prog [flags] PATH\n\ndoc") and "--n: a number" in out, out
+    assert e.value.code == 0 and out.startswith("doc\n\nusage: prog [flags] PATH\n\nflags:") and "--n: a number" in out, out
 
 
 # ----------------------------------------------------------------------------------- real entry points

@@ -42,7 +42,7 @@ from flax import traverse_util
 from mtok_jax.data.sources import DEFAULT_LABELS
 from mtok_jax.demo.data import demo_image
 from mtok_jax.demo.tokenizer import write_clip_tokenizer
-from mtok_jax.models import beats, diffusion
+from mtok_jax.models import beats, diffusion, hub
 from mtok_jax.models.beats import BEATS_ITER3_PLUS_AS2M_CFG
 from mtok_jax.models.diffusion import SD14_SCHEDULER_CONFIG, param_shapes
 
@@ -254,8 +254,7 @@ def _complete(path: str, files: tuple[str, ...]) -> bool:
 
 def _current_sd(path: str) -> bool:
     """False when `path`'s UNet has other channels than DEMO_UNET_CONFIG (written by an older version)."""
-    with open(os.path.join(path, "unet", "config.json")) as f:
-        channels = tuple(json.load(f)["block_out_channels"])
+    channels = tuple(hub.read_json(os.path.join(path, "unet", hub.CONFIG_FILE))["block_out_channels"])
     if channels != tuple(DEMO_UNET_CONFIG["block_out_channels"]):
         print(f"{path}: written by an older version (UNet channels {channels}); writing it again "
               f"(a run trained on it needs `make clean-demo`)")
