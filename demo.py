@@ -25,7 +25,7 @@ import os
 import time
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 from PIL import Image
 
 from metrics import evaluate
@@ -173,13 +173,10 @@ def run(config, workdir: str | None, skip_eval: bool = False) -> dict:
 
 def main() -> None:
     """`python demo.py`: the flags of train.py (absl; --config, --config.a.b=value, --workdir)."""
-    config = cli.define_config_file("config", "configs/demo.py", "Config file (configs/*.py).")
-    workdir = flags.DEFINE_string("workdir", None, "Run directory (default: runs/<config.workdir_name>).")
+    config, workdir = cli.define_run_flags()
     skip_eval = flags.DEFINE_bool("skip_eval", False, "Stop after sampling.")
 
-    def demo(argv):
-        if len(argv) > 1:
-            raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    def demo():
         cfg = config_utils.validate(config.value)
         cli.setup_logging()
         out = run(cfg, workdir.value, skip_eval.value)

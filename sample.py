@@ -26,8 +26,7 @@ from absl import app, flags
 from mtok_jax import checkpoints, cli, config_utils, export, sample
 from mtok_jax.constants import SAMPLERS
 
-_CONFIG = cli.define_config_file("config", "configs/demo.py", "Config file (configs/*.py).")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: runs/<config.workdir_name>).")
+_CONFIG, _WORKDIR = cli.define_run_flags()
 _AUDIO = flags.DEFINE_string("audio", None, "Audio file or folder (default: the dataset's held-out test audio "
                                             "in <data_dir>/../manual).")
 _NUM_IMAGES = flags.DEFINE_integer("num_images", None, "Images per audio (default: config.sample.num_images).")
@@ -53,9 +52,7 @@ _BATCH = flags.DEFINE_integer("batch", 8, "Images dispatched per host round trip
                                          "per device; the images do not depend on this).")
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+def main():
     config = config_utils.validate(_CONFIG.value)
     cli.setup_logging()
     # Input errors first, before minutes of model loading.

@@ -14,17 +14,12 @@ import mtok_jax  # noqa: F401  (first: sets USE_TF=0 before transformers loads)
 import logging
 import sys
 
-from absl import app, flags
-
 from mtok_jax import cli, config_utils, signals, train
 
-_CONFIG = cli.define_config_file("config", "configs/demo.py", "Config file (configs/*.py).")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: runs/<config.workdir_name>).")
+_CONFIG, _WORKDIR = cli.define_run_flags()
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+def main():
     config = config_utils.validate(_CONFIG.value)
     cli.setup_logging()
     workdir = _WORKDIR.value or cli.default_workdir(config)

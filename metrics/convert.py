@@ -16,7 +16,7 @@ from typing import Sequence
 import mtok_jax  # noqa: F401  (environment setup first)
 
 import jax
-from absl import app, flags
+from absl import flags
 
 from metrics import inception, wav2clip
 from mtok_jax import cli
@@ -35,11 +35,8 @@ def _define(fv: flags.FlagValues, argv: list[str]) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     prog = "python -m metrics.convert"
-    doc = __doc__ + "\nCommands:\n" + "\n".join(f"  {name}: {c[0]}" for name, c in COMMANDS.items())
-    fv, rest = cli.parse_command(prog, doc, _define, argv, args="{inception,wav2clip} CHECKPOINT OUT_DIR")
-    model, checkpoint, out_dir = cli.positional(rest, ("{inception,wav2clip}", "CHECKPOINT", "OUT_DIR"), prog)
-    if model not in COMMANDS:
-        raise app.UsageError(f"unknown model {model!r}: choose inception or wav2clip (see {prog} --help)")
+    fv, (model, checkpoint, out_dir) = cli.parse_command(
+        prog, __doc__, _define, argv, args=("CHECKPOINT", "OUT_DIR"), commands={k: c[0] for k, c in COMMANDS.items()})
     _, convert, done = COMMANDS[model]
     out = convert(cli.existing_file("checkpoint", checkpoint), out_dir, trusted=fv.trusted)
     params, _ = load_params(out)

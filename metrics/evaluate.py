@@ -638,8 +638,7 @@ def _define(fv: flags.FlagValues, argv: list[str]) -> None:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     prog = "python -m metrics.evaluate"
-    fv, rest = cli.parse_command(prog, __doc__, _define, argv)
-    cli.positional(rest, (), prog)
+    fv, _ = cli.parse_command(prog, __doc__, _define, argv)
     cli.setup_logging()
     config = None if fv.config is None else config_utils.validate(fv.config)
     if config is not None:

@@ -31,7 +31,7 @@ import threading
 import time
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from mtok_jax import checkpoints, cli, config_utils, errors, export, sample
@@ -320,9 +320,7 @@ def build_page(server: Server):
     return page
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+def main():
     if _HOST.value not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: --host {_HOST.value} makes the page reachable from other machines: anyone who can "
               f"reach port {_PORT.value} can upload files and use this machine's accelerator", file=sys.stderr)
@@ -369,8 +367,7 @@ def main(argv):
 def define_flags() -> None:
     """The command line (absl flags, as sample.py); defined only when run as a program."""
     global _CONFIG, _WORKDIR, _MODEL, _CHECKPOINT, _HOST, _PORT, _MAX_MB, _UPLOAD_DIR, _KEEP, _MAX_IMAGES
-    _CONFIG = cli.define_config_file("config", "configs/demo.py", "Config file (configs/*.py).")
-    _WORKDIR = flags.DEFINE_string("workdir", None, "Training run to serve (default: runs/<config.workdir_name>).")
+    _CONFIG, _WORKDIR = cli.define_run_flags("Training run to serve (default: runs/<config.workdir_name>).")
     _MODEL = flags.DEFINE_string("model", None, "An exported model folder (python -m mtok_jax.export) to serve "
                                                 "instead of a run: its config.json and weights, no checkpoint.")
     _CHECKPOINT = flags.DEFINE_string("checkpoint", None, cli.CHECKPOINT_HELP)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from typing import Any, Callable, NoReturn, Sequence
+from typing import Any, Callable, Mapping, NoReturn, Sequence
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -81,13 +81,28 @@ def run(main: Callable[[list[str]], Any], argv: Sequence[str] | None = None) -> 
     sys.exit(result if isinstance(result, int) else 0)
 
 
-def run_absl(main: Callable[[list[str]], Any]) -> None:
-    """`absl.app.run(main)` with a `--verbose` flag and one-line errors, also for flag parsing (a bad
-    flag value, an unknown `--config.*` key, a missing `--config` file)."""
+def run_absl(main: Callable[[], Any]) -> None:
+    """`absl.app.run` of `main()` (it reads its flags; positional arguments are a usage error) with a
+    `--verbose` flag and one-line errors, also for flag parsing (a bad flag value, an unknown
+    `--config.*` key, a missing `--config` file)."""
     flags.DEFINE_bool("verbose", False, VERBOSE_HELP)
     verbose = wants_verbose(sys.argv[1:])
-    app.run(lambda argv: guarded(main, argv, verbose=verbose),
+
+    def no_arguments(argv):
+        if len(argv) > 1:
+            raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        return main()
+
+    app.run(lambda argv: guarded(no_arguments, argv, verbose=verbose),
             flags_parser=lambda argv: guarded(parse_flags, argv, verbose=verbose))
+
+
+def define_run_flags(workdir_help: str = "Run directory (default: runs/<config.workdir_name>).",
+                     ) -> tuple[flags.FlagHolder, flags.FlagHolder]:
+    """The `--config` (default configs/demo.py; with `--workdir DIR` and no `--config`, DIR/config.json)
+    and `--workdir` flags of train.py, sample.py, demo.py and the app. → (config, workdir) holders."""
+    config = define_config_file("config", "configs/demo.py", "Config file (configs/*.py).")
+    return config, flags.DEFINE_string("workdir", None, workdir_help)
 
 
 CHECKPOINT_HELP = "best | latest | a step number | none (the untrained init); default: best, else latest"
@@ -114,12 +129,17 @@ def definer(flag_values: flags.FlagValues) -> Callable[..., flags.FlagHolder]:
 
 
 def parse_command(prog: str, doc: str, define: Callable[[flags.FlagValues, list[str]], Any],
-                  argv: Sequence[str] | None = None, *, args: str = "") -> tuple[flags.FlagValues, list[str]]:
+                  argv: Sequence[str] | None = None, *, args: Sequence[str] = (),
+                  commands: Mapping[str, str] | None = None) -> tuple[flags.FlagValues, list[str]]:
     """The absl flags of one entry point, parsed from `argv` (default sys.argv[1:]) into a FlagValues of
     its own (so `main(argv)` also runs in-process, e.g. in tests). `define(flag_values, [prog, *argv])`
-    defines them (`--verbose` is added); `args` names the positional arguments for the usage line.
-    `--help` / `-h` prints `doc`, the usage and the flags as absl.app does for train.py (exit 0).
-    → (flag values, positional arguments)."""
+    defines them (`--verbose` is added). `args`: the names of the positional arguments, one value each;
+    with `commands` ({name: what it does}) a first one, the command, comes before them.
+    `--help` / `-h` prints `doc`, the commands, the usage and the flags as absl.app does for train.py (exit 0).
+    → (flag values, positional values: [command,] *args); a wrong count or command is a one-line usage error."""
+    names = ([f"{{{','.join(commands)}}}"] if commands else []) + list(args)
+    if commands:
+        doc = doc.strip() + "\n\nCommands:\n" + "\n".join(f"  {name}: {text}" for name, text in commands.items())
     argv = [prog, *(sys.argv[1:] if argv is None else argv)]
     fv = flags.FlagValues()
     define(fv, argv)
@@ -127,18 +147,16 @@ def parse_command(prog: str, doc: str, define: Callable[[flags.FlagValues, list[
     if {"--help", "-h", "--helpfull"} & set(argv[1:argv.index("--") if "--" in argv else len(argv)]):
         flag_lines = [line for line in fv.get_help(include_special_flags=False).splitlines()
                       if line.startswith(" ")]  # without the per-module headers
-        usage = f"usage: {prog} [flags] {args}".rstrip()
+        usage = f"usage: {prog} [flags] {' '.join(names)}".rstrip()
         print(f"{doc.strip()}\n\n{usage}\n\nflags:\n\n{prog}:\n" + "\n".join(flag_lines))
         raise SystemExit(0)
-    return fv, parse_flags(argv, fv)[1:]
-
-
-def positional(values: Sequence[str], names: Sequence[str], prog: str) -> list[str]:
-    """`values` when there is one per name in `names`, else a one-line usage error."""
+    values = parse_flags(argv, fv)[1:]
     if len(values) != len(names):
         got = f"got {' '.join(values)}" if values else "got none"
         raise app.UsageError(f"expected the arguments {' '.join(names)}, {got} (see {prog} --help)")
-    return list(values)
+    if commands and values[0] not in commands:
+        raise app.UsageError(f"unknown command {values[0]!r}: choose {' or '.join(commands)} (see {prog} --help)")
+    return fv, values
 
 
 def existing_file(name: str, path: str) -> str:

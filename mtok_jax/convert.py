@@ -143,11 +143,8 @@ COMMANDS = {"beats": "official BEATs .pt (dict with 'cfg' and 'model'); the fine
 
 def main(argv: Sequence[str] | None = None) -> None:
     prog = "python -m mtok_jax.convert"
-    doc = __doc__ + "\nCommands:\n" + "\n".join(f"  {name}: {text}" for name, text in COMMANDS.items())
-    fv, rest = cli.parse_command(prog, doc, _define, argv, args="{beats,embedder} CHECKPOINT OUT_DIR")
-    command, checkpoint, out_dir = cli.positional(rest, ("{beats,embedder}", "CHECKPOINT", "OUT_DIR"), prog)
-    if command not in COMMANDS:
-        raise app.UsageError(f"unknown command {command!r}: choose beats or embedder (see {prog} --help)")
+    fv, (command, checkpoint, out_dir) = cli.parse_command(prog, __doc__, _define, argv,
+                                                           args=("CHECKPOINT", "OUT_DIR"), commands=COMMANDS)
     cli.existing_file("checkpoint", checkpoint)
     if command == "beats":
         if fv.beats_from or fv.sd_path:

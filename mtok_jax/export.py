@@ -237,8 +237,7 @@ def _define(fv: flags.FlagValues, argv: list[str]) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     prog = "python -m mtok_jax.export"
-    fv, rest = cli.parse_command(prog, __doc__, _define, argv)
-    cli.positional(rest, (), prog)
+    fv, _ = cli.parse_command(prog, __doc__, _define, argv)
     cli.existing_dir("--workdir", fv.workdir)
     if fv.config is None:
         raise errors.UserError(f"--workdir {fv.workdir} has no config.json (written by train.py)")

@@ -103,8 +103,8 @@ def test_command_usage_error_is_one_line(capsys):
         cli.definer(fv)("integer", "n", None, "a number")
 
     def main(argv):
-        fv, rest = cli.parse_command("prog", "doc", define, argv, args="PATH")
-        return cli.existing_file("path", cli.positional(rest, ("PATH",), "prog")[0]) and 0
+        fv, (path,) = cli.parse_command("prog", "doc", define, argv, args=("PATH",))
+        return cli.existing_file("path", path) and 0
 
     with pytest.raises(SystemExit) as e:
         cli.run(main, ["--verbose", __file__])

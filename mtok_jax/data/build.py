@@ -81,8 +81,7 @@ def _define(fv: flags.FlagValues, argv: list[str]) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     prog = "python -m mtok_jax.data.build"
-    a, rest = cli.parse_command(prog, __doc__, _define, argv)
-    cli.positional(rest, (), prog)
+    a, _ = cli.parse_command(prog, __doc__, _define, argv)
     cli.existing_dir("--manual_dir", a.manual_dir)
     labels = read_label_file(cli.existing_file("--labels", a.labels)) if a.labels else None
     if a.stretch and a.reference_512x320:
