@@ -14,15 +14,17 @@ import mtok_jax  # noqa: F401  (first: sets USE_TF=0 before transformers loads)
 import logging
 import sys
 
-from mtok_jax import cli, config_utils, signals, train
+from mtok_jax import cli, config_utils, sharding, signals, train
 
 _CONFIG, _WORKDIR = cli.define_run_flags()
+_DISTRIBUTED = cli.define_distributed_flags()
 
 
 def main():
     config = config_utils.validate(_CONFIG.value)
     cli.setup_logging()
     workdir = _WORKDIR.value or cli.default_workdir(config)
+    sharding.initialize_distributed(config, **{name: holder.value for name, holder in _DISTRIBUTED.items()})
     logging.getLogger("mtok_jax").info("config: %s", cli.config_source())
     result = train.train_and_evaluate(config, workdir)
     if result["interrupted"]:

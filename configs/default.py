@@ -17,7 +17,7 @@ def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.workdir_name = "default"  # train.py's default workdir is runs/<workdir_name>
     c.seed = 0
-    c.multihost = False  # jax.distributed.initialize() (also when MTOK_MULTIHOST=1)
+    c.multihost = False  # jax.distributed.initialize() auto-detected (also MTOK_MULTIHOST=1; explicit: train.py flags)
 
     # Models. sd_path: a local HF folder (Flax msgpack or PyTorch-layout safetensors) or a hub id.
     c.model = ml_collections.ConfigDict(dict(

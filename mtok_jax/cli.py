@@ -122,6 +122,18 @@ def default_workdir(config) -> str:
     return os.path.join("runs", config.workdir_name)
 
 
+def define_distributed_flags(flag_values: flags.FlagValues = flags.FLAGS) -> dict[str, flags.FlagHolder]:
+    """--coordinator_address / --num_processes / --process_id (one process per host; see
+    sharding.initialize_distributed, also for the env vars and auto-detection). → {name: holder}."""
+    return {"coordinator_address": flags.DEFINE_string(
+                "coordinator_address", None, "HOST:PORT of process 0 (several processes; default "
+                "env MTOK_COORDINATOR_ADDRESS, or auto-detected with --config.multihost)", flag_values=flag_values),
+            "num_processes": flags.DEFINE_integer("num_processes", None, "processes in all (with "
+                                                  "--coordinator_address)", flag_values=flag_values, lower_bound=1),
+            "process_id": flags.DEFINE_integer("process_id", None, "this process's index, 0 … num_processes-1",
+                                               flag_values=flag_values, lower_bound=0)}
+
+
 def definer(flag_values: flags.FlagValues) -> Callable[..., flags.FlagHolder]:
     """`define(kind, name, default, help)` = flags.DEFINE_<kind>(name, default, help, flag_values=flag_values)."""
     return lambda kind, name, default, help_, **kw: getattr(flags, f"DEFINE_{kind}")(

@@ -8,12 +8,17 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from typing import Any, Mapping
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from mtok_jax import errors
 
 BATCH_AXES = ("data", "fsdp")
 
@@ -23,15 +28,59 @@ Tree = Any
 # ---------------------------------------------------------------------------------------------------
 # Processes and mesh
 # ---------------------------------------------------------------------------------------------------
-def maybe_initialize_distributed(config) -> None:
-    """`jax.distributed.initialize()` when `config.multihost` or env MTOK_MULTIHOST=1 asks for it.
+DISTRIBUTED_ENV = ("MTOK_COORDINATOR_ADDRESS", "MTOK_NUM_PROCESSES", "MTOK_PROCESS_ID")
 
-    Must run before anything touches the devices. On Cloud TPU / SLURM / Kubernetes it needs no
-    arguments; elsewhere set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID.
+
+def initialize_distributed(config, coordinator_address: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None) -> None:
+    """Start JAX's distributed runtime (one process per host) before anything touches the devices.
+
+    Explicit: `coordinator_address` ('HOST:PORT' of process 0), `num_processes`, `process_id` (the
+    entry points' --coordinator_address / --num_processes / --process_id; else the env vars
+    MTOK_COORDINATOR_ADDRESS, MTOK_NUM_PROCESSES, MTOK_PROCESS_ID). Auto-detected (Cloud TPU, SLURM,
+    Open MPI, Kubernetes: `jax.distributed.initialize()` without arguments) when `config.multihost` or
+    MTOK_MULTIHOST=1. The CPU backend's collectives are gloo's, so several processes on one machine
+    work. A no-op when nothing asks for it or the runtime already runs; then :func:`check_same_config`.
     """
-    wanted = bool(config.get("multihost", False)) or os.environ.get("MTOK_MULTIHOST", "0") == "1"
-    if wanted and not jax.distributed.is_initialized():
+    env = [os.environ.get(name) for name in DISTRIBUTED_ENV]
+    coordinator_address = coordinator_address or env[0]
+    num_processes = num_processes if num_processes is not None else (int(env[1]) if env[1] else None)
+    process_id = process_id if process_id is not None else (int(env[2]) if env[2] else None)
+    explicit = coordinator_address is not None
+    if explicit and (num_processes is None or process_id is None):
+        raise errors.UserError("--coordinator_address needs --num_processes and --process_id (or the env vars "
+                               f"{', '.join(DISTRIBUTED_ENV)})")
+    auto = bool(config.get("multihost", False)) or os.environ.get("MTOK_MULTIHOST", "0") == "1"
+    if not (explicit or auto) or jax.distributed.is_initialized():
+        return
+    if explicit and not 0 <= process_id < num_processes:
+        raise errors.UserError(f"--process_id={process_id} must be in [0, --num_processes={num_processes})")
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if explicit:
+        jax.distributed.initialize(coordinator_address, num_processes=num_processes, process_id=process_id)
+    else:
         jax.distributed.initialize()
+    check_same_config(config)
+
+
+def config_digest(config) -> int:
+    """64-bit digest of a config's values (its sorted JSON)."""
+    text = config.to_json_best_effort(sort_keys=True)
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little", signed=True)
+
+
+def check_same_config(config) -> None:
+    """Every process must run the same config (same file, same overrides): one-line error naming the
+    processes that differ from process 0 otherwise, raised in every process."""
+    if jax.process_count() == 1:
+        return
+    digests = np.asarray(multihost_utils.process_allgather(np.asarray([config_digest(config)], np.int64))).ravel()
+    differ = [i for i, d in enumerate(digests) if d != digests[0]]
+    if differ:
+        raise errors.UserError(f"the {len(digests)} processes disagree on the config: process(es) "
+                               f"{', '.join(map(str, differ))} differ from process 0 (config digests "
+                               f"{', '.join(f'{int(d) & (2**64 - 1):016x}' for d in digests)}); start every "
+                               "process with the same --config file and --config.* overrides")
 
 
 def make_mesh(mesh_config: Mapping[str, int], devices=None) -> Mesh:
@@ -52,6 +101,21 @@ def make_mesh(mesh_config: Mapping[str, int], devices=None) -> Mesh:
     if data < 1 or fsdp < 1 or data * fsdp > n:
         raise ValueError(f"mesh data={mesh_config['data']} fsdp={mesh_config['fsdp']} does not fit {n} devices")
     return jax.make_mesh((data, fsdp), BATCH_AXES, axis_types=(AxisType.Auto,) * 2, devices=devices[: data * fsdp])
+
+
+def put(tree: Tree, shardings: Tree) -> Tree:
+    """Place a tree that every process holds whole (host or single-device arrays, the same values on
+    every process) on global shardings: each process fills only the shards its devices hold
+    (`jax.make_array_from_callback`), so this also works where `jax.device_put` would need cross-host
+    transfers (several processes). PRNG key arrays keep their key type."""
+    def one(x, sharding):
+        if jnp.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key):
+            data = one(jax.random.key_data(x), sharding)
+            return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    return jax.tree.map(one, tree, shardings)
 
 
 def batch_sharding(mesh: Mesh, leading: int = 0) -> NamedSharding:

@@ -296,7 +296,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     """
     config_utils.validate(config)
     workdir = os.path.abspath(workdir)
-    sharding.maybe_initialize_distributed(config)
+    sharding.initialize_distributed(config)  # (a no-op when the entry point started it)
     os.makedirs(workdir, exist_ok=True)
     with contextlib.ExitStack() as stack:
         if jax.process_index() == 0:
@@ -352,15 +352,15 @@ def _train(config, workdir: str, stop: signals.GracefulStop) -> dict[str, Any]:
     # Leaves above fsdp_min_size elements are split over the `fsdp` axis (mesh.fsdp = 1: all replicated).
     trainable_sh = sharding.param_shardings(mesh, trainable, shard=True, min_size=train_cfg.fsdp_min_size)
     frozen_sh = sharding.param_shardings(mesh, frozen, shard=True, min_size=train_cfg.fsdp_min_size)
-    trainable = jax.device_put(trainable, trainable_sh)
-    frozen = jax.device_put(frozen, frozen_sh)
+    trainable = sharding.put(trainable, trainable_sh)
+    frozen = sharding.put(frozen, frozen_sh)
     opt_state_shapes = jax.eval_shape(optimizer.init, trainable)
     opt_sh = _like_params(opt_state_shapes, trainable_sh, sharding.replicated(mesh))
     opt_state = jax.jit(optimizer.init, out_shardings=opt_sh)(trainable)
     repl = sharding.replicated(mesh)
     train_batch_sh = sharding.batch_sharding(mesh, leading=1)  # [accum, B, ...]: B over the devices
     eval_batch_sh = sharding.batch_sharding(mesh)
-    root_key = jax.device_put(jax.random.key(config.seed), repl)
+    root_key = sharding.put(jax.random.key(config.seed), repl)
 
     # ---------------------------------------------------------------------------------- step
     train_step = jax.jit(
@@ -370,7 +370,7 @@ def _train(config, workdir: str, stop: signals.GracefulStop) -> dict[str, Any]:
         out_shardings=(trainable_sh, opt_sh, repl), donate_argnums=(0, 1))
     eval_step = jax.jit(make_eval_step(lambda *a: system_eval_loss(system, *a)),
                         in_shardings=(trainable_sh, frozen_sh, eval_batch_sh, repl, repl), out_shardings=(repl, repl))
-    eval_key = jax.device_put(jax.random.fold_in(jax.random.key(config.seed), EVAL_SEED), repl)
+    eval_key = sharding.put(jax.random.fold_in(jax.random.key(config.seed), EVAL_SEED), repl)
     # Ahead-of-time compile, so that compile time is reported apart from step time.
     micro = train_cfg.batch_size
     h, w = config_utils.image_hw(config)
