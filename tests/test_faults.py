@@ -219,13 +219,21 @@ def small_tmpfs(tmp_path):
     subprocess.run(["umount", "-l", str(mount)], capture_output=True)
 
 
+@pytest.fixture(scope="module")
+def two_steps(tiny_assets, tmp_path_factory):
+    """A run stopped after step 2 (its `latest/2` saved), copied into each disk-full test's small disk."""
+    workdir = tmp_path_factory.mktemp("two_steps") / "run"
+    first = run(tiny_assets, workdir, None, "--config.train.max_steps=2")
+    assert first.returncode == 0, first.stderr[-3000:]
+    return workdir
+
+
 @pytest.mark.parametrize("space_check", [True, False], ids=["refused_before_writing", "failing_inside_orbax"])
-def test_disk_full_is_one_line_and_keeps_the_previous_checkpoint(tiny_assets, small_tmpfs, space_check):
+def test_disk_full_is_one_line_and_keeps_the_previous_checkpoint(tiny_assets, two_steps, small_tmpfs, space_check):
     """The free-space check refuses a save that cannot fit; without it (a disk filling while orbax writes)
     the failing asynchronous write must end the same way: one line, no tmp dirs, the old step intact."""
     workdir = small_tmpfs / "run"
-    first = run(tiny_assets, workdir, None, "--config.train.max_steps=2")
-    assert first.returncode == 0, first.stderr[-3000:]
+    shutil.copytree(two_steps, workdir, ignore=shutil.ignore_patterns(".lock"))
     step_dir = workdir / "checkpoints" / "latest" / "2"
     size = sum(p.stat().st_size for p in step_dir.rglob("*") if p.is_file())
     # Leave room for the logs but not for another checkpoint.
