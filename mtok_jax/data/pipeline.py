@@ -21,6 +21,7 @@ import concurrent.futures as cf
 import dataclasses
 import functools
 import json
+import logging
 import queue
 import threading
 from pathlib import Path
@@ -32,6 +33,8 @@ from mtok_jax import config_utils
 from mtok_jax.audio.io import from_pcm16
 from mtok_jax.data.sources import NAME, VERSION, check_config_name, dataset_dir
 from mtok_jax.data.images import decode_image
+
+log = logging.getLogger("mtok_jax.data")
 
 _PAIRING_SALT = 0x9A1B
 _SHUFFLE_SALT = 0x5EED
@@ -125,10 +128,12 @@ def open_configured(config) -> Dataset:
 
 
 def configured_labels(config) -> tuple[str, ...]:
-    """Label names of the dataset `config` trains on (:func:`open_configured`); () when none is built."""
+    """Label names of the dataset `config` trains on (:func:`open_configured`); () when none is built
+    (logged: outputs are then named without labels)."""
     try:
         return tuple(open_configured(config).label_names)
-    except FileNotFoundError:
+    except FileNotFoundError as e:
+        log.warning("no label names (%s): images are named and listed without labels", e)
         return ()
 
 
