@@ -99,6 +99,15 @@ def write_checksums(step_dir: str) -> None:
     os.replace(tmp, os.path.join(step_dir, CHECKSUMS))
 
 
+UNCHECKED = "no checksum file: the run stopped between orbax's commit and the manifest, so its files cannot be checked"
+
+
+def _checked_first(directory: str, steps) -> list[int]:
+    """Steps newest first, those with a checksum file before those without (which are tried last)."""
+    has = lambda step: os.path.exists(os.path.join(directory, str(step), CHECKSUMS))  # noqa: E731
+    return sorted(steps, key=lambda step: (has(step), step), reverse=True)
+
+
 def verify_checksums(step_dir: str) -> bool:
     """Raise CheckpointError when a file of the step differs from its recorded size/CRC-32 (or is
     missing). → False when no checksum file was written (unverified), True when verified."""
@@ -311,12 +320,15 @@ class Checkpointer:
         trees (arrays or ShapeDtypeStructs with shardings), or None when there is none.
 
         A step that fails its checksum or cannot be read is moved to checkpoints/corrupt/ (one warning)
-        and the next older one is tried; CheckpointError when steps exist but none restores."""
+        and the next older one is tried; CheckpointError when steps exist but none restores. A step
+        without its checksum file (killed after orbax's commit, before the manifest) counts as unfinished
+        while an older checksummed step exists: its files cannot be checked, so it is tried last."""
         self.wait()
-        steps = sorted(self.latest.all_steps(), reverse=True)
+        directory = os.fspath(self.latest.directory)
+        steps = _checked_first(directory, self.latest.all_steps())
         problems = []
-        for i, step in enumerate(steps):
-            step_dir = os.path.join(os.fspath(self.latest.directory), str(step))
+        for step in steps:
+            step_dir = os.path.join(directory, str(step))
             try:
                 verified = verify_checksums(step_dir)
                 meta = self.latest.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
@@ -332,13 +344,15 @@ class Checkpointer:
             except Exception as e:  # noqa: BLE001
                 problems.append((step, e))
                 continue
-            for bad, e in problems:
+            tried = {s for s, _ in problems}
+            problems += [(s, CheckpointError(UNCHECKED)) for s in steps if s > step and s not in tried]
+            for bad, e in sorted(problems, reverse=True):
                 log.warning("checkpoint latest/%d cannot be restored (%s); falling back to latest/%d", bad,
                             _one_line(e), step)
                 self._quarantine(bad)
             if not verified:
-                log.info("checkpoint latest/%d has no checksum file (killed right after its commit): "
-                         "restored unverified", step)
+                log.warning("checkpoint latest/%d has no checksum file (killed right after its commit) and no "
+                            "older step is restorable: restored unverified", step)
             return out["params"], out["opt_state"], dict(out["meta"])
         if problems:
             listed = "; ".join(f"latest/{s}: {_one_line(e)}" for s, e in problems)
@@ -422,8 +436,10 @@ def select(workdir: str | os.PathLike, value: str | None) -> str | int | None:
 def _verified_step(mgr: ocp.CheckpointManager, name: str, which: str | int) -> int | None:
     """The step of `mgr` that `which` names, its files checked against their checksums; None when it has
     none. `latest` falls back to the older kept step (a warning) when the newest is damaged; a damaged
-    `best` or explicit step is a one-line CheckpointError (never sampled from silently)."""
-    steps = sorted(mgr.all_steps(), reverse=True)
+    `best` or explicit step is a one-line CheckpointError (never sampled from silently). A `latest` step
+    without its checksum file is used only when no older checksummed one is readable."""
+    directory = os.fspath(mgr.directory)
+    steps = _checked_first(directory, mgr.all_steps())
     if isinstance(which, int):
         steps = [which] if which in steps else []
     elif name == BEST:
@@ -431,12 +447,16 @@ def _verified_step(mgr: ocp.CheckpointManager, name: str, which: str | int) -> i
     problems = []
     for step in steps:
         try:
-            verify_checksums(os.path.join(os.fspath(mgr.directory), str(step)))
+            verified = verify_checksums(os.path.join(directory, str(step)))
         except CheckpointError as e:
             problems.append(f"{name}/{step}: {e}")
             continue
+        problems += [f"{name}/{s}: {UNCHECKED}" for s in steps if s > step and not any(
+            p.startswith(f"{name}/{s}:") for p in problems)]
         for problem in problems:
-            log.warning("checkpoint %s is damaged; using %s/%d", problem, name, step)
+            log.warning("checkpoint %s; using %s/%d", problem, name, step)
+        if not verified:
+            log.warning("checkpoint %s/%d has no checksum file: its files are not checked", name, step)
         return step
     if problems:
         raise CheckpointError(f"checkpoint {'; '.join(problems)} (under {mgr.directory}): choose another with "
