@@ -123,6 +123,16 @@ def batch_sharding(mesh: Mesh, leading: int = 0) -> NamedSharding:
     return NamedSharding(mesh, P(*([None] * leading), BATCH_AXES))
 
 
+def process_rows(sharding: NamedSharding, shape: tuple[int, ...], axis: int = 0) -> np.ndarray:
+    """int64 [k]: the indices along `axis` of a global array of `shape` placed with `sharding` that this
+    process's devices hold, ascending — the rows of each global batch a host loads
+    (`jax.make_array_from_process_local_data` maps them, in this order, onto its devices)."""
+    rows: set[int] = set()
+    for index in sharding.addressable_devices_indices_map(tuple(shape)).values():
+        rows.update(range(*index[axis].indices(shape[axis])))
+    return np.asarray(sorted(rows), np.int64)
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 

@@ -11,6 +11,10 @@ import signal
 import sys
 import threading
 
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
 EXIT_CODES = {"SIGTERM": 0, "SIGINT": 130}
 
 
@@ -34,6 +38,18 @@ class GracefulStop:
                              f"exit at once)\n")
             sys.stderr.flush()
             self.requested = name
+
+    def agreed(self) -> str | None:
+        """`requested`, agreed by every process (call it at the same points on all of them: one small
+        all-gather when there are several). A signal that reached any process stops them all at the
+        same step boundary (preemption signals reach hosts at different moments)."""
+        if jax.process_count() == 1:
+            return self.requested
+        names = (None, *EXIT_CODES)
+        codes = multihost_utils.process_allgather(np.int32(names.index(self.requested)))
+        agreed = names[int(np.max(codes))]
+        self.requested = self.requested or agreed
+        return agreed
 
     def __enter__(self) -> "GracefulStop":
         if threading.current_thread() is threading.main_thread():

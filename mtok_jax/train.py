@@ -330,7 +330,7 @@ def _train(config, workdir: str, stop: signals.GracefulStop) -> dict[str, Any]:
     num_train = pipeline.num_examples(data_cfg.data_dir, "train", builder_config)
     num_val = pipeline.num_examples(data_cfg.data_dir, "validation", builder_config)
     examples_per_step = train_cfg.batch_size * train_cfg.grad_accum
-    steps_per_epoch = pipeline.num_batches(num_train, examples_per_step, jax.process_count())
+    steps_per_epoch = pipeline.num_batches(num_train, examples_per_step)
     if steps_per_epoch == 0:
         raise ValueError(f"{num_train} training examples give no full batch of {examples_per_step}")
     val_batch = math.lcm(train_cfg.val_batch_size, shards)  # padded + masked, loss in groups of val_batch_size
@@ -360,6 +360,9 @@ def _train(config, workdir: str, stop: signals.GracefulStop) -> dict[str, Any]:
     repl = sharding.replicated(mesh)
     train_batch_sh = sharding.batch_sharding(mesh, leading=1)  # [accum, B, ...]: B over the devices
     eval_batch_sh = sharding.batch_sharding(mesh)
+    # the rows of each global batch this process loads (all of them on one process)
+    train_rows = sharding.process_rows(train_batch_sh, (train_cfg.grad_accum, train_cfg.batch_size), axis=1)
+    val_rows = sharding.process_rows(eval_batch_sh, (val_batch,))
     root_key = sharding.put(jax.random.key(config.seed), repl)
 
     # ---------------------------------------------------------------------------------- step
@@ -410,7 +413,7 @@ def _train(config, workdir: str, stop: signals.GracefulStop) -> dict[str, Any]:
     def evaluate() -> float:
         total, count = jnp.zeros(()), jnp.zeros(())
         batches = pipeline.batches(data_cfg.data_dir, "validation", global_batch_size=val_batch, seed=data_cfg.seed,
-                                   epoch=0, shuffle=False, drop_remainder=False, **data_kw)
+                                   epoch=0, shuffle=False, drop_remainder=False, rows=val_rows, **data_kw)
         for i, host_batch in enumerate(batches):
             batch = pipeline.to_global(host_batch, eval_batch_sh)
             s, n = eval_step(trainable, frozen, batch, jnp.uint32(i * val_batch), eval_key)
@@ -427,7 +430,8 @@ def _train(config, workdir: str, stop: signals.GracefulStop) -> dict[str, Any]:
             bar = _progress(steps_per_epoch, batch_in_epoch, examples_per_step, f"epoch {epoch + 1}/{train_cfg.epochs}",
                             is_main)
             host_batches = pipeline.batches(data_cfg.data_dir, "train", global_batch_size=examples_per_step,
-                                            seed=data_cfg.seed, epoch=epoch, start_batch=batch_in_epoch, **data_kw)
+                                            seed=data_cfg.seed, epoch=epoch, start_batch=batch_in_epoch,
+                                            rows=train_rows, micro_batches=train_cfg.grad_accum, **data_kw)
             for host_batch in host_batches:
                 host_batch = {k: v.reshape(train_cfg.grad_accum, -1, *v.shape[1:]) for k, v in host_batch.items()}
                 batch = pipeline.to_global(host_batch, train_batch_sh)
@@ -454,7 +458,7 @@ def _train(config, workdir: str, stop: signals.GracefulStop) -> dict[str, Any]:
                     tb.scalars(step, {"train/loss": loss, "train/lr": float(metrics["lr"]),
                                       **{f"train/{k}": v for k, v in terms.items()}, **perf,
                                       **monitor.device_memory()})
-                if step >= max_steps or stop.requested:
+                if step >= max_steps or stop.agreed():
                     break
                 if step % train_cfg.checkpoint_every == 0 and batch_in_epoch < steps_per_epoch:
                     ckpt.save_latest(step, trainable, opt_state, meta())
@@ -462,7 +466,7 @@ def _train(config, workdir: str, stop: signals.GracefulStop) -> dict[str, Any]:
             getattr(host_batches, "close", lambda: None)()  # stop its prefetch thread
             if batch_in_epoch < steps_per_epoch:  # stopped inside the epoch: max_steps or a signal
                 ckpt.save_latest(step, trainable, opt_state, meta())
-                interrupted = stop.requested
+                interrupted = stop.agreed()
                 break
             # End of epoch: validation, best and latest checkpoints (a signal waits for them).
             val_loss = evaluate()
@@ -481,7 +485,7 @@ def _train(config, workdir: str, stop: signals.GracefulStop) -> dict[str, Any]:
             if validation_images.due(epoch):  # after the saves: a kill here loses no training
                 validation_images.write(epoch, step, tree_lib.merge_params(trainable, frozen), tb)
             finished = epoch >= train_cfg.epochs or step >= max_steps
-            interrupted = None if finished else stop.requested  # a signal in the last validation: nothing left
+            interrupted = None if finished else stop.agreed()  # a signal in the last validation: nothing left
             speed.exclude_since_last()  # the next step time leaves out validation and its images
         ckpt.wait()
     finally:

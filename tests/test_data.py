@@ -265,7 +265,7 @@ def test_batches_deterministic_resumable_and_hosts(built, records):
     data_dir, cfg, _ = built
     n = num_examples(data_dir, "train", cfg)
     assert n == len(records["train"])
-    kw = dict(global_batch_size=4, seed=1, process_index=0, process_count=1, config_name=cfg)
+    kw = dict(global_batch_size=4, seed=1, config_name=cfg)
     full = list(batches(data_dir, "train", epoch=2, **kw))
     assert len(full) == num_batches(n, 4) == n // 4
     again = list(batches(data_dir, "train", epoch=2, **kw))
@@ -292,20 +292,24 @@ def test_batches_deterministic_resumable_and_hosts(built, records):
         for a, im, lab in zip(bt["audio"], bt["image"], bt["label"]):
             assert audio_rows[a.tobytes()] == lab
             assert any(np.array_equal(im, ref) for ref in image_rows[lab])
-    # two hosts: half batches, disjoint contiguous shares
-    hosts = [list(batches(data_dir, "train", global_batch_size=4, seed=1, epoch=2, process_index=p,
-                          process_count=2, config_name=cfg)) for p in range(2)]
-    assert len(hosts[0]) == len(hosts[1]) == (n // 2) // 2
-    seen = [{a.tobytes() for bt in h for a in bt["audio"]} for h in hosts]
-    assert all(bt["audio"].shape[0] == 2 for h in hosts for bt in h)
-    assert not seen[0] & seen[1]
+    # two hosts, each loading its rows of every global batch: together exactly the one-host batches
+    # (the global order does not depend on the process count); with 2 micro-batches, rows of each
+    hosts = [list(batches(data_dir, "train", epoch=2, rows=np.arange(2 * p, 2 * p + 2), **kw)) for p in range(2)]
+    assert len(hosts[0]) == len(hosts[1]) == len(full)
+    for one, h0, h1 in zip(full, *hosts):
+        for key in one:
+            np.testing.assert_array_equal(np.concatenate([h0[key], h1[key]]), one[key])
+    micro = [list(batches(data_dir, "train", epoch=2, rows=[p], micro_batches=2, **kw)) for p in range(2)]
+    for one, h0, h1 in zip(full, *micro):  # micro-batch i = rows 2i, 2i + 1 of the global batch
+        np.testing.assert_array_equal(np.stack([h0["audio"], h1["audio"]], 1).reshape(one["audio"].shape),
+                                      one["audio"])
 
 
 def test_eval_batches_padding_mask_bgr(built, records):
     data_dir, cfg, _ = built
     n = len(records["validation"])
     out = list(batches(data_dir, "validation", global_batch_size=3, seed=0, epoch=0, shuffle=False,
-                       drop_remainder=False, process_index=0, process_count=1, config_name=cfg))
+                       drop_remainder=False, config_name=cfg))
     assert len(out) == -(-n // 3) and all(b["mask"].shape == (3,) for b in out)
     assert out[-1]["mask"].sum() == n - 3 * (len(out) - 1) and sum(b["mask"].sum() for b in out) == n
     real = [(a, im) for b in out for a, im, m in zip(b["audio"], b["image"], b["mask"]) if m == 1]
@@ -313,8 +317,14 @@ def test_eval_batches_padding_mask_bgr(built, records):
         np.testing.assert_array_equal(a, r["audio"])
         np.testing.assert_array_equal(im, r["image"].astype(np.float32) / 127.5 - 1)
     bgr = list(batches(data_dir, "validation", global_batch_size=3, seed=0, epoch=0, shuffle=False,
-                       drop_remainder=False, bgr=True, process_index=0, process_count=1, config_name=cfg))
+                       drop_remainder=False, bgr=True, config_name=cfg))
     np.testing.assert_array_equal(bgr[0]["image"], out[0]["image"][..., ::-1])
+    # three hosts with one row each: the padding is the global batch's, masked wherever it lands
+    hosts = [list(batches(data_dir, "validation", global_batch_size=3, seed=0, epoch=0, shuffle=False,
+                          drop_remainder=False, rows=[p], config_name=cfg)) for p in range(3)]
+    for one, *parts in zip(out, *hosts):
+        for key in one:
+            np.testing.assert_array_equal(np.concatenate([h[key] for h in parts]), one[key])
 
 
 def test_to_global_shards_batch(built):
@@ -324,8 +334,7 @@ def test_to_global_shards_batch(built):
     from mtok_jax.data.pipeline import to_global
 
     data_dir, cfg, _ = built
-    b = next(iter(batches(data_dir, "train", global_batch_size=8, seed=0, epoch=0, process_index=0,
-                          process_count=1, config_name=cfg)))
+    b = next(iter(batches(data_dir, "train", global_batch_size=8, seed=0, epoch=0, config_name=cfg)))
     mesh = Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("data", "fsdp"))
     g = to_global(b, NamedSharding(mesh, PartitionSpec(("data", "fsdp"))))
     assert g["image"].shape == b["image"].shape and len(g["label"].sharding.device_set) == 8

@@ -1,14 +1,23 @@
 """JAX's distributed runtime as the entry points start it: two processes × 4 CPU devices on this machine
-(gloo collectives), the global device count, and the refusal when the processes' configs differ."""
+(gloo collectives), the global device count, the refusal when the processes' configs differ, and
+train.py under two processes (FSDP on, a SIGTERM to one of them, resumed on 2 and on 1 process) against
+one process with all 8 devices."""
 
+import json
 import os
 import pathlib
+import re
+import shutil
 import socket
 import subprocess
 import sys
 
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
+from conftest import built_once
 from mtok_jax import config_utils, errors, sharding
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -32,7 +41,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(overrides_per_process):
+def _launch_code(overrides_per_process):
     """Start one worker per entry of `overrides_per_process` → [(returncode, stdout, stderr)]."""
     address = f"127.0.0.1:{_free_port()}"
     env = {**os.environ, "PYTHONPATH": str(REPO), "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
@@ -48,14 +57,14 @@ def _launch(overrides_per_process):
 
 
 def test_two_processes_see_eight_devices():
-    results = _launch([[], []])
+    results = _launch_code([[], []])
     for i, (code, stdout, stderr) in enumerate(results):
         assert code == 0, stderr[-3000:]
         assert f"process {i}/2: 4 local, 8 global devices, mesh {{'data': 8, 'fsdp': 1}}" in stdout, stdout
 
 
 def test_processes_with_different_configs_are_refused():
-    results = _launch([[], ["train.lr=0.001"]])
+    results = _launch_code([[], ["train.lr=0.001"]])
     for code, _, stderr in results:
         assert code != 0
         assert "the 2 processes disagree on the config: process(es) 1 differ from process 0" in stderr, stderr[-3000:]
@@ -72,3 +81,112 @@ def test_explicit_start_needs_all_three_values(monkeypatch):
     sharding.initialize_distributed(config)  # nothing asks for it: a no-op
     assert sharding.config_digest(config) == sharding.config_digest(config_utils.load_config(DEMO))
     assert sharding.config_digest(config) != sharding.config_digest(config_utils.load_config(DEMO, ["train.lr=1e-3"]))
+
+
+# ---------------------------------------------------------------------------------------------------
+# train.py under two processes
+# ---------------------------------------------------------------------------------------------------
+HARNESS = REPO / "tests" / "fault_harness.py"
+STEPS = 4  # 18 train clips in global batches of 8: 2 steps per epoch, 2 epochs
+
+
+@pytest.fixture(scope="module")
+def data18(tmp_path_factory, demo_models):
+    """The demo models + a 3-label, 1 s, 32 px dataset with 18 train / 3 validation clips (global batches
+    of 8 over 8 devices; validation padded from 3 to 8 and masked, 5 padding rows on process 1)."""
+    from mtok_jax.data import sources
+    from mtok_jax.data.music_image import build, make_config
+    from mtok_jax.demo.data import write_demo_sources
+
+    def make(root: pathlib.Path) -> dict:
+        labels = sources.DEFAULT_LABELS[:3]
+        manual = write_demo_sources(root / "manual", per_label={"train": 6, "validation": 1, "test": 1},
+                                    clip_seconds=1.0, labels=labels)
+        build(manual, root / "data", make_config("folders", clip_seconds=1.0, image_size=32, labels=labels,
+                                                 name="tiny18"), workers=0, progress=False)
+        return {"data": root / "data"}
+
+    return {**demo_models, **built_once(tmp_path_factory, "tiny18", make)}
+
+
+def _train_args(assets, workdir) -> list[str]:
+    return ["--config", str(DEMO), "--workdir", str(workdir),
+            f"--config.model.sd_path={assets['sd']}", f"--config.model.beats_path={assets['beats']}",
+            f"--config.data.data_dir={assets['data']}", "--config.data.builder_config=tiny18",
+            "--config.data.clip_seconds=1.0", "--config.train.trainable=embedder", "--config.train.epochs=2",
+            "--config.train.batch_size=8", "--config.train.val_batch_size=1", "--config.train.log_every=1",
+            "--config.train.checkpoint_every=1", "--config.train.warmup_steps=0", "--config.mesh.data=4",
+            "--config.mesh.fsdp=2", "--config.train.fsdp_min_size=1000", "--config.train.sample_every_epochs=0"]
+
+
+def _train(assets, workdir, processes: int, fault_on: dict[int, str] | None = None) -> list[str]:
+    """train.py (through the fault harness) on `processes` × 8/`processes` CPU devices → their stderr."""
+    address = f"127.0.0.1:{_free_port()}"
+    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
+    env = {**os.environ, "XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count={8 // processes}"}
+    env.pop("MTOK_FAULT", None)
+    procs = []
+    for i in range(processes):
+        dist = ["--coordinator_address", address, "--num_processes", str(processes), "--process_id", str(i)]
+        fault = (fault_on or {}).get(i)
+        procs.append(subprocess.Popen(
+            [sys.executable, str(HARNESS), *_train_args(assets, workdir), *(dist if processes > 1 else [])],
+            env={**env, **({"MTOK_FAULT": fault} if fault else {})}, cwd=REPO, stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE, text=True))
+    errs = []
+    for p in procs:
+        _, stderr = p.communicate(timeout=400)
+        assert p.returncode == 0, stderr[-3000:]
+        errs.append(stderr)
+    return errs
+
+
+def _final(workdir: pathlib.Path) -> tuple[int, dict]:
+    """(newest latest step, {key: array} of its params and optimizer state)."""
+    latest = workdir / "checkpoints" / "latest"
+    step = max(int(p.name) for p in latest.iterdir() if p.name.isdigit())
+    out, checkpointer = {}, ocp.StandardCheckpointer()
+    one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])  # saved over devices this process lacks
+    for item in ("params", "opt_state"):
+        saved = checkpointer.metadata(latest / str(step) / item).item_metadata.tree
+        tree = checkpointer.restore(latest / str(step) / item, jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one_device), saved))
+        out.update({f"{item}{jax.tree_util.keystr(k)}": np.asarray(v)
+                    for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]})
+    return step, out
+
+
+def _val_losses(workdir: pathlib.Path) -> list[float]:
+    lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return [x["val_loss"] for x in lines if x["kind"] == "epoch"]
+
+
+def test_two_processes_train_stop_resume_and_equal_one(data18, tmp_path):
+    """2 processes × 4 devices with FSDP: SIGTERM to process 1 only stops both at the same step (saved);
+    resumed on 2 processes, and the same checkpoint resumed on 1 process × 8 devices, both end equal
+    (1e-5) to 1 process × 8 devices run through; validation (3 clips padded to 8) gives the same loss."""
+    one = tmp_path / "one"
+    _train(data18, one, 1)
+    two = tmp_path / "two"
+    errs = _train(data18, two, 2, fault_on={1: "term@step:1"})
+    assert "FAULT term@step:1" in errs[1] and "FAULT" not in errs[0]
+    for err in errs:  # both stopped at the boundary after step 1, process 0 saved it
+        assert "interrupted at step 1" in err, err[-2000:]
+    stopped_at, after_one = _final(two)
+    assert stopped_at == 1
+    on_one = tmp_path / "two_then_one"
+    shutil.copytree(two, on_one)
+    _train(data18, two, 2)
+    _train(data18, on_one, 1)
+    step, want = _final(one)
+    assert step == STEPS
+    assert max(float(np.abs(want[k] - after_one[k]).max()) for k in want) > 1e-3  # steps 2-4 did train
+    for workdir in (two, on_one):
+        got_step, got = _final(workdir)
+        assert got_step == STEPS and got.keys() == want.keys()
+        for key in want:
+            # The unary scores' bias shifts every token's logit alike before the softmax over tokens: its
+            # exact gradient is 0, and Adam scales the float noise left (1e-9) up to steps of ~0.1·lr.
+            tol = 1e-3 if "['unary_reduce']['bias']" in key else 1e-5
+            np.testing.assert_allclose(got[key], want[key], rtol=tol, atol=tol, err_msg=f"{workdir.name} {key}")
+        np.testing.assert_allclose(_val_losses(workdir), _val_losses(one), rtol=1e-5)

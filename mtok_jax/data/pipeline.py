@@ -3,16 +3,17 @@
 Contract (what the trainer codes against):
 - `num_examples(data_dir, split, config_name=None) -> int`
 - `batches(data_dir, split, *, global_batch_size, seed, epoch, start_batch=0, shuffle=True,
-  drop_remainder=True, bgr=False, process_index=None, process_count=None, config_name=None)`
+  drop_remainder=True, bgr=False, rows=None, micro_batches=1, config_name=None)`
   yields host-local numpy batches {'audio': float32 [b, N] in [-1, 1), 'image': float32 [b, H, W, 3]
-  in [-1, 1], 'label': int32 [b]} (+ 'mask' float32 [b] when drop_remainder=False), b =
-  global_batch_size / process_count.
+  in [-1, 1], 'label': int32 [b]} (+ 'mask' float32 [b] when drop_remainder=False), b = the rows
+  of the global batch this host loads (global_batch_size / process_count by default).
 - `to_global(batch, sharding) -> dict of jax.Array`.
 
-Determinism: host p reads the contiguous slice p of the split (as `tfds.split_for_jax_process` /
-`tfds.even_splits`), shuffled with (seed, epoch, p); training images are re-paired per epoch with
-(seed, epoch): `train_pairing`. So (seed, epoch, start_batch) fixes every batch, and a resumed run
-(same epoch, start_batch = batches already consumed) continues the same order.
+Determinism: the split is shuffled globally with (seed, epoch) and cut into global batches; each
+host loads only its rows of each (the rows its devices hold); training images are re-paired per
+epoch with (seed, epoch): `train_pairing`. So (seed, epoch, start_batch) fixes every global batch,
+whatever the number of processes: a resumed run (same epoch, start_batch = batches already
+consumed) continues the same order, also on another process count.
 """
 
 from __future__ import annotations
@@ -158,32 +159,29 @@ def train_pairing(audio_labels: np.ndarray, image_labels: np.ndarray, seed: int,
     return out
 
 
-def host_slice(n: int, process_index: int, process_count: int, drop_remainder: bool) -> tuple[int, int]:
-    """[start, stop) of host `process_index`'s contiguous share, as `tfds.even_splits` cuts it."""
-    per, rem = divmod(n, process_count)
-    if drop_remainder:
-        return process_index * per, (process_index + 1) * per
-    start = process_index * per + min(process_index, rem)
-    return start, start + per + (1 if process_index < rem else 0)
-
-
-def epoch_order(n: int, *, seed: int, epoch: int, process_index: int = 0, process_count: int = 1,
-                shuffle: bool = True, drop_remainder: bool = True) -> np.ndarray:
-    """Record indices this host visits in one epoch (its slice, shuffled by (seed, epoch, host))."""
-    start, stop = host_slice(n, process_index, process_count, drop_remainder)
-    idx = np.arange(start, stop, dtype=np.int64)
+def epoch_order(n: int, *, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:
+    """int64 [n]: the global order of a split's records in one epoch (shuffled by (seed, epoch)); the same
+    whatever the number of processes, so a run can resume on another process count."""
+    idx = np.arange(n, dtype=np.int64)
     if shuffle:
-        idx = np.random.default_rng([int(seed), int(epoch), int(process_index), _SHUFFLE_SALT]).permutation(idx)
+        idx = np.random.default_rng([int(seed), int(epoch), 0, _SHUFFLE_SALT]).permutation(idx)
     return idx
 
 
-def num_batches(n: int, global_batch_size: int, process_count: int = 1, drop_remainder: bool = True) -> int:
-    """Batches per epoch (the same on every host)."""
-    b = global_batch_size // process_count
-    if drop_remainder:
-        return (n // process_count) // b
-    per, rem = divmod(n, process_count)
-    return -(-(per + (rem > 0)) // b)
+def num_batches(n: int, global_batch_size: int, drop_remainder: bool = True) -> int:
+    """Global batches per epoch (the last one padded when not drop_remainder)."""
+    return n // global_batch_size if drop_remainder else -(-n // global_batch_size)
+
+
+def default_rows(global_batch_size: int) -> np.ndarray:
+    """This process's contiguous share of a global batch: rows [p·b, (p+1)·b), b = size / processes."""
+    import jax
+
+    count, index = jax.process_count(), jax.process_index()
+    if global_batch_size % count:
+        raise ValueError(f"global_batch_size {global_batch_size} not divisible by {count} processes")
+    b = global_batch_size // count
+    return np.arange(index * b, (index + 1) * b, dtype=np.int64)
 
 
 def image_to_float(image: np.ndarray, bgr: bool = False) -> np.ndarray:
@@ -229,28 +227,27 @@ def _prefetch(gen: Iterator, size: int) -> Iterator:
 
 def batches(data_dir, split: str, *, global_batch_size: int, seed: int, epoch: int, start_batch: int = 0,
             shuffle: bool = True, drop_remainder: bool = True, bgr: bool = False,
-            process_index: Optional[int] = None, process_count: Optional[int] = None,
-            config_name: Optional[str] = None, prefetch: int = 2, threads: int = 4) -> Iterator[dict]:
-    """Host-local batches of one epoch, from batch `start_batch` on (see the module docstring).
+            rows: Optional[np.ndarray] = None, micro_batches: int = 1, config_name: Optional[str] = None,
+            prefetch: int = 2, threads: int = 4) -> Iterator[dict]:
+    """This host's part of each global batch of one epoch, from batch `start_batch` on (module docstring).
 
+    Global batch k is records order[k·G : (k+1)·G] (G = global_batch_size) of `epoch_order`, cut into
+    `micro_batches` consecutive micro-batches of M = G / micro_batches; the host loads rows `rows` of
+    each micro-batch (indices in [0, M), e.g. `sharding.process_rows`; default `default_rows(M)`) and
+    yields them micro-batch after micro-batch ([micro_batches · len(rows)] examples).
     'train' pairs each audio with a same-label train image drawn per (seed, epoch); 'validation' /
-    'test' use the pairing stored in the dataset. drop_remainder=False pads the last batch with
-    copies of its first example and adds 'mask' (1 real, 0 padding).
+    'test' use the pairing stored in the dataset. drop_remainder=False pads the last global batch
+    with copies of its first example and adds 'mask' (1 real, 0 padding).
     """
-    if process_count is None or process_index is None:
-        import jax
-
-        process_count = jax.process_count() if process_count is None else process_count
-        process_index = jax.process_index() if process_index is None else process_index
-    if global_batch_size % process_count:
-        raise ValueError(f"global_batch_size {global_batch_size} not divisible by {process_count} processes")
-    b = global_batch_size // process_count
+    if global_batch_size % micro_batches:
+        raise ValueError(f"global_batch_size {global_batch_size} not divisible into {micro_batches} micro-batches")
+    micro = global_batch_size // micro_batches
+    rows = default_rows(micro) if rows is None else np.asarray(rows, np.int64)
     ds = open_dataset(data_dir, config_name)
     labels = ds.labels(split)
     n = labels.shape[0]
-    order = epoch_order(n, seed=seed, epoch=epoch, process_index=process_index, process_count=process_count,
-                        shuffle=shuffle, drop_remainder=drop_remainder)
-    total = num_batches(n, global_batch_size, process_count, drop_remainder)
+    order = epoch_order(n, seed=seed, epoch=epoch, shuffle=shuffle)
+    total = num_batches(n, global_batch_size, drop_remainder)
     if n == 0 or total == 0:
         return iter(())
     src = ds.source(split)
@@ -258,6 +255,8 @@ def batches(data_dir, split: str, *, global_batch_size: int, seed: int, epoch: i
     if split == "train":
         pairing = train_pairing(labels, ds.labels("train_images"), seed, epoch)
         image_src = ds.source("train_images")
+    # positions within a global batch that this host loads
+    positions = (np.arange(micro_batches)[:, None] * micro + rows[None, :]).ravel()
 
     def one(i):
         rec = src[int(i)]
@@ -269,18 +268,14 @@ def batches(data_dir, split: str, *, global_batch_size: int, seed: int, epoch: i
     def produce():
         with cf.ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
             for k in range(start_batch, total):
-                ids = order[k * b:(k + 1) * b]
+                at = k * global_batch_size + positions
+                real = at < n
+                ids = order[np.where(real, at, k * global_batch_size)]  # padding: the batch's first example
                 items = list(pool.map(one, ids))
-                audio = np.stack([a for a, _ in items])
-                image = np.stack([im for _, im in items])
-                label = labels[ids].astype(np.int32)
-                out = {"audio": audio, "image": image, "label": label}
+                out = {"audio": np.stack([a for a, _ in items]), "image": np.stack([im for _, im in items]),
+                       "label": labels[ids].astype(np.int32)}
                 if not drop_remainder:
-                    pad = b - len(ids)
-                    mask = np.concatenate([np.ones(len(ids), np.float32), np.zeros(pad, np.float32)])
-                    if pad:
-                        out = {k2: np.concatenate([v, np.repeat(v[:1], pad, axis=0)]) for k2, v in out.items()}
-                    out["mask"] = mask
+                    out["mask"] = real.astype(np.float32)
                 yield out
 
     return _prefetch(produce(), prefetch)
