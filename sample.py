@@ -15,7 +15,9 @@ skipped (`path: reason` on the log, listed in skipped.jsonl); the exit status is
 image was made, 2 (with one line) when none.
 """
 
-import mtok_jax  # noqa: F401  (first: sets USE_TF=0 before transformers loads)
+from mtok_jax import environment  # first: sets USE_TF=0 before transformers loads
+
+environment.without_torch_in_transformers()
 
 import logging
 import os
@@ -23,10 +25,11 @@ import sys
 
 from absl import app, flags
 
-from mtok_jax import checkpoints, cli, config_utils, export, sample
+from mtok_jax import checkpoints, cli, config_utils, export, sample, sharding
 from mtok_jax.constants import SAMPLERS
 
 _CONFIG, _WORKDIR = cli.define_run_flags()
+_DISTRIBUTED = cli.define_distributed_flags()
 _AUDIO = flags.DEFINE_string("audio", None, "Audio file or folder (default: the dataset's held-out test audio "
                                             "in <data_dir>/../manual).")
 _NUM_IMAGES = flags.DEFINE_integer("num_images", None, "Images per audio (default: config.sample.num_images).")
@@ -62,6 +65,7 @@ def main():
     else:
         workdir = _WORKDIR.value or cli.default_workdir(config)
         checkpoint = checkpoints.select(workdir, _CHECKPOINT.value)
+    sharding.initialize_distributed(config, **{name: holder.value for name, holder in _DISTRIBUTED.items()})
     s = config.sample
     if _PROMPT.value is not None:
         sample.check_prompt(_PROMPT.value, config.prompt.placeholder)

@@ -9,7 +9,9 @@ step and exit with 0 / 130; a second Ctrl-C exits at once. One run per workdir (
       --config.model.beats_path=/models/beats --config.data.data_dir=/data/tfds
 """
 
-import mtok_jax  # noqa: F401  (first: sets USE_TF=0 before transformers loads)
+from mtok_jax import environment  # first: sets USE_TF=0 before transformers loads
+
+environment.without_torch_in_transformers()
 
 import logging
 import sys

@@ -22,6 +22,14 @@ class _DropDeprecations(logging.Filter):
         return not any(d in msg for d in _DROPPED)
 
 
+def without_torch_in_transformers() -> None:
+    """For processes that never use transformers' or diffusers' PyTorch classes (train.py, sample.py):
+    with torch installed, both import it eagerly (4–5 s of each start-up) unless USE_TORCH=0. Our own
+    PyTorch readers import torch themselves and still work. Call before transformers is imported; an
+    explicit USE_TORCH is kept."""
+    os.environ.setdefault("USE_TORCH", "0")
+
+
 def quiet_third_party_loggers() -> None:
     """Attach the filter to the diffusers/transformers loggers and their handlers (idempotent)."""
     import diffusers.utils.logging as dlog

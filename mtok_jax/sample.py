@@ -169,7 +169,7 @@ class Pipeline:
         if negative_prompt not in self._uncond:
             if self._plain_states is None:
                 self._plain_states = jax.jit(functools.partial(system_lib.unconditional_states, self.system))
-            ids = jnp.asarray(system_lib.negative_prompt_ids(self.system, negative_prompt))
+            ids = np.asarray(system_lib.negative_prompt_ids(self.system, negative_prompt))
             self._uncond[negative_prompt] = self._plain_states(self.params["text"], ids)
         return self._uncond[negative_prompt]
 
@@ -184,8 +184,8 @@ class Pipeline:
         waveforms = np.asarray(waveforms, np.float32)
         if waveforms.ndim != 2 or len(seeds) != waveforms.shape[0]:
             raise ValueError(f"waveforms {waveforms.shape} need shape [B, N] and one seed each (got {len(seeds)})")
-        ids = tuple(jnp.asarray(a) for a in prompt_ids(self.system, self.config.prompt.inference
-                                                        if prompt is None else prompt))
+        ids = tuple(np.asarray(a) for a in prompt_ids(self.system, self.config.prompt.inference
+                                                       if prompt is None else prompt))
         uncond = self.negative_states(negative_prompt)
         waves = np.repeat(waveforms, num_images, axis=0)
         keys = image_keys(seeds, num_images)
@@ -203,11 +203,12 @@ class Pipeline:
         for first in range(0, calls, per_trip):
             self._progress[0] = None if progress is None else _once_per_step(progress, first, calls)
             try:
-                pending = [fn(self.params, uncond, jax.device_put(waves[idx[c * chunk:(c + 1) * chunk]], data),
-                              jax.device_put(keys[idx[c * chunk:(c + 1) * chunk]], data), jnp.float32(guidance),
+                # every process holds all inputs and computes its devices' share; all get the images
+                pending = [fn(self.params, uncond, sharding.put(waves[idx[c * chunk:(c + 1) * chunk]], data),
+                              sharding.put(keys[idx[c * chunk:(c + 1) * chunk]], data), jnp.float32(guidance),
                               state=state, prompt=ids)
                            for c in range(first, min(first + per_trip, calls))]
-                out.extend(np.asarray(x) for x in jax.device_get(pending))
+                out.extend(sharding.to_host(x) for x in pending)
             finally:
                 self._progress[0] = None
         images = np.concatenate(out)[:total]
@@ -238,7 +239,7 @@ def load_pipeline(config, workdir: str | os.PathLike | None, checkpoint: str | i
     shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
     placement = sharding.param_shardings(mesh, shapes, shard=mesh.shape["fsdp"] > 1,
                                          min_size=config.train.fsdp_min_size)
-    pipe = Pipeline(system=system, params=jax.device_put(params, placement), mesh=mesh, config=config,
+    pipe = Pipeline(system=system, params=sharding.put(params, placement), mesh=mesh, config=config,
                     max_batch=max_batch)
     return pipe if checkpoint is None else pipe.restored(workdir, checkpoint)
 
@@ -333,10 +334,12 @@ def sample_files(pipe: Pipeline, audio_paths: Sequence[str], out_dir: str | os.P
     returns (the image records of samples.jsonl, the skip records {'audio', 'reason'} of skipped.jsonl).
     prompt (one `<*>`; default config.prompt.inference), negative_prompt and start (seconds into each
     file: which clip window is used), progress as in `generate`. Undecodable files are skipped
-    (logged); with none left, `NoImages` is raised (no image, no grid)."""
+    (logged); with none left, `NoImages` is raised (no image, no grid). Under several processes each
+    reads every file and computes its devices' share; process 0 writes the files."""
     from PIL import Image
 
     config = pipe.config
+    writes = jax.process_index() == 0
     prompt = config.prompt.inference if prompt is None else prompt
     prompt_ids(pipe.system, prompt)  # a bad template fails before any decoding
     os.makedirs(out_dir, exist_ok=True)
@@ -350,14 +353,16 @@ def sample_files(pipe: Pipeline, audio_paths: Sequence[str], out_dir: str | os.P
             reason = e.reason if isinstance(e, AudioDecodeError) else f"{type(e).__name__}: {e}"
             log.warning("%s: %s (skipped)", path, reason)
             skipped.append(dict(audio=os.path.abspath(path), reason=reason))
-    _write_jsonl(os.path.join(out_dir, "skipped.jsonl"), skipped)
+    if writes:
+        _write_jsonl(os.path.join(out_dir, "skipped.jsonl"), skipped)
     if not kept:
-        _write_jsonl(os.path.join(out_dir, "samples.jsonl"), [])
+        if writes:
+            _write_jsonl(os.path.join(out_dir, "samples.jsonl"), [])
         raise NoImages(f"no image made: all {len(audio_paths)} audio files were skipped (reasons in "
                        f"{os.path.join(out_dir, 'skipped.jsonl')})")
     t0 = time.time()
     bar = None
-    if progress is None:  # a terminal bar over the denoising steps of all images
+    if progress is None and writes:  # a terminal bar over the denoising steps of all images
         bar = tqdm.tqdm(total=1, unit="step", desc=f"{len(kept) * num_images} images", dynamic_ncols=True)
 
         def progress(k: int, n: int) -> None:
@@ -385,13 +390,15 @@ def sample_files(pipe: Pipeline, audio_paths: Sequence[str], out_dir: str | os.P
         stem = _slug(os.path.splitext(os.path.basename(path))[0])
         for j in range(num_images):
             name = f"{b:04d}_{_slug(label or 'unlabeled')}_{stem}_s{seeds[b]}_{j}.png"
-            Image.fromarray(images[k, j]).save(os.path.join(out_dir, name))
+            if writes:
+                Image.fromarray(images[k, j]).save(os.path.join(out_dir, name))
             records.append(dict(image=name, audio=os.path.abspath(path), label=label, seed=seeds[b], index=j,
                                 **settings))
             captions.append(label or stem)
-    write_grid(os.path.join(out_dir, "grid.png"), images.reshape(-1, *images.shape[2:]), captions,
-               columns=num_images if num_images > 1 else None)
-    _write_jsonl(os.path.join(out_dir, "samples.jsonl"), records)
+    if writes:
+        write_grid(os.path.join(out_dir, "grid.png"), images.reshape(-1, *images.shape[2:]), captions,
+                   columns=num_images if num_images > 1 else None)
+        _write_jsonl(os.path.join(out_dir, "samples.jsonl"), records)
     log.info("%d images from %d audio files in %.1f s (incl. compile) → %s%s", len(records), len(kept), seconds,
              out_dir, f"; {len(skipped)} skipped (skipped.jsonl)" if skipped else "")
     return records, skipped

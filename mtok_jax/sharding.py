@@ -89,7 +89,7 @@ def make_mesh(mesh_config: Mapping[str, int], devices=None) -> Mesh:
     islands) with GSPMD's automatic sharding propagation on both axes.
 
     Sizes whose product is below the device count use the first devices (e.g. data=1, fsdp=1 runs on
-    one device of many).
+    one device of many) — on one process only: several processes need every device in the mesh.
     """
     devices = list(jax.devices() if devices is None else devices)
     data, fsdp = int(mesh_config["data"]), int(mesh_config["fsdp"])
@@ -100,6 +100,10 @@ def make_mesh(mesh_config: Mapping[str, int], devices=None) -> Mesh:
         fsdp = n // data
     if data < 1 or fsdp < 1 or data * fsdp > n:
         raise ValueError(f"mesh data={mesh_config['data']} fsdp={mesh_config['fsdp']} does not fit {n} devices")
+    if data * fsdp < n and jax.process_count() > 1:
+        raise ValueError(f"mesh data={data} × fsdp={fsdp} covers {data * fsdp} of the {n} devices of "
+                         f"{jax.process_count()} processes: with several processes it must cover all of them "
+                         f"(set --config.mesh.data / --config.mesh.fsdp, one of them -1)")
     return jax.make_mesh((data, fsdp), BATCH_AXES, axis_types=(AxisType.Auto,) * 2, devices=devices[: data * fsdp])
 
 
@@ -116,6 +120,14 @@ def put(tree: Tree, shardings: Tree) -> Tree:
         return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
     return jax.tree.map(one, tree, shardings)
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+    """The whole value of a global array on this host (gathered from every process when its shards are
+    spread over several)."""
+    if x.is_fully_addressable:
+        return np.asarray(x)
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def batch_sharding(mesh: Mesh, leading: int = 0) -> NamedSharding:

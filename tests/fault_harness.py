@@ -28,7 +28,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import mtok_jax  # noqa: E402,F401
+from mtok_jax import environment  # noqa: E402
+
+environment.without_torch_in_transformers()  # as train.py does
 from mtok_jax import checkpoints, train  # noqa: E402
 from mtok_jax.data import pipeline  # noqa: E402
 

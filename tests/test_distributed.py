@@ -63,6 +63,13 @@ def test_two_processes_see_eight_devices():
         assert f"process {i}/2: 4 local, 8 global devices, mesh {{'data': 8, 'fsdp': 1}}" in stdout, stdout
 
 
+def test_mesh_must_cover_every_device_of_several_processes():
+    results = _launch_code([["mesh.data=4"], ["mesh.data=4"]])
+    for code, _, stderr in results:
+        assert code != 0
+        assert "mesh data=4 × fsdp=1 covers 4 of the 8 devices of 2 processes" in stderr, stderr[-3000:]
+
+
 def test_processes_with_different_configs_are_refused():
     results = _launch_code([[], ["train.lr=0.001"]])
     for code, _, stderr in results:
@@ -119,8 +126,10 @@ def _train_args(assets, workdir) -> list[str]:
             "--config.mesh.fsdp=2", "--config.train.fsdp_min_size=1000", "--config.train.sample_every_epochs=0"]
 
 
-def _train(assets, workdir, processes: int, fault_on: dict[int, str] | None = None) -> list[str]:
-    """train.py (through the fault harness) on `processes` × 8/`processes` CPU devices → their stderr."""
+def _run(script: pathlib.Path, args: list[str], processes: int, fault_on: dict[int, str] | None = None
+         ) -> list[str]:
+    """`script args` on `processes` × 8/`processes` CPU devices (one process: no distributed flags) →
+    their stderr; each must exit 0. `fault_on`: {process: MTOK_FAULT} for the fault harness."""
     address = f"127.0.0.1:{_free_port()}"
     flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
     env = {**os.environ, "XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count={8 // processes}"}
@@ -130,7 +139,7 @@ def _train(assets, workdir, processes: int, fault_on: dict[int, str] | None = No
         dist = ["--coordinator_address", address, "--num_processes", str(processes), "--process_id", str(i)]
         fault = (fault_on or {}).get(i)
         procs.append(subprocess.Popen(
-            [sys.executable, str(HARNESS), *_train_args(assets, workdir), *(dist if processes > 1 else [])],
+            [sys.executable, str(script), *args, *(dist if processes > 1 else [])],
             env={**env, **({"MTOK_FAULT": fault} if fault else {})}, cwd=REPO, stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE, text=True))
     errs = []
@@ -139,6 +148,11 @@ def _train(assets, workdir, processes: int, fault_on: dict[int, str] | None = No
         assert p.returncode == 0, stderr[-3000:]
         errs.append(stderr)
     return errs
+
+
+def _train(assets, workdir, processes: int, fault_on: dict[int, str] | None = None) -> list[str]:
+    """train.py (through the fault harness) on `processes` × 8/`processes` CPU devices → their stderr."""
+    return _run(HARNESS, _train_args(assets, workdir), processes, fault_on)
 
 
 def _final(workdir: pathlib.Path) -> tuple[int, dict]:
@@ -161,12 +175,18 @@ def _val_losses(workdir: pathlib.Path) -> list[float]:
     return [x["val_loss"] for x in lines if x["kind"] == "epoch"]
 
 
-def test_two_processes_train_stop_resume_and_equal_one(data18, tmp_path):
+@pytest.fixture(scope="module")
+def one(data18, tmp_path_factory) -> pathlib.Path:
+    """The run on 1 process × 8 devices, start to end."""
+    workdir = tmp_path_factory.mktemp("one") / "run"
+    _train(data18, workdir, 1)
+    return workdir
+
+
+def test_two_processes_train_stop_resume_and_equal_one(data18, one, tmp_path):
     """2 processes × 4 devices with FSDP: SIGTERM to process 1 only stops both at the same step (saved);
     resumed on 2 processes, and the same checkpoint resumed on 1 process × 8 devices, both end equal
     (1e-5) to 1 process × 8 devices run through; validation (3 clips padded to 8) gives the same loss."""
-    one = tmp_path / "one"
-    _train(data18, one, 1)
     two = tmp_path / "two"
     errs = _train(data18, two, 2, fault_on={1: "term@step:1"})
     assert "FAULT term@step:1" in errs[1] and "FAULT" not in errs[0]
@@ -190,3 +210,23 @@ def test_two_processes_train_stop_resume_and_equal_one(data18, tmp_path):
             tol = 1e-3 if "['unary_reduce']['bias']" in key else 1e-5
             np.testing.assert_allclose(got[key], want[key], rtol=tol, atol=tol, err_msg=f"{workdir.name} {key}")
         np.testing.assert_allclose(_val_losses(workdir), _val_losses(one), rtol=1e-5)
+
+
+def test_sampling_on_two_processes_writes_the_same_files(data18, one, tmp_path):
+    """sample.py from the trained run's checkpoint: 2 processes × 4 devices (each computes its devices'
+    images, process 0 writes) give byte-identical PNGs, grid and the same records as 1 process × 8."""
+    audio = sorted((pathlib.Path(data18["data"]).parent / "manual" / "audio").iterdir())[0]  # one label: 8 clips
+    outs = {}
+    for processes in (1, 2):
+        outs[processes] = tmp_path / f"samples_{processes}"
+        _run(REPO / "sample.py", [*_train_args(data18, one), "--checkpoint", "latest", "--audio", str(audio),
+                                  "--steps", "2", "--num_images", "1", "--out", str(outs[processes])], processes)
+    files = sorted(p.name for p in outs[1].iterdir())
+    assert sum(name.endswith(".png") for name in files) == 9  # 8 clips + grid.png
+    assert files == sorted(p.name for p in outs[2].iterdir())
+    for name in files:
+        if name.endswith(".png"):
+            assert (outs[1] / name).read_bytes() == (outs[2] / name).read_bytes(), name
+    records = [[json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+               for out in (outs[1], outs[2])]
+    assert records[0] == records[1] and records[0]
