@@ -146,8 +146,6 @@ def lineage_plan(seed: int = 20261201) -> list[tuple[str, str | None]]:
         ("int2@step:1", None),
         (f"kill@seconds:{n(3, 15)}", "half_written"),
         (f"kill@validation:{n(1, 3)}", None),
-        (f"kill@step:{n(2, 4)}", None),
-        (f"kill@seconds:{n(3, 15)}", None),
     ]
 
 
