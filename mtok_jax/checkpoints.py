@@ -346,7 +346,7 @@ class Checkpointer:
                 continue
             tried = {s for s, _ in problems}
             problems += [(s, CheckpointError(UNCHECKED)) for s in steps if s > step and s not in tried]
-            for bad, e in sorted(problems, reverse=True):
+            for bad, e in sorted(problems, key=lambda problem: -problem[0]):
                 log.warning("checkpoint latest/%d cannot be restored (%s); falling back to latest/%d", bad,
                             _one_line(e), step)
                 self._quarantine(bad)
@@ -444,15 +444,15 @@ def _verified_step(mgr: ocp.CheckpointManager, name: str, which: str | int) -> i
         steps = [which] if which in steps else []
     elif name == BEST:
         steps = steps[:1]
-    problems = []
+    problems, damaged = [], set()
     for step in steps:
         try:
             verified = verify_checksums(os.path.join(directory, str(step)))
         except CheckpointError as e:
             problems.append(f"{name}/{step}: {e}")
+            damaged.add(step)
             continue
-        problems += [f"{name}/{s}: {UNCHECKED}" for s in steps if s > step and not any(
-            p.startswith(f"{name}/{s}:") for p in problems)]
+        problems += [f"{name}/{s}: {UNCHECKED}" for s in steps if s > step and s not in damaged]
         for problem in problems:
             log.warning("checkpoint %s; using %s/%d", problem, name, step)
         if not verified:

@@ -23,10 +23,11 @@ class _DropDeprecations(logging.Filter):
 
 
 def without_torch_in_transformers() -> None:
-    """For processes that never use transformers' or diffusers' PyTorch classes (train.py, sample.py):
-    with torch installed, both import it eagerly (4–5 s of each start-up) unless USE_TORCH=0. Our own
-    PyTorch readers import torch themselves and still work. Call before transformers is imported; an
-    explicit USE_TORCH is kept."""
+    """For processes that never use transformers' PyTorch classes (train.py, sample.py): with torch
+    installed, transformers imports it eagerly unless USE_TORCH=0 (`train.py --help` and flag errors:
+    ≈10 s → 5 s). diffusers still imports torch once its logging is set up (its distributed_utils does
+    so unconditionally), so a full run starts about as fast as before. Our own PyTorch readers import
+    torch themselves and still work. Call before transformers is imported; an explicit USE_TORCH is kept."""
     os.environ.setdefault("USE_TORCH", "0")
 
 

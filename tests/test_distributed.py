@@ -142,11 +142,9 @@ def _run(script: pathlib.Path, args: list[str], processes: int, fault_on: dict[i
             [sys.executable, str(script), *args, *(dist if processes > 1 else [])],
             env={**env, **({"MTOK_FAULT": fault} if fault else {})}, cwd=REPO, stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE, text=True))
-    errs = []
-    for p in procs:
-        _, stderr = p.communicate(timeout=400)
+    errs = [p.communicate(timeout=400)[1] for p in procs]  # all waited for before any assert
+    for p, stderr in zip(procs, errs):
         assert p.returncode == 0, stderr[-3000:]
-        errs.append(stderr)
     return errs
 
 
