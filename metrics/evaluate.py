@@ -46,12 +46,13 @@ from metrics.clip_image import embed_images, load_clip_image
 from metrics.inception import load_inception, pool3_features
 from metrics.scores import equal_rows
 from metrics.wav2clip import embed_audio, load_wav2clip
-from mtok_jax import checkpoints, cli, config_utils, errors, sample
+from mtok_jax import checkpoints, cli, config_utils, errors, sample, sharding
 from mtok_jax.audio.io import fit_length, from_pcm16, load_audio, resample, to_pcm16
 from mtok_jax.constants import SAMPLE_RATE
 from mtok_jax.data import pipeline
 from mtok_jax.data.images import decode_image
 
+import jax
 import numpy as np
 import tqdm
 from absl import app, flags
@@ -521,6 +522,7 @@ def generate_test_images(config, workdir, images_dir: str, *, checkpoint="best",
             print(f"note: the test split has {len(items)} clips, fewer than --num_images {num_images}",
                   file=sys.stderr)
     names = ds.label_names
+    writes = jax.process_index() == 0  # every process generates its devices' images; process 0 writes
     if pipe is None:
         pipe = sample.load_pipeline(config, workdir, checkpoint)
     checkpoint = pipe.checkpoint
@@ -533,10 +535,11 @@ def generate_test_images(config, workdir, images_dir: str, *, checkpoint="best",
     if settings["generated_format"] not in GENERATED_FORMATS:
         raise ValueError(f"metrics.generated_format must be one of {sorted(GENERATED_FORMATS)}, "
                          f"got {settings['generated_format']!r}")
-    for sub in ("generated", "ground_truth", "audio"):
+    for sub in ("generated", "ground_truth", "audio") if writes else ():
         os.makedirs(os.path.join(images_dir, sub), exist_ok=True)
     rows, seconds = [], 0.0
-    bar = tqdm.tqdm(total=len(items), unit="image", desc=f"generating test images ({int(s.steps)} steps each)")
+    bar = tqdm.tqdm(total=len(items), unit="image", desc=f"generating test images ({int(s.steps)} steps each)",
+                    disable=not writes)
     for start in range(0, len(items), batch):
         chunk = items[start:start + batch]
         recs = [src[int(i)] for i in chunk]
@@ -549,18 +552,21 @@ def generate_test_images(config, workdir, images_dir: str, *, checkpoint="best",
         bar.update(len(chunk))
         for k, (i, rec) in enumerate(zip(chunk, recs)):
             n = start + k
-            image = save_generated(images[k, 0], os.path.join(images_dir, "generated", f"{n:04d}"),
-                                   settings["generated_format"])
+            stem = os.path.join(images_dir, "generated", f"{n:04d}")
+            image = save_generated(images[k, 0], stem, settings["generated_format"]) if writes else \
+                stem + GENERATED_FORMATS[settings["generated_format"]][0]
             row = {"image": os.path.relpath(image, images_dir), "ground_truth": f"ground_truth/{n:04d}.png",
                    "audio": f"audio/{n:04d}.flac", "label": int(rec["label"]), "label_name": names[int(rec["label"])],
                    "seed": seeds[k], "test_index": int(i), "audio_id": rec["audio_id"].decode("utf-8"),
                    "image_id": rec["image_id"].decode("utf-8"), **settings}
-            Image.fromarray(decode_image(rec["image"])).save(os.path.join(images_dir, row["ground_truth"]))
-            sf.write(os.path.join(images_dir, row["audio"]), to_pcm16(waves[k]), rate, subtype="PCM_16")
+            if writes:
+                Image.fromarray(decode_image(rec["image"])).save(os.path.join(images_dir, row["ground_truth"]))
+                sf.write(os.path.join(images_dir, row["audio"]), to_pcm16(waves[k]), rate, subtype="PCM_16")
             rows.append(row)
     bar.close()
-    with open(os.path.join(images_dir, MANIFEST), "w") as f:
-        f.write("".join(json.dumps(r) + "\n" for r in rows))
+    if writes:
+        with open(os.path.join(images_dir, MANIFEST), "w") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in rows))
     return {"generation": {**settings, "num_images": len(rows), "seconds": seconds,
                            "images_per_second": len(rows) / seconds if seconds > 0 else None}}
 
@@ -599,18 +605,28 @@ def evaluate_checkpoint(config, workdir, *, checkpoint="best", num_images: int =
     """Generate from the test split (:func:`generate_test_images` into ``out_dir/images``) and score it
     (:func:`score_images`); metric models from ``metric_paths`` or ``config.metrics``. To compare several
     checkpoints without reloading, pass what the first call used: ``pipe`` (``sample.Pipeline.restored``
-    for each), ``models`` and ``reference`` (:func:`reference_embeddings` of those models and config)."""
-    if models is None:
+    for each), ``models`` and ``reference`` (:func:`reference_embeddings` of those models and config).
+    Several processes (sharding.initialize_distributed): all generate, process 0 writes, scores on its own
+    devices and returns the report; the others wait for it and return {}."""
+    scores = jax.process_index() == 0
+    if models is None and scores:
         m = config.metrics
         models = MetricModels.load(*(metric_paths or (m.clip_path, m.inception_path, m.wav2clip_path)))
     # (loaded first: fail on a bad metric model before spending time generating)
     images_dir = os.path.join(out_dir, "images")
     gen = generate_test_images(config, workdir, images_dir, checkpoint=checkpoint, num_images=num_images, items=items,
                                pipe=pipe)
-    extra = {"method": f"{config.workdir_name} (this port)", "checkpoint": gen["generation"]["checkpoint"], **gen}
-    return score_images(images_dir, models, out_dir, per_label=per_label,
-                        clip_seconds=float(config.data.clip_seconds), extra=extra,
-                        reference=reference if reference is not None else reference_embeddings(models, config))
+    report = {}
+    try:
+        if scores:
+            extra = {"method": f"{config.workdir_name} (this port)", "checkpoint": gen["generation"]["checkpoint"],
+                     **gen}
+            report = score_images(images_dir, models, out_dir, per_label=per_label,
+                                  clip_seconds=float(config.data.clip_seconds), extra=extra,
+                                  reference=reference if reference is not None else reference_embeddings(models, config))
+    finally:
+        sharding.wait_for_all_processes("metrics.evaluate: scored")
+    return report
 
 
 # ------------------------------------------------------------------------------------------ CLI
@@ -632,6 +648,7 @@ def _define(fv: flags.FlagValues, argv: list[str]) -> None:
     define("string", "inception_path", None, "Inception folder (default config.metrics.inception_path)")
     define("string", "wav2clip_path", None, "Wav2CLIP folder (default config.metrics.wav2clip_path)")
     define("float", "clip_seconds", None, "audio clip length (default config.data.clip_seconds or 30)")
+    cli.define_distributed_flags(fv)
     define("bool", "reference_sets", False, "--images mode: also score AIS/IIS with baselines over the --config "
                                             "dataset's whole test split (generation mode always does)")
 
@@ -676,13 +693,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                               reference=reference)
     else:
         checkpoint = checkpoints.select(fv.workdir, fv.checkpoint)  # before any model loads
+        sharding.initialize_distributed(config, fv.coordinator_address, fv.num_processes, fv.process_id)
         num_images = int(pick(fv.num_images, "num_images", 335))
         out = fv.out or os.path.join(fv.workdir, "eval")
         report = evaluate_checkpoint(config, fv.workdir, checkpoint=checkpoint, num_images=num_images,
                                      per_label=per_label, out_dir=out, metric_paths=paths,
                                      items=read_items(fv.items) if fv.items else None)
-    print(render_markdown(report))
-    print(f"\nwrote {os.path.join(out, 'report.md')}", file=sys.stderr)
+    if report:  # (empty on the processes other than 0 of a multi-process evaluation)
+        print(render_markdown(report))
+        print(f"\nwrote {os.path.join(out, 'report.md')}", file=sys.stderr)
     return report
 
 

@@ -1,5 +1,5 @@
 """Process-wide set-up of the third-party libraries (imported first by ``mtok_jax``): no TensorFlow,
-quiet known-noisy loggers, a broken torchvision hidden.
+quiet known-noisy loggers, a broken torchvision hidden, XLA:CPU's memory-minimising scheduler.
 
 diffusers 0.39 logs "Flax classes are deprecated" from every Flax module's ``setup`` (~120 lines per
 UNet trace) through its own non-propagating logger, so ``warnings`` filters cannot reach it; we drop
@@ -12,6 +12,16 @@ import os
 
 os.environ.setdefault("USE_TF", "0")  # transformers must never import TensorFlow
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+# XLA:CPU's default "concurrency-optimised" HLO scheduler orders independent work for parallelism and
+# hoists rematerialised forward ops back next to the forward, so `train.remat` saved nothing on CPU
+# (a per-block checkpointed chain: 1,396 MiB of temporaries with remat vs 1,380 without); the
+# memory-minimising scheduler gives 220 vs 990 MiB, and a small SD-shaped UNet forward+backward ran
+# faster with it (0.69 s vs 0.82 s, 2 cores). Read when the CPU backend starts; an explicit setting of
+# the flag in XLA_FLAGS is kept. No effect on GPU/TPU (their schedulers are memory-aware).
+_CPU_SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler"
+if _CPU_SCHEDULER_FLAG not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_CPU_SCHEDULER_FLAG}=false".strip()
 
 _DROPPED = ("Flax classes are deprecated", "TensorFlow and JAX classes are deprecated")
 

@@ -130,6 +130,15 @@ def to_host(x: jax.Array) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
+def wait_for_all_processes(name: str) -> None:
+    """Block until every process reaches the barrier `name` (a no-op with one process): e.g. while
+    process 0 alone scores what all of them generated."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
 def batch_sharding(mesh: Mesh, leading: int = 0) -> NamedSharding:
     """Sharding of a batch array whose axis `leading` is the example axis (split over all devices)."""
     return NamedSharding(mesh, P(*([None] * leading), BATCH_AXES))

@@ -147,7 +147,10 @@ UNCONDITIONAL_PROMPT = ""  # the negative prompt of classifier-free guidance (an
 
 
 def negative_prompt_ids(system: System, prompt: str = UNCONDITIONAL_PROMPT) -> np.ndarray:
-    """int32 [1, 77] ids of a plain prompt (the negative prompt of classifier-free guidance)."""
+    """int32 [1, 77] ids of a plain prompt (the negative prompt of classifier-free guidance); zeros of that
+    shape for an :func:`abstract_system` (no tokenizer: shapes only)."""
+    if system.tokenizer is None:
+        return np.zeros(np.shape(system.inference_ids), np.int32)
     return text_lib.tokenize_plain(system.tokenizer, [prompt], max_length=system.inference_ids.shape[-1])
 
 
@@ -193,7 +196,8 @@ def load_system(config, labels: Sequence[str]) -> tuple[System, dict[str, Any]]:
     """
     m = config.model
     dtype = compute_dtype(config)
-    beats, beats_params = beats_lib.load_beats(m.beats_path, dtype=dtype, split_conv_pos=m.split_conv_pos)
+    beats, beats_params = beats_lib.load_beats(m.beats_path, dtype=dtype, split_conv_pos=m.split_conv_pos,
+                                               remat=config.train.remat)
     fetch = dict(allow_download=m.allow_download)
     unet, unet_params = diffusion.load_unet(m.sd_path, dtype=dtype, **fetch)
     vae, vae_params = diffusion.load_vae(m.sd_path, dtype=dtype, **fetch)
@@ -262,7 +266,7 @@ def abstract_system(config, *, full_size: bool = True, num_labels: int = 18) -> 
             hub.read_json(os.path.join(hub.resolve_folder(m.sd_path, part, allow_download=m.allow_download),
                                     hub.CONFIG_FILE)) for part in ("unet", "vae", "text_encoder"))
         sched_cfg = diffusion.read_scheduler_config(m.sd_path, allow_download=m.allow_download)
-    beats = beats_lib.BEATs(dict(beats_cfg), dtype=dtype, split_conv_pos=m.split_conv_pos)
+    beats = beats_lib.BEATs(dict(beats_cfg), dtype=dtype, split_conv_pos=m.split_conv_pos, remat=config.train.remat)
     unet = diffusion.unet_from_config(unet_cfg, dtype=dtype)
     vae = diffusion.vae_from_config(vae_cfg, dtype=dtype)
     text = text_lib.text_encoder_module(text_cfg, dtype)

@@ -23,6 +23,7 @@ mtok_jax.monitor. Timing goes to TensorBoard only: metrics.jsonl holds no wall-c
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import json
 import logging
@@ -110,7 +111,8 @@ def system_outputs(system: system_lib.System, trainable: Mapping, frozen: Mappin
     num_t = system.noise_scheduler.config.num_train_timesteps
     t = jax.vmap(lambda key: jax.random.randint(key, (), 0, num_t))(k["timestep"])
     noisy, target = diffusion.noisy_latents_and_target(system.noise_scheduler, system.noise_state, latents, noise, t)
-    pred = system.unet.apply({"params": params["unet"]}, noisy, t, states, train=False).sample
+    with diffusion.rematerialized_unet_blocks() if system.config.train.remat else contextlib.nullcontext():
+        pred = system.unet.apply({"params": params["unet"]}, noisy, t, states, train=False).sample
     return {"pred": pred, "target": target, "token": token, "tau": system.label_targets[batch["label"]]}
 
 
@@ -181,8 +183,13 @@ def make_train_step(loss_fn: Callable, cosine_fn: Callable | None, optimizer: op
             (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable, frozen, mb, mb_keys, mean_cos)
             return jax.tree.map(jnp.add, grad_sum, grads), (loss, terms)
 
-        zeros = jax.tree.map(jnp.zeros_like, trainable)
-        grad_sum, (loss, terms) = jax.lax.scan(micro_step, zeros, (batch, keys.reshape(accum, micro)))
+        if accum == 1:  # no scan: its carry would hold a second copy of the gradients (exp2: 3.6 GiB)
+            (loss, terms), grad_sum = jax.value_and_grad(loss_fn, has_aux=True)(
+                trainable, frozen, jax.tree.map(lambda x: x[0], batch), keys, mean_cos)
+            loss, terms = loss[None], jax.tree.map(lambda v: v[None], terms)
+        else:
+            zeros = jax.tree.map(jnp.zeros_like, trainable)
+            grad_sum, (loss, terms) = jax.lax.scan(micro_step, zeros, (batch, keys.reshape(accum, micro)))
         grads = grad_sum if faithful_accumulation else jax.tree.map(lambda g: g / accum, grad_sum)
         updates, opt_state = optimizer.update(grads, opt_state, trainable)
         trainable = optax.apply_updates(trainable, updates)
@@ -349,42 +356,23 @@ def _train(config, workdir: str, stop: signals.GracefulStop) -> dict[str, Any]:
              len(jax.tree.leaves(trainable)))
 
     # ---------------------------------------------------------------------------------- shard
-    # Leaves above fsdp_min_size elements are split over the `fsdp` axis (mesh.fsdp = 1: all replicated).
-    trainable_sh = sharding.param_shardings(mesh, trainable, shard=True, min_size=train_cfg.fsdp_min_size)
-    frozen_sh = sharding.param_shardings(mesh, frozen, shard=True, min_size=train_cfg.fsdp_min_size)
-    trainable = sharding.put(trainable, trainable_sh)
-    frozen = sharding.put(frozen, frozen_sh)
-    opt_state_shapes = jax.eval_shape(optimizer.init, trainable)
-    opt_sh = _like_params(opt_state_shapes, trainable_sh, sharding.replicated(mesh))
-    opt_state = jax.jit(optimizer.init, out_shardings=opt_sh)(trainable)
-    repl = sharding.replicated(mesh)
-    train_batch_sh = sharding.batch_sharding(mesh, leading=1)  # [accum, B, ...]: B over the devices
-    eval_batch_sh = sharding.batch_sharding(mesh)
+    sh = state_shardings(mesh, trainable, frozen, optimizer, train_cfg.fsdp_min_size)
+    trainable = sharding.put(trainable, sh.trainable)
+    frozen = sharding.put(frozen, sh.frozen)
+    opt_state = jax.jit(optimizer.init, out_shardings=sh.opt_state)(trainable)
     # the rows of each global batch this process loads (all of them on one process)
-    train_rows = sharding.process_rows(train_batch_sh, (train_cfg.grad_accum, train_cfg.batch_size), axis=1)
-    val_rows = sharding.process_rows(eval_batch_sh, (val_batch,))
-    root_key = sharding.put(jax.random.key(config.seed), repl)
+    train_rows = sharding.process_rows(sh.train_batch, (train_cfg.grad_accum, train_cfg.batch_size), axis=1)
+    val_rows = sharding.process_rows(sh.eval_batch, (val_batch,))
+    root_key = sharding.put(jax.random.key(config.seed), sh.replicated)
 
     # ---------------------------------------------------------------------------------- step
-    train_step = jax.jit(
-        make_train_step(lambda *a: system_loss(system, *a), lambda *a: system_cosines(system, *a), optimizer,
-                        schedule, train_cfg.faithful_accumulation),
-        in_shardings=(trainable_sh, opt_sh, frozen_sh, train_batch_sh, repl, repl),
-        out_shardings=(trainable_sh, opt_sh, repl), donate_argnums=(0, 1))
-    eval_step = jax.jit(make_eval_step(lambda *a: system_eval_loss(system, *a)),
-                        in_shardings=(trainable_sh, frozen_sh, eval_batch_sh, repl, repl), out_shardings=(repl, repl))
-    eval_key = sharding.put(jax.random.fold_in(jax.random.key(config.seed), EVAL_SEED), repl)
-    # Ahead-of-time compile, so that compile time is reported apart from step time.
-    micro = train_cfg.batch_size
-    h, w = config_utils.image_hw(config)
-    abstract_batch = {
-        "audio": jax.ShapeDtypeStruct((train_cfg.grad_accum, micro, config_utils.clip_samples(config)), jnp.float32,
-                                      sharding=train_batch_sh),
-        "image": jax.ShapeDtypeStruct((train_cfg.grad_accum, micro, h, w, 3), jnp.float32, sharding=train_batch_sh),
-        "label": jax.ShapeDtypeStruct((train_cfg.grad_accum, micro), jnp.int32, sharding=train_batch_sh)}
     started = time.perf_counter()
-    train_step = train_step.lower(trainable, opt_state, frozen, abstract_batch, jnp.int32(0), root_key).compile()
+    train_step = compile_train_step(system, optimizer, schedule, sh, trainable, opt_state, frozen)
     log.info("train step compiled in %.1f s", time.perf_counter() - started)
+    eval_step = jax.jit(make_eval_step(lambda *a: system_eval_loss(system, *a)),
+                        in_shardings=(sh.trainable, sh.frozen, sh.eval_batch, sh.replicated, sh.replicated),
+                        out_shardings=(sh.replicated, sh.replicated))
+    eval_key = sharding.put(jax.random.fold_in(jax.random.key(config.seed), EVAL_SEED), sh.replicated)
     flops_per_step = monitor.compiled_flops(train_step)
     tb = monitor.TensorBoard(workdir, enabled=is_main and "tensorboard" in train_cfg.report_to)
     validation_images = monitor.ValidationImages(config, system, mesh, workdir, enabled=is_main)
@@ -415,7 +403,7 @@ def _train(config, workdir: str, stop: signals.GracefulStop) -> dict[str, Any]:
         batches = pipeline.batches(data_cfg.data_dir, "validation", global_batch_size=val_batch, seed=data_cfg.seed,
                                    epoch=0, shuffle=False, drop_remainder=False, rows=val_rows, **data_kw)
         for i, host_batch in enumerate(batches):
-            batch = pipeline.to_global(host_batch, eval_batch_sh)
+            batch = pipeline.to_global(host_batch, sh.eval_batch)
             s, n = eval_step(trainable, frozen, batch, jnp.uint32(i * val_batch), eval_key)
             total, count = total + s, count + n
         return float(total / jnp.maximum(count, 1.0))
@@ -434,7 +422,7 @@ def _train(config, workdir: str, stop: signals.GracefulStop) -> dict[str, Any]:
                                             rows=train_rows, micro_batches=train_cfg.grad_accum, **data_kw)
             for host_batch in host_batches:
                 host_batch = {k: v.reshape(train_cfg.grad_accum, -1, *v.shape[1:]) for k, v in host_batch.items()}
-                batch = pipeline.to_global(host_batch, train_batch_sh)
+                batch = pipeline.to_global(host_batch, sh.train_batch)
                 profile.before(step)
                 trainable, opt_state, metrics = train_step(trainable, opt_state, frozen, batch, jnp.int32(step),
                                                            root_key)
@@ -499,6 +487,59 @@ def _train(config, workdir: str, stop: signals.GracefulStop) -> dict[str, Any]:
                     where, step)
     return {"step": step, "epoch": epoch, "best_val_loss": best_val, "val_losses": val_losses,
             "trainable": trainable, "interrupted": interrupted}
+
+
+# ===================================================================================================
+# State placement and the compiled step (also used at full size without weights: mtok_jax.memory)
+# ===================================================================================================
+@dataclasses.dataclass(frozen=True)
+class StateShardings:
+    """NamedShardings of the training state and inputs on one mesh (trees match the params)."""
+    trainable: Any
+    frozen: Any
+    opt_state: Any
+    train_batch: NamedSharding  # [accum, B, ...]: B over every device
+    eval_batch: NamedSharding  # [B, ...]
+    replicated: NamedSharding
+
+
+def state_shardings(mesh, trainable: Any, frozen: Any, optimizer: optax.GradientTransformation,
+                    fsdp_min_size: int) -> StateShardings:
+    """Leaves above `fsdp_min_size` elements split over the mesh's `fsdp` axis (mesh.fsdp = 1: all
+    replicated); Adam moments follow their parameters. Trees of arrays or ShapeDtypeStructs."""
+    trainable_sh = sharding.param_shardings(mesh, trainable, shard=True, min_size=fsdp_min_size)
+    frozen_sh = sharding.param_shardings(mesh, frozen, shard=True, min_size=fsdp_min_size)
+    repl = sharding.replicated(mesh)
+    opt_sh = _like_params(jax.eval_shape(optimizer.init, trainable), trainable_sh, repl)
+    return StateShardings(trainable_sh, frozen_sh, opt_sh, sharding.batch_sharding(mesh, leading=1),
+                          sharding.batch_sharding(mesh), repl)
+
+
+def abstract_train_batch(config, batch_sharding: NamedSharding) -> dict[str, jax.ShapeDtypeStruct]:
+    """The shapes of one global training batch [accum, B, ...] (audio, image, label)."""
+    t = config.train
+    lead = (t.grad_accum, t.batch_size)
+    return {"audio": jax.ShapeDtypeStruct((*lead, config_utils.clip_samples(config)), jnp.float32,
+                                          sharding=batch_sharding),
+            "image": jax.ShapeDtypeStruct((*lead, *config_utils.image_hw(config), 3), jnp.float32,
+                                          sharding=batch_sharding),
+            "label": jax.ShapeDtypeStruct(lead, jnp.int32, sharding=batch_sharding)}
+
+
+def compile_train_step(system: system_lib.System, optimizer: optax.GradientTransformation, schedule: optax.Schedule,
+                       sh: StateShardings, trainable: Any, opt_state: Any, frozen: Any) -> jax.stages.Compiled:
+    """The training step of `system.config`, jitted with `sh` (trainable and optimizer state donated)
+    and compiled ahead of time for these trees (arrays or ShapeDtypeStructs). Call it as
+    step(trainable, opt_state, frozen, batch, jnp.int32(step), root_key) → (trainable, opt_state, metrics)."""
+    config = system.config
+    step = jax.jit(
+        make_train_step(lambda *a: system_loss(system, *a), lambda *a: system_cosines(system, *a), optimizer,
+                        schedule, config.train.faithful_accumulation),
+        in_shardings=(sh.trainable, sh.opt_state, sh.frozen, sh.train_batch, sh.replicated, sh.replicated),
+        out_shardings=(sh.trainable, sh.opt_state, sh.replicated), donate_argnums=(0, 1))
+    key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=sh.replicated)
+    return step.lower(trainable, opt_state, frozen, abstract_train_batch(config, sh.train_batch),
+                      jax.ShapeDtypeStruct((), jnp.int32), key).compile()
 
 
 def _close_quietly_on_error(ckpt: checkpoints.Checkpointer) -> None:

@@ -1,7 +1,7 @@
 """JAX's distributed runtime as the entry points start it: two processes × 4 CPU devices on this machine
 (gloo collectives), the global device count, the refusal when the processes' configs differ, and
 train.py under two processes (FSDP on, a SIGTERM to one of them, resumed on 2 and on 1 process) against
-one process with all 8 devices."""
+one process with all 8 devices, and sample.py / metrics.evaluate under two processes against one."""
 
 import json
 import os
@@ -126,10 +126,12 @@ def _train_args(assets, workdir) -> list[str]:
             "--config.mesh.fsdp=2", "--config.train.fsdp_min_size=1000", "--config.train.sample_every_epochs=0"]
 
 
-def _run(script: pathlib.Path, args: list[str], processes: int, fault_on: dict[int, str] | None = None
+def _run(script: pathlib.Path | str, args: list[str], processes: int, fault_on: dict[int, str] | None = None
          ) -> list[str]:
-    """`script args` on `processes` × 8/`processes` CPU devices (one process: no distributed flags) →
-    their stderr; each must exit 0. `fault_on`: {process: MTOK_FAULT} for the fault harness."""
+    """`script args` (a path, or a module name for `python -m`) on `processes` × 8/`processes` CPU devices
+    (one process: no distributed flags) → their stderr; each must exit 0. `fault_on`: {process:
+    MTOK_FAULT} for the fault harness."""
+    command = [sys.executable, str(script)] if isinstance(script, pathlib.Path) else [sys.executable, "-m", script]
     address = f"127.0.0.1:{_free_port()}"
     flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
     env = {**os.environ, "XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count={8 // processes}"}
@@ -139,7 +141,7 @@ def _run(script: pathlib.Path, args: list[str], processes: int, fault_on: dict[i
         dist = ["--coordinator_address", address, "--num_processes", str(processes), "--process_id", str(i)]
         fault = (fault_on or {}).get(i)
         procs.append(subprocess.Popen(
-            [sys.executable, str(script), *args, *(dist if processes > 1 else [])],
+            [*command, *args, *(dist if processes > 1 else [])],
             env={**env, **({"MTOK_FAULT": fault} if fault else {})}, cwd=REPO, stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE, text=True))
     errs = [p.communicate(timeout=400)[1] for p in procs]  # all waited for before any assert
@@ -228,3 +230,22 @@ def test_sampling_on_two_processes_writes_the_same_files(data18, one, tmp_path):
     records = [[json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
                for out in (outs[1], outs[2])]
     assert records[0] == records[1] and records[0]
+
+
+def test_evaluation_on_two_processes_gives_the_same_report(data18, one, metric_models, tmp_path):
+    """metrics.evaluate in generation mode: 2 processes × 4 devices (all generate, process 0 writes and
+    scores) give the same images and the same report numbers as 1 process × 8."""
+    reports, outs = {}, {}
+    for processes in (1, 2):
+        outs[processes] = tmp_path / f"eval_{processes}"
+        _run("metrics.evaluate", [*_train_args(data18, one), "--checkpoint", "latest", "--num_images", "3",
+                                  "--per_label", "1", "--config.sample.steps=2", "--out", str(outs[processes]),
+                                  "--clip_path", metric_models["clip"], "--inception_path", metric_models["inception"],
+                                  "--wav2clip_path", metric_models["wav2clip"]], processes)
+        reports[processes] = json.loads((outs[processes] / "report.json").read_text())
+    generated = sorted((outs[1] / "images" / "generated").iterdir())
+    assert len(generated) == 3
+    for path in generated:
+        assert path.read_bytes() == (outs[2] / "images" / "generated" / path.name).read_bytes(), path.name
+    assert reports[1]["metrics"] == reports[2]["metrics"] and reports[1]["metrics"]["ais"]
+    assert reports[1]["audio_ids"] == reports[2]["audio_ids"]

@@ -8,7 +8,6 @@ the NaN guard names the step.
 """
 
 import dataclasses
-import functools
 import json
 import logging
 import pathlib
@@ -17,7 +16,6 @@ import shutil
 import jax
 import jax.numpy as jnp
 import numpy as np
-import ml_collections
 import pytest
 
 from mtok_jax import checkpoints, config_utils, sharding, train
@@ -60,29 +58,28 @@ def synthetic_batch(accum: int, micro: int, seed: int = 0) -> dict:
 
 
 def run_step(system, params, pattern: str, mesh, batch, fsdp_min_size: int = 2 ** 30, eps: float = 1e-8,
-             lr: float = 1e-3):
-    """One jitted train step as train_and_evaluate builds it → (new full params, metrics). lr is pinned
-    (not the demo config's) and there is no warm-up (the first step moves every trainable leaf), because
-    the tolerances below are fractions of one Adam step."""
-    t = ml_collections.ConfigDict(system.config.train.to_dict())
-    t.eps, t.lr, t.warmup_steps = eps, lr, 0
+             lr: float = 1e-3, remat: bool = False):
+    """One train step as train_and_evaluate builds it (train.state_shardings + train.compile_train_step)
+    on `batch` [accum, B, ...] → (new full params, metrics). lr is pinned (not the demo config's) and
+    there is no warm-up (the first step moves every trainable leaf), because the tolerances below are
+    fractions of one Adam step."""
+    config = system.config.copy_and_resolve_references()
+    t = config.train
+    t.eps, t.lr, t.warmup_steps, t.trainable, t.remat = eps, lr, 0, pattern, remat
+    t.grad_accum, t.batch_size = batch["label"].shape
+    system = dataclasses.replace(system, config=config, beats=system.beats.clone(remat=remat))
     trainable, frozen = tree_lib.split_params(params, pattern)
     schedule = train.learning_rate(t, 10)
     optimizer = train.make_optimizer(t, schedule)
-    shard = pattern != "embedder"
-    tr_sh = sharding.param_shardings(mesh, trainable, shard=shard, min_size=fsdp_min_size)
-    fr_sh = sharding.param_shardings(mesh, frozen, shard=True, min_size=fsdp_min_size)
-    trainable, frozen = jax.device_put(trainable, tr_sh), jax.device_put(frozen, fr_sh)
-    opt_state = optimizer.init(trainable)
-    repl = sharding.replicated(mesh)
-    step = jax.jit(train.make_train_step(functools.partial(train.system_loss, system),
-                                         functools.partial(train.system_cosines, system), optimizer, schedule),
-                   in_shardings=(tr_sh, None, fr_sh, sharding.batch_sharding(mesh, leading=1), repl, repl),
-                   out_shardings=(tr_sh, None, repl))
-    batch = jax.device_put(batch, sharding.batch_sharding(mesh, leading=1))
-    new, _, metrics = step(trainable, opt_state, frozen, batch, jnp.int32(0), jax.random.key(7))
-    if shard:  # the big leaves really were split over fsdp
-        specs = [s.spec for s in jax.tree.leaves(tr_sh)]
+    sh = train.state_shardings(mesh, trainable, frozen, optimizer, fsdp_min_size)
+    trainable, frozen = sharding.put(trainable, sh.trainable), sharding.put(frozen, sh.frozen)
+    opt_state = jax.jit(optimizer.init, out_shardings=sh.opt_state)(trainable)
+    step = train.compile_train_step(system, optimizer, schedule, sh, trainable, opt_state, frozen)
+    batch = pipeline.to_global(batch, sh.train_batch)
+    new, _, metrics = step(trainable, opt_state, frozen, batch, jnp.int32(0),
+                           sharding.put(jax.random.key(7), sh.replicated))
+    if fsdp_min_size < 2 ** 30:  # the big leaves really were split over fsdp
+        specs = [s.spec for s in jax.tree.leaves(sh.trainable)]
         assert mesh.shape["fsdp"] == 1 or any("fsdp" in tuple(s) for s in specs)
     return tree_lib.merge_params(jax.device_get(new), jax.device_get(frozen)), jax.device_get(metrics)
 
@@ -129,6 +126,37 @@ def test_exp2_changes_unet_beats_embedder_only(loaded, exp2_single):
     for part in ("unet", "beats", "embedder"):
         assert any(k.startswith(part + "/") for k in changed), part
     assert not any(k.startswith(("text/", "vae/")) for k in changed)
+
+
+def test_remat_equals_no_remat(loaded, exp2_single):
+    """train.remat (UNet blocks and BEATs layers recomputed in the backward pass) gives exp2's step."""
+    system, params = loaded
+    remat, metrics = run_step(system, params, EXP2, sharding.make_mesh({"data": 1, "fsdp": 1}),
+                              synthetic_batch(1, 8), remat=True, **SHARD_TEST)
+    plain, plain_metrics = exp2_single
+    np.testing.assert_allclose(metrics["loss"], plain_metrics["loss"], rtol=1e-6)
+    np.testing.assert_allclose(metrics["grad_norm"], plain_metrics["grad_norm"], rtol=1e-5)
+    a, b = flat(remat), flat(plain)
+    for k in a:
+        np.testing.assert_allclose(np.asarray(a[k]), np.asarray(b[k]), atol=1e-5, rtol=0, err_msg=k)
+
+
+def test_remat_recomputes_in_the_backward_pass(loaded):
+    """With train.remat the backward pass holds fewer temporaries (XLA's memory analysis of the same
+    exp2 step at batch 8), so the switch really rematerialises."""
+    system, params = loaded
+    trainable, frozen = tree_lib.split_params(params, EXP2)
+    batch = {k: jnp.asarray(v[0]) for k, v in synthetic_batch(1, 8).items()}
+    keys = system_lib.example_keys(jax.random.key(0), 8)
+
+    def temp_bytes(remat: bool) -> int:
+        config = system.config.copy_and_resolve_references()
+        config.train.remat = remat
+        s = dataclasses.replace(system, config=config, beats=system.beats.clone(remat=remat))
+        grad = jax.jit(jax.grad(lambda tr: train.system_loss(s, tr, frozen, batch, keys)[0]))
+        return grad.lower(trainable).compile().memory_analysis().temp_size_in_bytes
+
+    assert temp_bytes(True) < 0.8 * temp_bytes(False)
 
 
 def test_accumulation_equals_big_batch_and_exp1_freezes(loaded):

@@ -45,6 +45,7 @@ from mtok_jax.demo.tokenizer import write_clip_tokenizer
 from mtok_jax.models import beats, diffusion, hub
 from mtok_jax.models.beats import BEATS_ITER3_PLUS_AS2M_CFG
 from mtok_jax.models.diffusion import SD14_SCHEDULER_CONFIG, param_shapes
+from mtok_jax.models.text import SD14_TEXT_CONFIG
 
 DEMO_TEXT_HIDDEN = 32
 DEMO_IMAGE_SIZE = 32
@@ -121,11 +122,14 @@ def _write_tokenizer(directory: str) -> int:
 TEXT_QK_GAIN = 3.0
 
 
-def _write_text_encoder(directory: str, tokenizer_dir: str, seed: int) -> None:
+def _write_text_encoder(directory: str, tokenizer_dir: str, seed: int,
+                        text_config: Mapping[str, Any] = DEMO_TEXT_CONFIG, vocab_size: int | None = None) -> None:
     from transformers import CLIPTextConfig, CLIPTokenizer, FlaxCLIPTextModel
 
     tok = CLIPTokenizer.from_pretrained(tokenizer_dir)
-    config = CLIPTextConfig(**DEMO_TEXT_CONFIG, vocab_size=len(tok), bos_token_id=tok.bos_token_id,
+    fields = {k: v for k, v in text_config.items() if k not in ("architectures", "model_type", "vocab_size",
+                                                                "bos_token_id", "eos_token_id", "pad_token_id")}
+    config = CLIPTextConfig(**fields, vocab_size=vocab_size or len(tok), bos_token_id=tok.bos_token_id,
                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     model = FlaxCLIPTextModel(config, _do_init=False)
     shapes = jax.eval_shape(lambda r: model.init_weights(r, (1, 77)), jax.random.PRNGKey(0))
@@ -240,6 +244,27 @@ def write_demo_sd(directory: str, seed: int = 0) -> None:
     _write_text_encoder(os.path.join(directory, "text_encoder"), os.path.join(directory, "tokenizer"), seed + 1)
     _write_diffusers(os.path.join(directory, "unet"), diffusion.unet_from_config(DEMO_UNET_CONFIG), seed + 2)
     _write_fitted_vae(os.path.join(directory, "vae"), seed + 3)
+    _write_scheduler(os.path.join(directory, "scheduler"))
+
+
+SD_FILES = ("model_index.json", "tokenizer/vocab.json", "text_encoder/flax_model.msgpack",
+            "unet/diffusion_flax_model.msgpack", "vae/diffusion_flax_model.msgpack",
+            "scheduler/scheduler_config.json")
+
+
+def write_full_size_sd(directory: str, seed: int = 0) -> None:
+    """SD v1.4's UNet, VAE and text encoder shapes with random weights (``directory`` must not exist)."""
+    os.makedirs(directory)
+    with open(os.path.join(directory, "model_index.json"), "w") as f:
+        json.dump(DEMO_MODEL_INDEX, f, indent=2)
+    tokenizer = os.path.join(directory, "tokenizer")
+    _write_tokenizer(tokenizer)
+    _write_text_encoder(os.path.join(directory, "text_encoder"), tokenizer, seed + 1,
+                                    SD14_TEXT_CONFIG, SD14_TEXT_CONFIG["vocab_size"])
+    _write_diffusers(os.path.join(directory, "unet"),
+                                 diffusion.unet_from_config(diffusion.SD14_UNET_CONFIG), seed + 2)
+    _write_diffusers(os.path.join(directory, "vae"),
+                                 diffusion.vae_from_config(diffusion.SD14_VAE_CONFIG), seed + 3)
     _write_scheduler(os.path.join(directory, "scheduler"))
 
 

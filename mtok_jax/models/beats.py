@@ -274,10 +274,12 @@ class BEATsLayer(nn.Module):
 
 
 class BEATsEncoder(nn.Module):
-    """Conv-pos embedding, LayerNorm and the layer stack (the reference's ``TransformerEncoder``)."""
+    """Conv-pos embedding, LayerNorm and the layer stack (the reference's ``TransformerEncoder``).
+    ``remat``: each layer's activations are recomputed in the backward pass (same numbers, less memory)."""
     cfg: Mapping[str, Any]
     dtype: Any = jnp.float32
     split_conv_pos: bool = True
+    remat: bool = False
 
     def relative_position_bias(self, length: int) -> jax.Array:
         """Shared bias ``[H, T, T]``: ``bias[h, i, j] = table[bucket(j − i), h]`` (float32)."""
@@ -311,10 +313,11 @@ class BEATsEncoder(nn.Module):
         ratio = c["layer_wise_gradient_decay_ratio"]
         layerdrop = c["encoder_layerdrop"]
         hidden = []
+        layer = nn.remat(BEATsLayer, static_argnums=(4,)) if self.remat else BEATsLayer  # 4: deterministic
         for i in range(c["encoder_layers"]):
             if ratio != 1.0:
                 x = grad_multiply(x, ratio)
-            y = BEATsLayer(c, self.dtype, name=f"layers_{i}")(x, pos_bias, padding_mask, deterministic)
+            y = layer(c, self.dtype, name=f"layers_{i}")(x, pos_bias, padding_mask, deterministic)
             if not deterministic and layerdrop > 0.0:
                 keep = jax.random.uniform(self.make_rng("dropout")) > layerdrop
                 y = jnp.where(keep, y, x)
@@ -333,11 +336,13 @@ class BEATs(nn.Module):
     ``deterministic=False`` dropout, attention dropout and layer drop (rates from cfg) are active and
     ``rngs={'dropout': key}`` is needed. ``dtype=jnp.bfloat16`` computes in bf16 (params stay float32;
     fbank, softmax, GELU and LayerNorm statistics in float32). ``split_conv_pos`` picks the conv-pos form
-    (same numbers; split trains much faster on CPU).
+    (same numbers; split trains much faster on CPU). ``remat``: rematerialise each transformer layer in
+    the backward pass (``train.remat``).
     """
     cfg: Mapping[str, Any]
     dtype: Any = jnp.float32
     split_conv_pos: bool = True
+    remat: bool = False
 
     def setup(self):
         c = beats_config(self.cfg)
@@ -349,7 +354,7 @@ class BEATs(nn.Module):
         if c["embed_dim"] != c["encoder_embed_dim"]:
             self.post_extract_proj = nn.Dense(c["encoder_embed_dim"], dtype=self.dtype)
         self.dropout_input = nn.Dropout(c["dropout_input"])
-        self.encoder = BEATsEncoder(c, self.dtype, self.split_conv_pos)
+        self.encoder = BEATsEncoder(c, self.dtype, self.split_conv_pos, self.remat)
 
     def __call__(self, waveforms, padding_mask=None, deterministic: bool = True) -> BEATsOutput:
         fbank = beats_normalize(kaldi_fbank(waveforms, SAMPLE_RATE, NUM_MEL_BINS))
@@ -574,12 +579,12 @@ def check_provenance(directory: str | os.PathLike, config: Mapping[str, Any]) ->
                   stacklevel=3)
 
 
-def load_beats(directory: str | os.PathLike, dtype: Any = jnp.float32,
-               split_conv_pos: bool = True) -> tuple[BEATs, dict[str, Any]]:
+def load_beats(directory: str | os.PathLike, dtype: Any = jnp.float32, split_conv_pos: bool = True,
+               remat: bool = False) -> tuple[BEATs, dict[str, Any]]:
     """Read a folder written by :func:`save_beats` / the converter → ``(BEATs module, params)``; warns
     (:func:`check_provenance`) when it was not converted from a fine-tuned checkpoint."""
     params, config = params_io.load_params(directory)
     check_provenance(directory, config)
     cfg = {k: v for k, v in config.items() if k not in PROVENANCE_KEYS}
-    model = BEATs(cfg, dtype=dtype, split_conv_pos=split_conv_pos)
+    model = BEATs(cfg, dtype=dtype, split_conv_pos=split_conv_pos, remat=remat)
     return model, jax.tree.map(jnp.asarray, params)
