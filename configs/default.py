@@ -81,6 +81,7 @@ def get_config() -> ml_collections.ConfigDict:
         checkpoint_every=500,  # steps between `latest` checkpoints (also at every epoch end)
         max_steps=-1,  # stop after this many optimizer steps (-1: run all epochs; 0: load, compile, train nothing)
         remat=False,  # recompute UNet blocks and BEATs layers in the backward pass (less memory, ≈ +1 forward)
+        update_unet_first=False,  # apply the UNet's update before the audio branch's backward pass (README)
         fsdp_min_size=2**22,  # leaves with more elements than this are sharded over `fsdp`
         report_to=("jsonl", "tensorboard"),  # metrics.jsonl (+ loss.png) and/or WORKDIR/tensorboard/ event files
         sample_every_epochs=5,  # validation images (one held-out clip per label) every N epochs; 0 = off

@@ -246,6 +246,24 @@ class Checkpointer:
         self.best = _manager(workdir, BEST, 1)
         self._pending: _Commit | None = None  # the save in flight
 
+    def __enter__(self) -> "Checkpointer":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        """Close; while another exception propagates, a save error is logged, not raised (the first
+        error is the one the user needs to see)."""
+        if exc is None:
+            self.close()
+            return
+        try:
+            self.close()
+        except CheckpointError as e:
+            log.error("%s", e)
+
+    def has_latest(self) -> bool:
+        """Whether any `latest` step exists (restorable or not: restore_latest decides)."""
+        return bool(self.latest.all_steps())
+
     # -------------------------------------------------------------------- saving
     def save_latest(self, step: int, params: Any, opt_state: Any, meta: Mapping[str, Any]) -> None:
         self._save(self.latest, step, _nbytes(params, opt_state), ocp.args.Composite(

@@ -7,6 +7,7 @@ exactly that message and keep every other diffusers warning. transformers 4.57 p
 TF/JAX deprecation line for Flax models; same treatment.
 """
 
+import ctypes
 import logging
 import os
 
@@ -39,6 +40,16 @@ def without_torch_in_transformers() -> None:
     so unconditionally), so a full run starts about as fast as before. Our own PyTorch readers import
     torch themselves and still work. Call before transformers is imported; an explicit USE_TORCH is kept."""
     os.environ.setdefault("USE_TORCH", "0")
+
+
+def release_free_host_memory() -> None:
+    """Hand the C heap's free pages back to the OS (glibc ``malloc_trim``): reading weights and compiling
+    a large step leave freed memory resident (≈1 GiB for exp2 at full size), which on a CPU backend the
+    training step's own buffers then compete with. A no-op without glibc."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def quiet_third_party_loggers() -> None:

@@ -34,7 +34,7 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import flags
+from absl import app, flags
 
 from mtok_jax import cli, config_utils, sharding, train
 from mtok_jax import system as system_lib
@@ -144,7 +144,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(markdown(records) if fv.markdown else "\n".join(json.dumps(r) for r in records))
         return
     if fv.config is None:
-        raise flags.IllegalFlagValueError("--config is required without --table")
+        raise app.UsageError("--config is required without --table (see python -m mtok_jax.memory --help)")
     if len(jax.devices()) != fv.devices:  # started directly: this process gets the device count it asks for
         raise SystemExit(subprocess.run([sys.executable, "-m", "mtok_jax.memory", *args],
                                         env=_child_env(fv.devices)).returncode)

@@ -29,7 +29,6 @@ import json
 import logging
 import math
 import os
-import sys
 import time
 from typing import Any, Callable, Mapping
 
@@ -39,7 +38,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding
 
-from mtok_jax import checkpoints, config_utils, losses, monitor, sharding, signals, workdir_lock
+from mtok_jax import checkpoints, config_utils, environment, losses, monitor, sharding, signals, workdir_lock
 from mtok_jax import tree as tree_lib
 from mtok_jax import system as system_lib
 from mtok_jax.data import pipeline
@@ -89,22 +88,28 @@ def make_optimizer(train_config, schedule: optax.Schedule) -> optax.GradientTran
 # ===================================================================================================
 # The loss of one batch on the real system
 # ===================================================================================================
-def system_outputs(system: system_lib.System, trainable: Mapping, frozen: Mapping, batch: Mapping[str, jax.Array],
-                   keys: jax.Array, *, train: bool) -> dict[str, jax.Array]:
-    """One batch through the whole model (docs/design.md §1). keys [B]: one key per example.
-
-    audio → audio token → text states; image → VAE latents; DDPM noise at t ~ U{0..T−1};
-    UNet(noisy, t, states). → {'pred', 'target' [B, C, h, w], 'token', 'tau' [B, D]}.
-    """
+def system_front(system: system_lib.System, trainable: Mapping, frozen: Mapping, batch: Mapping[str, jax.Array],
+                 keys: jax.Array, *, train: bool) -> dict[str, jax.Array]:
+    """The audio branch (docs/design.md §1): audio → audio token → text states, with classifier-free
+    guidance dropout in training. keys [B]: one key per example. → {'token' [B, D], 'states' [B, 77, D]}."""
     params = tree_lib.merge_params(trainable, frozen)
-    k = system_lib.split_example_keys(keys)
-    token = system_lib.audio_token(system, params, batch["audio"], rng=k["token"], train=train)
+    token = system_lib.audio_token(system, params, batch["audio"], rng=system_lib.split_example_keys(keys)["token"],
+                                   train=train)
     states = system_lib.text_states(system, params, token, "train")
     p_uncond = float(system.config.train.uncond_prob)
     if train and p_uncond > 0:  # classifier-free guidance dropout: the empty prompt's states instead
         uncond = system_lib.unconditional_states(system, params["text"]).astype(states.dtype)
         drop = jax.vmap(lambda key: jax.random.bernoulli(jax.random.fold_in(key, 4), p_uncond))(keys)
         states = jnp.where(drop[:, None, None], uncond, states)
+    return {"token": token, "states": states}
+
+
+def system_back(system: system_lib.System, trainable: Mapping, frozen: Mapping, front: Mapping[str, jax.Array],
+                batch: Mapping[str, jax.Array], keys: jax.Array) -> dict[str, jax.Array]:
+    """The image branch given `front` (system_front's outputs): image → VAE latents; DDPM noise at
+    t ~ U{0..T−1}; UNet(noisy, t, states). → {'pred', 'target' [B, C, h, w], 'token', 'tau' [B, D]}."""
+    params = tree_lib.merge_params(trainable, frozen)
+    k = system_lib.split_example_keys(keys)
     latents = jax.vmap(lambda img, key: diffusion.encode_latents(system.vae, params["vae"], img[None], key)[0])(
         batch["image"], k["vae"])
     noise = jax.vmap(lambda key: jax.random.normal(key, latents.shape[1:], latents.dtype))(k["noise"])
@@ -112,20 +117,53 @@ def system_outputs(system: system_lib.System, trainable: Mapping, frozen: Mappin
     t = jax.vmap(lambda key: jax.random.randint(key, (), 0, num_t))(k["timestep"])
     noisy, target = diffusion.noisy_latents_and_target(system.noise_scheduler, system.noise_state, latents, noise, t)
     with diffusion.rematerialized_unet_blocks() if system.config.train.remat else contextlib.nullcontext():
-        pred = system.unet.apply({"params": params["unet"]}, noisy, t, states, train=False).sample
-    return {"pred": pred, "target": target, "token": token, "tau": system.label_targets[batch["label"]]}
+        pred = system.unet.apply({"params": params["unet"]}, noisy, t, front["states"], train=False).sample
+    return {"pred": pred, "target": target, "token": front["token"], "tau": system.label_targets[batch["label"]]}
+
+
+def system_outputs(system: system_lib.System, trainable: Mapping, frozen: Mapping, batch: Mapping[str, jax.Array],
+                   keys: jax.Array, *, train: bool) -> dict[str, jax.Array]:
+    """One batch through the whole model: system_back(system_front(...)). keys [B]: one key per example."""
+    front = system_front(system, trainable, frozen, batch, keys, train=train)
+    return system_back(system, trainable, frozen, front, batch, keys)
 
 
 def loss_weights(config) -> losses.Weights:
     return losses.Weights(config.train.lambda_l1, config.train.lambda_l2, config.train.lambda_cl)
 
 
+def _outputs_loss(system: system_lib.System, out: Mapping[str, jax.Array], batch: Mapping[str, jax.Array],
+                  batch_mean_cos: jax.Array | None) -> tuple[jax.Array, dict[str, jax.Array]]:
+    return losses.total_loss(out["pred"], out["target"], out["token"], out["tau"], loss_weights(system.config),
+                             batch.get("mask"), batch_mean_cos)
+
+
 def system_loss(system: system_lib.System, trainable: Mapping, frozen: Mapping, batch: Mapping[str, jax.Array],
                 keys: jax.Array, batch_mean_cos: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Training loss of one (micro-)batch → (loss, terms) (mtok_jax.losses.total_loss)."""
-    out = system_outputs(system, trainable, frozen, batch, keys, train=True)
-    return losses.total_loss(out["pred"], out["target"], out["token"], out["tau"], loss_weights(system.config),
-                             batch.get("mask"), batch_mean_cos)
+    return _outputs_loss(system, system_outputs(system, trainable, frozen, batch, keys, train=True), batch,
+                         batch_mean_cos)
+
+
+@dataclasses.dataclass(frozen=True)
+class LossStages:
+    """A loss written as back(back_params, frozen, front(front_params, frozen, batch, keys), batch, keys,
+    batch_mean_cos) → (loss, terms), where back_params are the trainable params under `back_keys` (top-level
+    keys) and front_params the rest: the training step then updates back_params before it runs the
+    front's backward pass (make_train_step)."""
+    back_keys: tuple[str, ...]
+    front: Callable
+    back: Callable
+
+
+def system_loss_stages(system: system_lib.System) -> LossStages:
+    """system_loss as LossStages (`train.update_unet_first`): the UNet is the back (its 3.2 GiB of gradients
+    are consumed by the optimizer before BEATs' backward pass starts), the audio branch the front."""
+    return LossStages(
+        back_keys=("unet",),
+        front=lambda tr, fr, b, k: system_front(system, tr, fr, b, k, train=True),
+        back=lambda tr, fr, front, b, k, mean_cos: _outputs_loss(system, system_back(system, tr, fr, front, b, k), b,
+                                                                 mean_cos))
 
 
 def system_cosines(system: system_lib.System, trainable: Mapping, frozen: Mapping, batch: Mapping[str, jax.Array],
@@ -155,7 +193,7 @@ def system_eval_loss(system: system_lib.System, trainable: Mapping, frozen: Mapp
 # Steps
 # ===================================================================================================
 def make_train_step(loss_fn: Callable, cosine_fn: Callable | None, optimizer: optax.GradientTransformation,
-                    schedule: optax.Schedule, faithful_accumulation: bool = False):
+                    schedule: optax.Schedule, faithful_accumulation: bool = False, stages: LossStages | None = None):
     """train_step(trainable, opt_state, frozen, batch, step, root_key) → (trainable, opt_state, metrics).
 
     batch: arrays [accum, B, ...] (micro-batches on the leading axis). The gradient is the mean of the
@@ -168,6 +206,10 @@ def make_train_step(loss_fn: Callable, cosine_fn: Callable | None, optimizer: op
     faithful_accumulation (the reference's `loss.backward()` per micro-batch): the gradient is the *sum*
     of the micro-batch gradients, each with its own cosine term, i.e. of Σᵢ Lᵢ (with batch 1 × 4 the
     cosine part is Σᵢ (1 − cosᵢ)²); no pre-pass, no division by the accumulation count.
+    stages (`loss_fn` written as LossStages; optimizer elementwise, like AdamW): without accumulation, the
+    back params are updated before the front's backward pass runs, so their gradients are freed before
+    it (the same numbers). Less memory where gradients dominate (exp2, 256 px, batch 1, one device: 6.8 →
+    4.6 GB of temporaries), more where activations do (512 px, batch 8 over 8 devices: 5.7 → 7.4 GiB).
     """
 
     def train_step(trainable, opt_state, frozen, batch, step, root_key):
@@ -183,6 +225,12 @@ def make_train_step(loss_fn: Callable, cosine_fn: Callable | None, optimizer: op
             (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable, frozen, mb, mb_keys, mean_cos)
             return jax.tree.map(jnp.add, grad_sum, grads), (loss, terms)
 
+        if accum == 1 and _staged(stages, trainable):
+            mb = jax.tree.map(lambda x: x[0], batch)
+            trainable, opt_state, loss, terms, grad_norm = _staged_update(stages, optimizer, trainable, opt_state,
+                                                                          frozen, mb, keys)
+            metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(step), **terms}
+            return trainable, opt_state, metrics
         if accum == 1:  # no scan: its carry would hold a second copy of the gradients (exp2: 3.6 GiB)
             (loss, terms), grad_sum = jax.value_and_grad(loss_fn, has_aux=True)(
                 trainable, frozen, jax.tree.map(lambda x: x[0], batch), keys, mean_cos)
@@ -200,6 +248,52 @@ def make_train_step(loss_fn: Callable, cosine_fn: Callable | None, optimizer: op
         return trainable, opt_state, metrics
 
     return train_step
+
+
+def _staged(stages: LossStages | None, trainable: Mapping) -> bool:
+    return stages is not None and any(k in trainable for k in stages.back_keys) and any(
+        k not in stages.back_keys for k in trainable)
+
+
+def _split_state(opt_state: Any, keep: Callable[[str], bool]) -> Any:
+    """The optimizer state of the params under the top-level keys `keep` accepts: every dict in an optax
+    state is a parameter-shaped tree (moments); counts are shared."""
+    return jax.tree.map(lambda x: {k: v for k, v in x.items() if keep(k)} if isinstance(x, dict) else x, opt_state,
+                        is_leaf=lambda x: isinstance(x, dict))
+
+
+def _merge_state(first: Any, second: Any) -> Any:
+    """Inverse of two _split_state calls on complementary keys (counts: the first's, equal to the second's)."""
+    return jax.tree.map(lambda a, b: {**a, **b} if isinstance(a, dict) else a, first, second,
+                        is_leaf=lambda x: isinstance(x, dict))
+
+
+def _staged_update(stages: LossStages, optimizer: optax.GradientTransformation, trainable: Mapping, opt_state: Any,
+                   frozen: Mapping, batch: Mapping[str, jax.Array], keys: jax.Array):
+    """One micro-batch: forward, the back's backward pass, its gradient norm and update, then the front's
+    backward pass and update. → (trainable, opt_state, loss, terms, grad_norm)."""
+    is_back = lambda k: k in stages.back_keys  # noqa: E731
+    back = {k: v for k, v in trainable.items() if is_back(k)}
+    front = {k: v for k, v in trainable.items() if not is_back(k)}
+    front_out, front_vjp = jax.vjp(lambda p: stages.front(p, frozen, batch, keys), front)
+    (loss, terms), (back_grads, out_grads) = jax.value_and_grad(
+        lambda p, out: stages.back(p, frozen, out, batch, keys, None), argnums=(0, 1), has_aux=True)(back, front_out)
+    back_updates, back_state = optimizer.update(back_grads, _split_state(opt_state, is_back), back)
+    back = optax.apply_updates(back, back_updates)
+    back_sq = jnp.square(optax.tree.norm(back_grads))
+    # The front's backward pass must wait for the back's gradient norm and updates (the last reads of its
+    # gradients). XLA:CPU drops optimisation barriers before it schedules, so the order is a data
+    # dependence: 0 · tanh(the norm + Σ of each updated leaf), NaN only where the update already is.
+    # (XLA:CPU may still recompute the sums from the moments and run the parameter writes late: measured
+    # on exp2 at 256 px, 4.6 GB of temporaries instead of 6.8.)
+    done = back_sq + sum(jnp.sum(x, dtype=jnp.float32) for x in jax.tree.leaves(back))
+    out_grads = jax.tree.map(lambda g: g + (0.0 * jnp.tanh(done)).astype(g.dtype), out_grads)
+    (front_grads,) = front_vjp(out_grads)
+    front_updates, front_state = optimizer.update(front_grads, _split_state(opt_state, lambda k: not is_back(k)),
+                                                  front)
+    front = optax.apply_updates(front, front_updates)
+    grad_norm = jnp.sqrt(back_sq + jnp.square(optax.tree.norm(front_grads)))
+    return ({**front, **back}, _merge_state(front_state, back_state), loss, terms, grad_norm)
 
 
 def make_eval_step(eval_loss_fn: Callable):
@@ -309,10 +403,11 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
         if jax.process_index() == 0:
             stack.enter_context(workdir_lock.WorkdirLock(workdir))
         stop = stack.enter_context(signals.GracefulStop())
-        return _train(config, workdir, stop)
+        ckpt = stack.enter_context(checkpoints.Checkpointer(workdir))
+        return _train(config, workdir, stop, ckpt)
 
 
-def _train(config, workdir: str, stop: signals.GracefulStop) -> dict[str, Any]:
+def _train(config, workdir: str, stop: signals.GracefulStop, ckpt: checkpoints.Checkpointer) -> dict[str, Any]:
     # ---------------------------------------------------------------------------------- logging
     is_main = jax.process_index() == 0
     if is_main:
@@ -355,11 +450,22 @@ def _train(config, workdir: str, stop: signals.GracefulStop) -> dict[str, Any]:
     log.info("trainable %r: %d parameters in %d leaves", train_cfg.trainable, n_trainable,
              len(jax.tree.leaves(trainable)))
 
-    # ---------------------------------------------------------------------------------- shard
+    # ---------------------------------------------------------------------------------- state
     sh = state_shardings(mesh, trainable, frozen, optimizer, train_cfg.fsdp_min_size)
-    trainable = sharding.put(trainable, sh.trainable)
     frozen = sharding.put(frozen, sh.frozen)
-    opt_state = jax.jit(optimizer.init, out_shardings=sh.opt_state)(trainable)
+    paths = tree_lib.trainable_paths(tree_lib.merge_params(trainable, {}), train_cfg.trainable)
+    saved = None  # the checkpoint's meta
+    if ckpt.has_latest():  # its values replace the loaded ones: release those before reading it
+        trainable_like = _placed_like(trainable, sh.trainable)
+        opt_like = _placed_like(jax.eval_shape(optimizer.init, trainable), sh.opt_state)
+        del trainable
+        trainable, opt_state, saved = ckpt.restore_latest(trainable_like, opt_like)
+        opt_state = sharding.owned(opt_state)
+    else:
+        trainable = sharding.put(trainable, sh.trainable)
+        opt_state = jax.jit(optimizer.init, out_shardings=sh.opt_state)(trainable)
+    trainable = sharding.owned(trainable)  # donated by every step
+    environment.release_free_host_memory()  # what loading left behind
     # the rows of each global batch this process loads (all of them on one process)
     train_rows = sharding.process_rows(sh.train_batch, (train_cfg.grad_accum, train_cfg.batch_size), axis=1)
     val_rows = sharding.process_rows(sh.eval_batch, (val_batch,))
@@ -369,6 +475,7 @@ def _train(config, workdir: str, stop: signals.GracefulStop) -> dict[str, Any]:
     started = time.perf_counter()
     train_step = compile_train_step(system, optimizer, schedule, sh, trainable, opt_state, frozen)
     log.info("train step compiled in %.1f s", time.perf_counter() - started)
+    environment.release_free_host_memory()  # what the compiler left behind
     eval_step = jax.jit(make_eval_step(lambda *a: system_eval_loss(system, *a)),
                         in_shardings=(sh.trainable, sh.frozen, sh.eval_batch, sh.replicated, sh.replicated),
                         out_shardings=(sh.replicated, sh.replicated))
@@ -378,14 +485,10 @@ def _train(config, workdir: str, stop: signals.GracefulStop) -> dict[str, Any]:
     validation_images = monitor.ValidationImages(config, system, mesh, workdir, enabled=is_main)
     profile = monitor.Profile(workdir, tuple(train_cfg.profile_steps), enabled=is_main)
 
-    # ---------------------------------------------------------------------------------- checkpoint
-    ckpt = checkpoints.Checkpointer(workdir)
-    paths = tree_lib.trainable_paths(tree_lib.merge_params(trainable, {}), train_cfg.trainable)
+    # ---------------------------------------------------------------------------------- resume
     step, epoch, batch_in_epoch = 0, 0, 0
     best_val, epoch_loss_sum, epoch_loss_n = math.inf, 0.0, 0
-    restored = ckpt.restore_latest(trainable, opt_state)
-    if restored is not None:
-        trainable, opt_state, saved = restored
+    if saved is not None:
         step, epoch, batch_in_epoch = int(saved["step"]), int(saved["epoch"]), int(saved["batch_in_epoch"])
         best_val = float(saved["best_val_loss"])
         epoch_loss_sum, epoch_loss_n = float(saved["epoch_loss_sum"]), int(saved["epoch_loss_n"])
@@ -479,7 +582,6 @@ def _train(config, workdir: str, stop: signals.GracefulStop) -> dict[str, Any]:
     finally:
         profile.end()
         tb.close()
-        _close_quietly_on_error(ckpt)
     if interrupted:
         where = (f"epoch {epoch + 1}, batch {batch_in_epoch}/{steps_per_epoch}" if batch_in_epoch
                  else f"end of epoch {epoch}")
@@ -534,7 +636,8 @@ def compile_train_step(system: system_lib.System, optimizer: optax.GradientTrans
     config = system.config
     step = jax.jit(
         make_train_step(lambda *a: system_loss(system, *a), lambda *a: system_cosines(system, *a), optimizer,
-                        schedule, config.train.faithful_accumulation),
+                        schedule, config.train.faithful_accumulation,
+                        system_loss_stages(system) if config.train.update_unet_first else None),
         in_shardings=(sh.trainable, sh.opt_state, sh.frozen, sh.train_batch, sh.replicated, sh.replicated),
         out_shardings=(sh.trainable, sh.opt_state, sh.replicated), donate_argnums=(0, 1))
     key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=sh.replicated)
@@ -542,16 +645,9 @@ def compile_train_step(system: system_lib.System, optimizer: optax.GradientTrans
                       jax.ShapeDtypeStruct((), jnp.int32), key).compile()
 
 
-def _close_quietly_on_error(ckpt: checkpoints.Checkpointer) -> None:
-    """Close the checkpointer; while another exception propagates, a save error is logged, not raised
-    (the first error is the one the user needs to see)."""
-    if sys.exc_info()[1] is None:
-        ckpt.close()
-        return
-    try:
-        ckpt.close()
-    except checkpoints.CheckpointError as e:
-        log.error("%s", e)
+def _placed_like(tree: Any, shardings: Any) -> Any:
+    """ShapeDtypeStructs of `tree`'s leaves with `shardings` (restore targets)."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
 def _like_params(opt_shapes: Any, param_sh: Any, default: NamedSharding) -> Any:

@@ -6,7 +6,6 @@ the metrics with the numpy transcriptions of tests/test_metrics_scores.py.
 
 import json
 import logging
-import os
 
 import numpy as np
 import pytest

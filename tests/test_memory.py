@@ -4,7 +4,10 @@ donation writes the new state into the old one."""
 
 import pathlib
 
-from mtok_jax import config_utils, memory
+import jax
+import numpy as np
+
+from mtok_jax import config_utils, memory, sharding
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 
@@ -25,3 +28,19 @@ def test_memory_analysis_of_the_demo_exp2_step(tiny_assets):
     assert r["aliased"] >= r["trainable"] + r["opt_state"] - 1024, r  # donated: updated in place
     assert r["peak"] == held + r["outputs"] - r["aliased"] + r["temporaries"]
     assert "| demo | 8 | 1 |" in memory.markdown([r])
+
+
+def test_placed_params_can_be_donated():
+    """Weights read from files are read-only numpy arrays; placed with sharding.put they may wrap that
+    memory (XLA:CPU, 64-byte aligned), which a donating step cannot reuse. After sharding.owned every
+    output of a donating step lives in its inputs' memory (the step updates the state in place)."""
+    n = 1 << 16
+    data = np.ones(16 * (n + 1), np.float32).tobytes()
+    # read-only arrays at 4-byte steps of alignment, as flax.serialization.msgpack_restore returns them
+    leaves = [np.frombuffer(data, np.float32, count=n, offset=4 * i * (n + 1)) for i in range(16)]
+    assert not leaves[0].flags.writeable
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    tree = sharding.owned(sharding.put(leaves, [device] * len(leaves)))
+    inputs = {x.unsafe_buffer_pointer() for x in tree}
+    outputs = jax.jit(lambda xs: [2.0 * x for x in xs], donate_argnums=0)(tree)
+    assert all(x.unsafe_buffer_pointer() in inputs for x in outputs)

@@ -159,6 +159,33 @@ def test_remat_recomputes_in_the_backward_pass(loaded):
     assert temp_bytes(True) < 0.8 * temp_bytes(False)
 
 
+def _exp2_step(system, params, stages: bool):
+    """exp2's step jitted on one device, with or without train.system_loss_stages → (compiled, args)."""
+    trainable, frozen = tree_lib.split_params(params, EXP2)
+    t = system.config.train
+    schedule = train.learning_rate(t, 10)
+    optimizer = train.make_optimizer(t, schedule)
+    step = train.make_train_step(lambda *a: train.system_loss(system, *a), None, optimizer, schedule,
+                                 stages=train.system_loss_stages(system) if stages else None)
+    batch = {k: jnp.asarray(v) for k, v in synthetic_batch(1, 8).items()}
+    args = (trainable, jax.jit(optimizer.init)(trainable), frozen, batch, jnp.int32(3), jax.random.key(7))
+    return jax.jit(step).lower(*args).compile(), args
+
+
+def test_unet_update_before_the_audio_backward_pass(loaded):
+    """train.update_unet_first: exp2's staged step (the UNet updated before the audio branch's backward
+    pass, so the UNet's gradients are freed before it) gives the one-pass step's loss, gradient norm,
+    new params and optimizer state. (What it saves is measured at full size: README "Memory per device".)"""
+    system, params = loaded
+    (staged, args), (plain, _) = _exp2_step(system, params, True), _exp2_step(system, params, False)
+    (new_a, opt_a, m_a), (new_b, opt_b, m_b) = staged(*args), plain(*args)
+    for k in ("loss", "grad_norm", "mse", "cosine"):
+        np.testing.assert_allclose(float(m_a[k]), float(m_b[k]), rtol=1e-6, err_msg=k)
+    assert jax.tree.structure(opt_a) == jax.tree.structure(opt_b)
+    for a, b in zip(jax.tree.leaves((new_a, opt_a)), jax.tree.leaves((new_b, opt_b))):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=1e-5)
+
+
 def test_accumulation_equals_big_batch_and_exp1_freezes(loaded):
     """4 micro-batches of 1 give the update of one batch of 4 (cosine term included); exp1 changes
     the embedder and leaves every other leaf bit-identical."""

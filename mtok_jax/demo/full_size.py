@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import sys
 from typing import Sequence
 
 from absl import flags
@@ -32,6 +30,7 @@ from mtok_jax.demo import models as demo_models
 from mtok_jax.demo.data import write_demo_sources
 from mtok_jax.models import beats
 
+
 def builder_config_name(image_size: int) -> str:
     return f"full{int(image_size)}"
 
@@ -40,20 +39,12 @@ def write_full_size_assets(root: str = "full_size_assets", *, image_size: int = 
                            seed: int = 0) -> dict[str, str]:
     """ROOT/sd, ROOT/beats and ROOT/data (each skipped when already complete; written into a temporary
     sibling and renamed) → {'sd', 'beats', 'data', 'builder_config'}."""
-    paths = {"sd": os.path.join(root, "sd"), "beats": os.path.join(root, "beats"), "data": os.path.join(root, "data")}
-    writers = {"sd": (lambda d: demo_models.write_full_size_sd(d, seed), demo_models.SD_FILES),
-               "beats": (lambda d: beats.save_beats(d, beats.BEATS_ITER3_PLUS_AS2M_CFG, beats.init_params(
-                   beats.BEATS_ITER3_PLUS_AS2M_CFG, seed)), ("params.safetensors", "config.json"))}
-    for part, (write, files) in writers.items():
-        if all(os.path.isfile(os.path.join(paths[part], f)) for f in files):
-            continue
-        tmp = paths[part] + ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(root, exist_ok=True)
-        print(f"writing {paths[part]} …", file=sys.stderr, flush=True)
-        write(tmp)
-        shutil.rmtree(paths[part], ignore_errors=True)
-        os.replace(tmp, paths[part])
+    beats_cfg = beats.BEATS_ITER3_PLUS_AS2M_CFG
+    paths = demo_models.write_parts(root, {
+        "sd": (lambda d: demo_models.write_full_size_sd(d, seed), demo_models.SD_FILES),
+        "beats": (lambda d: beats.save_beats(d, beats_cfg, beats.init_params(beats_cfg, seed)),
+                  demo_models.BEATS_FILES)})
+    paths["data"] = os.path.join(root, "data")
     name = builder_config_name(image_size)
     if not 1 <= clips_per_label <= 8:
         raise ValueError(f"clips_per_label={clips_per_label}: 1 … 8 (with 1 validation and 1 test clip per label)")

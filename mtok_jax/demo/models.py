@@ -32,7 +32,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from typing import Any, Mapping
+import sys
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -247,11 +248,6 @@ def write_demo_sd(directory: str, seed: int = 0) -> None:
     _write_scheduler(os.path.join(directory, "scheduler"))
 
 
-SD_FILES = ("model_index.json", "tokenizer/vocab.json", "text_encoder/flax_model.msgpack",
-            "unet/diffusion_flax_model.msgpack", "vae/diffusion_flax_model.msgpack",
-            "scheduler/scheduler_config.json")
-
-
 def write_full_size_sd(directory: str, seed: int = 0) -> None:
     """SD v1.4's UNet, VAE and text encoder shapes with random weights (``directory`` must not exist)."""
     os.makedirs(directory)
@@ -260,11 +256,11 @@ def write_full_size_sd(directory: str, seed: int = 0) -> None:
     tokenizer = os.path.join(directory, "tokenizer")
     _write_tokenizer(tokenizer)
     _write_text_encoder(os.path.join(directory, "text_encoder"), tokenizer, seed + 1,
-                                    SD14_TEXT_CONFIG, SD14_TEXT_CONFIG["vocab_size"])
-    _write_diffusers(os.path.join(directory, "unet"),
-                                 diffusion.unet_from_config(diffusion.SD14_UNET_CONFIG), seed + 2)
-    _write_diffusers(os.path.join(directory, "vae"),
-                                 diffusion.vae_from_config(diffusion.SD14_VAE_CONFIG), seed + 3)
+                        SD14_TEXT_CONFIG, SD14_TEXT_CONFIG["vocab_size"])
+    _write_diffusers(os.path.join(directory, "unet"), diffusion.unet_from_config(diffusion.SD14_UNET_CONFIG),
+                     seed + 2)
+    _write_diffusers(os.path.join(directory, "vae"), diffusion.vae_from_config(diffusion.SD14_VAE_CONFIG),
+                     seed + 3)
     _write_scheduler(os.path.join(directory, "scheduler"))
 
 
@@ -287,28 +283,37 @@ def _current_sd(path: str) -> bool:
     return True
 
 
-_SD_FILES = ("model_index.json", "tokenizer/vocab.json", "text_encoder/flax_model.msgpack",
-             "unet/diffusion_flax_model.msgpack", "vae/diffusion_flax_model.msgpack",
-             "scheduler/scheduler_config.json")
-_BEATS_FILES = ("params.safetensors", "config.json")
+SD_FILES = ("model_index.json", "tokenizer/vocab.json", "text_encoder/flax_model.msgpack",
+            "unet/diffusion_flax_model.msgpack", "vae/diffusion_flax_model.msgpack",
+            "scheduler/scheduler_config.json")
+BEATS_FILES = ("params.safetensors", "config.json")
 
 
-def write_demo_models(root: str | os.PathLike = "demo_assets", seed: int = 0) -> dict[str, str]:
-    """Write ``root/sd`` and ``root/beats`` unless already complete → ``{'sd': path, 'beats': path}``.
+def write_parts(root: str, parts: dict[str, tuple[Callable[[str], None], tuple[str, ...]]],
+                is_current: Callable[[str, str], bool] = lambda part, path: True) -> dict[str, str]:
+    """Write each ``root/<part>`` with ``writer(directory)`` unless its ``files`` are all there (and
+    ``is_current(part, path)``) → {part: path}.
 
     Each part is built in a temporary sibling folder and renamed into place, so an interrupted run
     leaves no half-written part behind.
     """
-    root = os.fspath(root)
-    paths = {"sd": os.path.join(root, "sd"), "beats": os.path.join(root, "beats")}
-    writers = {"sd": (write_demo_sd, _SD_FILES), "beats": (write_demo_beats, _BEATS_FILES)}
-    for part, (writer, files) in writers.items():
-        if _complete(paths[part], files) and (part != "sd" or _current_sd(paths[part])):
+    paths = {part: os.path.join(root, part) for part in parts}
+    for part, (writer, files) in parts.items():
+        if _complete(paths[part], files) and is_current(part, paths[part]):
             continue
         tmp = paths[part] + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(paths[part], ignore_errors=True)
         os.makedirs(root, exist_ok=True)
-        writer(tmp, seed)
+        print(f"writing {paths[part]} …", file=sys.stderr, flush=True)
+        writer(tmp)
         os.replace(tmp, paths[part])
     return paths
+
+
+def write_demo_models(root: str | os.PathLike = "demo_assets", seed: int = 0) -> dict[str, str]:
+    """Write ``root/sd`` and ``root/beats`` unless already complete (``write_parts``) →
+    ``{'sd': path, 'beats': path}``."""
+    parts = {"sd": (lambda d: write_demo_sd(d, seed), SD_FILES),
+             "beats": (lambda d: write_demo_beats(d, seed), BEATS_FILES)}
+    return write_parts(os.fspath(root), parts, lambda part, path: part != "sd" or _current_sd(path))
