@@ -10,7 +10,7 @@ trainable parameters: fp32 params + Adam = 10.7 GiB, sharded over the `fsdp` mes
 61.3 GiB on 1 device, 10.6 GiB on 8 (mesh fsdp=8, batch 1 per device), 10.9 GiB on 32 (batch 32).
 On one 24 GiB machine without an accelerator, float32 at 256 px and batch 1
 (`--config.data.image_size=256 --config.train.batch_size=1 --config.train.update_unet_first=True`): peak
-RSS 18.3 GiB (18.0 resuming),
+RSS 18.4 GiB (18.0 resuming),
 ≈33 s/step on 2 cores (README "Memory per device").
 Launch recipes (one 8-GPU node, SLURM, TPU slices): README "Launch recipes".
 Expected runtime (an estimate, not measured here): ≈19 TFLOP/step at 512 px; on one H100 roughly
