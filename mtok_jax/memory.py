@@ -62,16 +62,14 @@ def measure(config, devices: int, full_size: bool = True) -> dict[str, Any]:
     sh = train.state_shardings(mesh, trainable, frozen, optimizer, config.train.fsdp_min_size)
     opt_state = jax.eval_shape(optimizer.init, trainable)
 
-    def placed(tree, shardings):
-        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
-
     def shard_bytes(tree, shardings) -> int:
         return sum(int(np.prod(s.shard_shape(x.shape))) * np.dtype(x.dtype).itemsize
                    for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)))
 
     batch = train.abstract_train_batch(config, sh.train_batch)
-    compiled = train.compile_train_step(system, optimizer, schedule, sh, placed(trainable, sh.trainable),
-                                        placed(opt_state, sh.opt_state), placed(frozen, sh.frozen))
+    compiled = train.compile_train_step(system, optimizer, schedule, sh, train.placed_like(trainable, sh.trainable),
+                                        train.placed_like(opt_state, sh.opt_state),
+                                        train.placed_like(frozen, sh.frozen))
     ma = compiled.memory_analysis()
     record = {
         "config": config.workdir_name, "full_size": full_size,

@@ -456,8 +456,8 @@ def _train(config, workdir: str, stop: signals.GracefulStop, ckpt: checkpoints.C
     paths = tree_lib.trainable_paths(tree_lib.merge_params(trainable, {}), train_cfg.trainable)
     saved = None  # the checkpoint's meta
     if ckpt.has_latest():  # its values replace the loaded ones: release those before reading it
-        trainable_like = _placed_like(trainable, sh.trainable)
-        opt_like = _placed_like(jax.eval_shape(optimizer.init, trainable), sh.opt_state)
+        trainable_like = placed_like(trainable, sh.trainable)
+        opt_like = placed_like(jax.eval_shape(optimizer.init, trainable), sh.opt_state)
         del trainable
         trainable, opt_state, saved = ckpt.restore_latest(trainable_like, opt_like)
         opt_state = sharding.owned(opt_state)
@@ -645,8 +645,9 @@ def compile_train_step(system: system_lib.System, optimizer: optax.GradientTrans
                       jax.ShapeDtypeStruct((), jnp.int32), key).compile()
 
 
-def _placed_like(tree: Any, shardings: Any) -> Any:
-    """ShapeDtypeStructs of `tree`'s leaves with `shardings` (restore targets)."""
+def placed_like(tree: Any, shardings: Any) -> Any:
+    """ShapeDtypeStructs of `tree`'s leaves (arrays or shapes) with `shardings`: restore targets, and
+    the arguments of compile_train_step without weights."""
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
