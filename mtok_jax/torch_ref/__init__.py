@@ -1,0 +1,1 @@
+"""PyTorch references of the audio branch (fbank, BEATs, embedder) for benchmarks and parity tests; needs torch."""
