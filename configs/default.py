@@ -53,6 +53,11 @@ def get_config() -> ml_collections.ConfigDict:
         bgr=False,  # thesis quirk: images fed in BGR channel order
         seed=0,  # pairing / shuffling seed (an epoch's order is a function of (seed, epoch))
         prefetch=2,  # host batches prepared ahead
+        # exp1 feature cache (python -m mtok_jax.data.cache): frozen BEATs features + VAE posterior moments computed
+        # once; used (built when missing) whenever neither BEATs nor the VAE trains and BEATs runs in eval mode
+        feature_cache=True,
+        feature_cache_dtype="bfloat16",  # storage of the BEATs features: bfloat16 (6.9 MB per 30 s clip) | float32
+        feature_cache_dir="",  # "" = DATA_DIR/feature_cache/BUILDER_CONFIG
     ))
 
     c.train = ml_collections.ConfigDict(dict(

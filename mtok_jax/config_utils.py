@@ -143,6 +143,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         need(_BOUNDS[requirement](value), f"{key}={value!r} must be {requirement}")
     m, t, p = config.model, config.train, config.prompt
     need(m.dtype in DTYPES, f"model.dtype={m.dtype!r} not in {DTYPES}")
+    need(config.data.feature_cache_dtype in DTYPES,
+         f"data.feature_cache_dtype={config.data.feature_cache_dtype!r} not in {DTYPES}")
     need(len(m.beats_layers) > 0 and all(isinstance(i, int) and i >= 0 for i in m.beats_layers),
          f"model.beats_layers={m.beats_layers!r} must be non-empty 0-based block indices")
     for name in ("train", "inference"):

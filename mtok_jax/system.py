@@ -115,15 +115,41 @@ def audio_token(system: System, params: Mapping[str, Any], waveforms: jax.Array,
     at inference too unless `model.unary_dropout_at_inference` is off) and BEATs' dropout/layer drop
     when `model.beats_train_mode`.
     """
-    keys = per_example_keys(rng, waveforms.shape[0])
-    k = jax.vmap(jax.random.split)(keys)  # [B, 2]: BEATs, embedder
-    feats = beats_features(system, params, waveforms, rng=k[:, 0], train=train)
+    beats_keys, embedder_keys = _token_keys(rng, waveforms.shape[0])
+    feats = beats_features(system, params, waveforms, rng=beats_keys, train=train)
+    return embed_features(system, params, feats, keys=embedder_keys, train=train)
 
+
+def cached_audio_token(system: System, params: Mapping[str, Any], features: jax.Array, *, rng: jax.Array,
+                       train: bool) -> jax.Array:
+    """audio_token from cached BEATs features [B, T, C] (mtok_jax.data.features; BEATs in eval mode): the
+    same token for the same rng as audio_token of the clips they came from."""
+    _, embedder_keys = _token_keys(rng, features.shape[0])
+    return embed_features(system, params, features.astype(jnp.float32), keys=embedder_keys, train=train)
+
+
+def batch_audio_token(system: System, params: Mapping[str, Any], batch: Mapping[str, jax.Array], *,
+                      rng: jax.Array, train: bool) -> jax.Array:
+    """The audio token of a batch holding 'audio' clips or cached 'features' (mtok_jax.data.pipeline)."""
+    if "features" in batch:
+        return cached_audio_token(system, params, batch["features"], rng=rng, train=train)
+    return audio_token(system, params, batch["audio"], rng=rng, train=train)
+
+
+def embed_features(system: System, params: Mapping[str, Any], features: jax.Array, *, keys: jax.Array,
+                   train: bool) -> jax.Array:
+    """BEATs features [B, T, C] → audio token [B, D] float32; keys [B]: the embedder's dropout per example."""
     def one(f, key):
         return system.embedder.apply({"params": params["embedder"]}, f[None], deterministic=not train,
                                      rngs={"dropout": key})[0]
 
-    return jax.vmap(one)(feats, k[:, 1])
+    return jax.vmap(one)(features, keys)
+
+
+def _token_keys(rng: jax.Array, batch: int) -> tuple[jax.Array, jax.Array]:
+    """(BEATs keys [B], embedder keys [B]) of audio_token's `rng`."""
+    k = jax.vmap(jax.random.split)(per_example_keys(rng, batch))  # [B, 2]: BEATs, embedder
+    return k[:, 0], k[:, 1]
 
 
 def text_states(system: System, params: Mapping[str, Any], token: jax.Array, prompt) -> jax.Array:

@@ -41,6 +41,8 @@ from jax.sharding import NamedSharding
 from mtok_jax import checkpoints, config_utils, environment, losses, monitor, sharding, signals, workdir_lock
 from mtok_jax import tree as tree_lib
 from mtok_jax import system as system_lib
+from mtok_jax.data import cache as feature_cache
+from mtok_jax.data import features as features_lib
 from mtok_jax.data import pipeline
 from mtok_jax.models import diffusion
 
@@ -93,8 +95,8 @@ def system_front(system: system_lib.System, trainable: Mapping, frozen: Mapping,
     """The audio branch (docs/design.md §1): audio → audio token → text states, with classifier-free
     guidance dropout in training. keys [B]: one key per example. → {'token' [B, D], 'states' [B, 77, D]}."""
     params = tree_lib.merge_params(trainable, frozen)
-    token = system_lib.audio_token(system, params, batch["audio"], rng=system_lib.split_example_keys(keys)["token"],
-                                   train=train)
+    token = system_lib.batch_audio_token(system, params, batch, rng=system_lib.split_example_keys(keys)["token"],
+                                         train=train)
     states = system_lib.text_states(system, params, token, "train")
     p_uncond = float(system.config.train.uncond_prob)
     if train and p_uncond > 0:  # classifier-free guidance dropout: the empty prompt's states instead
@@ -106,12 +108,17 @@ def system_front(system: system_lib.System, trainable: Mapping, frozen: Mapping,
 
 def system_back(system: system_lib.System, trainable: Mapping, frozen: Mapping, front: Mapping[str, jax.Array],
                 batch: Mapping[str, jax.Array], keys: jax.Array) -> dict[str, jax.Array]:
-    """The image branch given `front` (system_front's outputs): image → VAE latents; DDPM noise at
-    t ~ U{0..T−1}; UNet(noisy, t, states). → {'pred', 'target' [B, C, h, w], 'token', 'tau' [B, D]}."""
+    """The image branch given `front` (system_front's outputs): image (or its cached posterior 'moments')
+    → VAE latents; DDPM noise at t ~ U{0..T−1}; UNet(noisy, t, states).
+    → {'pred', 'target' [B, C, h, w], 'token', 'tau' [B, D]}."""
     params = tree_lib.merge_params(trainable, frozen)
     k = system_lib.split_example_keys(keys)
-    latents = jax.vmap(lambda img, key: diffusion.encode_latents(system.vae, params["vae"], img[None], key)[0])(
-        batch["image"], k["vae"])
+    if "moments" in batch:
+        latents = jax.vmap(lambda m, key: diffusion.latents_from_moments(system.vae, m[None], key)[0])(
+            batch["moments"], k["vae"])
+    else:
+        latents = jax.vmap(lambda img, key: diffusion.encode_latents(system.vae, params["vae"], img[None], key)[0])(
+            batch["image"], k["vae"])
     noise = jax.vmap(lambda key: jax.random.normal(key, latents.shape[1:], latents.dtype))(k["noise"])
     num_t = system.noise_scheduler.config.num_train_timesteps
     t = jax.vmap(lambda key: jax.random.randint(key, (), 0, num_t))(k["timestep"])
@@ -171,7 +178,7 @@ def system_cosines(system: system_lib.System, trainable: Mapping, frozen: Mappin
     """cos(audio token, label target) per example [B], with the randomness of system_loss."""
     params = tree_lib.merge_params(trainable, frozen)
     token_keys = system_lib.split_example_keys(keys)["token"]
-    token = system_lib.audio_token(system, params, batch["audio"], rng=token_keys, train=True)
+    token = system_lib.batch_audio_token(system, params, batch, rng=token_keys, train=True)
     return losses.cosine_similarity(token, system.label_targets[batch["label"]])
 
 
@@ -440,6 +447,14 @@ def _train(config, workdir: str, stop: signals.GracefulStop, ckpt: checkpoints.C
 
     # ---------------------------------------------------------------------------------- models & optimizer
     system, params = system_lib.load_system(config, dataset.label_names)
+    feature_store = None
+    off = feature_cache.disabled_reason(config, params)
+    if off is None:
+        feature_store = feature_cache.ensure(config, system, params, progress=is_main)
+        data_kw["features"] = feature_store
+        log.info("feature cache %s: the step starts at the embedder", feature_store.path)
+    elif data_cfg.feature_cache:
+        log.info("feature cache not used: %s", off)
     trainable, frozen = tree_lib.split_params(params, train_cfg.trainable)
     del params
     if system.config.model.dtype == "bfloat16":  # fp32 master copy of what trains; frozen weights in bf16
@@ -473,7 +488,7 @@ def _train(config, workdir: str, stop: signals.GracefulStop, ckpt: checkpoints.C
 
     # ---------------------------------------------------------------------------------- step
     started = time.perf_counter()
-    train_step = compile_train_step(system, optimizer, schedule, sh, trainable, opt_state, frozen)
+    train_step = compile_train_step(system, optimizer, schedule, sh, trainable, opt_state, frozen, feature_store)
     log.info("train step compiled in %.1f s", time.perf_counter() - started)
     environment.release_free_host_memory()  # what the compiler left behind
     eval_step = jax.jit(make_eval_step(lambda *a: system_eval_loss(system, *a)),
@@ -617,21 +632,26 @@ def state_shardings(mesh, trainable: Any, frozen: Any, optimizer: optax.Gradient
                           sharding.batch_sharding(mesh), repl)
 
 
-def abstract_train_batch(config, batch_sharding: NamedSharding) -> dict[str, jax.ShapeDtypeStruct]:
-    """The shapes of one global training batch [accum, B, ...] (audio, image, label)."""
+def abstract_train_batch(config, batch_sharding: NamedSharding,
+                         feature_store: features_lib.FeatureStore | None = None) -> dict[str, jax.ShapeDtypeStruct]:
+    """The shapes of one global training batch [accum, B, ...]: audio, image, label; with a feature cache
+    its features and moments instead of audio and image."""
     t = config.train
     lead = (t.grad_accum, t.batch_size)
-    return {"audio": jax.ShapeDtypeStruct((*lead, config_utils.clip_samples(config)), jnp.float32,
-                                          sharding=batch_sharding),
-            "image": jax.ShapeDtypeStruct((*lead, *config_utils.image_hw(config), 3), jnp.float32,
-                                          sharding=batch_sharding),
+    per_example = (feature_store.batch_shapes() if feature_store is not None else
+                   {"audio": ((config_utils.clip_samples(config),), jnp.float32),
+                    "image": ((*config_utils.image_hw(config), 3), jnp.float32)})
+    return {**{k: jax.ShapeDtypeStruct((*lead, *shape), dtype, sharding=batch_sharding)
+               for k, (shape, dtype) in per_example.items()},
             "label": jax.ShapeDtypeStruct(lead, jnp.int32, sharding=batch_sharding)}
 
 
 def compile_train_step(system: system_lib.System, optimizer: optax.GradientTransformation, schedule: optax.Schedule,
-                       sh: StateShardings, trainable: Any, opt_state: Any, frozen: Any) -> jax.stages.Compiled:
+                       sh: StateShardings, trainable: Any, opt_state: Any, frozen: Any,
+                       feature_store: features_lib.FeatureStore | None = None) -> jax.stages.Compiled:
     """The training step of `system.config`, jitted with `sh` (trainable and optimizer state donated)
-    and compiled ahead of time for these trees (arrays or ShapeDtypeStructs). Call it as
+    and compiled ahead of time for these trees (arrays or ShapeDtypeStructs) and batches of
+    abstract_train_batch. Call it as
     step(trainable, opt_state, frozen, batch, jnp.int32(step), root_key) → (trainable, opt_state, metrics)."""
     config = system.config
     step = jax.jit(
@@ -641,7 +661,7 @@ def compile_train_step(system: system_lib.System, optimizer: optax.GradientTrans
         in_shardings=(sh.trainable, sh.opt_state, sh.frozen, sh.train_batch, sh.replicated, sh.replicated),
         out_shardings=(sh.trainable, sh.opt_state, sh.replicated), donate_argnums=(0, 1))
     key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=sh.replicated)
-    return step.lower(trainable, opt_state, frozen, abstract_train_batch(config, sh.train_batch),
+    return step.lower(trainable, opt_state, frozen, abstract_train_batch(config, sh.train_batch, feature_store),
                       jax.ShapeDtypeStruct((), jnp.int32), key).compile()
 
 

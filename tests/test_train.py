@@ -279,7 +279,8 @@ def test_nan_guard_names_the_step(assets, tmp_path, monkeypatch):
     def poisoned(*args, **kwargs):
         for i, batch in enumerate(real_batches(*args, **kwargs)):
             if args[1] == "train" and i == 1:  # the second training batch: step 2
-                batch = {**batch, "audio": np.full_like(batch["audio"], np.nan)}
+                key = "features" if "features" in batch else "audio"  # (the feature cache's batches)
+                batch = {**batch, key: np.full_like(batch[key], np.nan)}
             yield batch
 
     monkeypatch.setattr(pipeline, "batches", poisoned)

@@ -228,7 +228,7 @@ def _prefetch(gen: Iterator, size: int) -> Iterator:
 def batches(data_dir, split: str, *, global_batch_size: int, seed: int, epoch: int, start_batch: int = 0,
             shuffle: bool = True, drop_remainder: bool = True, bgr: bool = False,
             rows: Optional[np.ndarray] = None, micro_batches: int = 1, config_name: Optional[str] = None,
-            prefetch: int = 2, threads: int = 4) -> Iterator[dict]:
+            prefetch: int = 2, threads: int = 4, features=None) -> Iterator[dict]:
     """This host's part of each global batch of one epoch, from batch `start_batch` on (module docstring).
 
     Global batch k is records order[k·G : (k+1)·G] (G = global_batch_size) of `epoch_order`, cut into
@@ -238,6 +238,8 @@ def batches(data_dir, split: str, *, global_batch_size: int, seed: int, epoch: i
     'train' pairs each audio with a same-label train image drawn per (seed, epoch); 'validation' /
     'test' use the pairing stored in the dataset. drop_remainder=False pads the last global batch
     with copies of its first example and adds 'mask' (1 real, 0 padding).
+    `features`: an open feature cache (mtok_jax.data.features.FeatureStore): batches then hold its
+    'features' [b, T, C] and 'moments' [b, h, w, 2C] of the same examples instead of 'audio' and 'image'.
     """
     if global_batch_size % micro_batches:
         raise ValueError(f"global_batch_size {global_batch_size} not divisible into {micro_batches} micro-batches")
@@ -259,11 +261,13 @@ def batches(data_dir, split: str, *, global_batch_size: int, seed: int, epoch: i
     positions = (np.arange(micro_batches)[:, None] * micro + rows[None, :]).ravel()
 
     def one(i):
+        image_index = int(pairing[i]) if pairing is not None else int(i)
+        if features is not None:
+            return {"features": features.features(split, int(i)), "moments": features.moments(split, image_index)}
         rec = src[int(i)]
-        image_bytes = image_src[int(pairing[i])]["image"] if pairing is not None else rec["image"]
-        if not image_bytes:
-            raise ValueError(f"{ds.path}: split '{split}' record {i} has no image")
-        return from_pcm16(rec["audio"]), image_to_float(decode_image(image_bytes), bgr)
+        image_rec = image_src[image_index] if pairing is not None else rec
+        return {"audio": record_audio(rec),
+                "image": record_image(image_rec, f"{ds.path}: split '{split}' record {i}", bgr)}
 
     def produce():
         with cf.ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
@@ -272,13 +276,25 @@ def batches(data_dir, split: str, *, global_batch_size: int, seed: int, epoch: i
                 real = at < n
                 ids = order[np.where(real, at, k * global_batch_size)]  # padding: the batch's first example
                 items = list(pool.map(one, ids))
-                out = {"audio": np.stack([a for a, _ in items]), "image": np.stack([im for _, im in items]),
-                       "label": labels[ids].astype(np.int32)}
+                out = {k: np.stack([item[k] for item in items]) for k in items[0]}
+                out["label"] = labels[ids].astype(np.int32)
                 if not drop_remainder:
                     out["mask"] = real.astype(np.float32)
                 yield out
 
     return _prefetch(produce(), prefetch)
+
+
+def record_audio(rec: Mapping) -> np.ndarray:
+    """A record's clip → float32 [clip_samples] in [-1, 1)."""
+    return from_pcm16(rec["audio"])
+
+
+def record_image(rec: Mapping, where: str, bgr: bool = False) -> np.ndarray:
+    """A record's image → float32 [H, W, 3] in [-1, 1]; `where` names the record in the error for none."""
+    if not rec["image"]:
+        raise ValueError(f"{where} has no image")
+    return image_to_float(decode_image(rec["image"]), bgr)
 
 
 def to_global(batch: Mapping[str, np.ndarray], sharding) -> dict:

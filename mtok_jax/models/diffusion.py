@@ -25,7 +25,7 @@ import dataclasses
 import glob
 import inspect
 import os
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -161,25 +161,58 @@ def pytorch_to_flax(pt_state: Mapping[str, np.ndarray], shapes: Mapping[str, Any
     body of ``convert_pytorch_state_dict_to_flax`` minus its torch ``.numpy()`` and its full weight init).
     Raises on any missing, unexpected or mis-shaped parameter.
     """
-    from diffusers.models.modeling_flax_pytorch_utils import rename_key, rename_key_and_reshape_tensor
-
     expected = traverse_util.flatten_dict(dict(shapes))
     out: dict[tuple, np.ndarray] = {}
     unexpected = []
     for pt_key, tensor in pt_state.items():
-        key = tuple(rename_key(pt_key).split("."))
-        flax_key, value = rename_key_and_reshape_tensor(key, np.asarray(tensor), expected)
-        if flax_key not in expected:
+        flax_key, value = _to_flax(pt_key, np.asarray(tensor), expected)
+        if flax_key is None:
             unexpected.append(pt_key)
             continue
-        if value.shape != expected[flax_key].shape:
-            raise ValueError(f"{pt_key}: shape {value.shape} after conversion, expected {expected[flax_key].shape}")
         out[flax_key] = value
-    missing = sorted("/".join(k) for k in expected.keys() - out.keys())
+    _check_complete(expected, out, unexpected)
+    return traverse_util.unflatten_dict(out)
+
+
+def flax_to_pytorch(pt_shapes: Mapping[str, Sequence[int]], params: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Flax param tree → PyTorch diffusers state dict {key: array of pt_shapes[key]}: the exact inverse of
+    :func:`pytorch_to_flax`. Each key's conversion (a rename plus a transpose) is read off by converting a
+    probe holding its own element indices; raises as :func:`pytorch_to_flax` does."""
+    expected = traverse_util.flatten_dict(dict(params))
+    out, done, unexpected = {}, {}, []
+    for pt_key, shape in pt_shapes.items():
+        size = int(np.prod(shape))
+        flax_key, where = _to_flax(pt_key, np.arange(size, dtype=np.float64).reshape(tuple(shape)), expected)
+        if flax_key is None:
+            unexpected.append(pt_key)
+            continue
+        source = np.asarray(expected[flax_key])
+        value = np.empty(size, source.dtype)
+        value[where.astype(np.int64).ravel()] = source.ravel()
+        out[pt_key] = value.reshape(tuple(shape))
+        done[flax_key] = source
+    _check_complete(expected, done, unexpected)
+    return out
+
+
+def _to_flax(pt_key: str, tensor: np.ndarray, expected: Mapping[tuple, Any]) -> tuple[tuple | None, np.ndarray]:
+    """One PyTorch weight → (its Flax key, its value in the Flax layout); (None, _) when the Flax model
+    has no such weight."""
+    from diffusers.models.modeling_flax_pytorch_utils import rename_key, rename_key_and_reshape_tensor
+
+    flax_key, value = rename_key_and_reshape_tensor(tuple(rename_key(pt_key).split(".")), tensor, expected)
+    if flax_key not in expected:
+        return None, value
+    if value.shape != expected[flax_key].shape:
+        raise ValueError(f"{pt_key}: shape {value.shape} after conversion, expected {expected[flax_key].shape}")
+    return flax_key, value
+
+
+def _check_complete(expected: Mapping[tuple, Any], converted: Mapping[tuple, Any], unexpected: Sequence[str]) -> None:
+    missing = sorted("/".join(k) for k in expected.keys() - converted.keys())
     if missing or unexpected:
         raise ValueError(f"PyTorch weights do not match the Flax model: missing {missing[:8]} "
-                         f"({len(missing)}), unexpected {unexpected[:8]} ({len(unexpected)})")
-    return traverse_util.unflatten_dict(out)
+                         f"({len(missing)}), unexpected {list(unexpected)[:8]} ({len(unexpected)})")
 
 
 def _safetensors_files(folder: str) -> list[str]:
@@ -339,13 +372,23 @@ def denoise_latents(unet, unet_params, scheduler, state, text_states, uncond_sta
 # ------------------------------------------------------------------------------ VAE and noising
 def encode_latents(vae, vae_params, images, rng):
     """images [B, H, W, 3] in [-1, 1] → sampled posterior latents [B, C, H/f, W/f] × scaling_factor."""
-    from diffusers.models.vae_flax import FlaxDiagonalGaussianDistribution
+    return latents_from_moments(vae, posterior_moments(vae, vae_params, images), rng)
 
+
+def posterior_moments(vae, vae_params, images):
+    """images [B, H, W, 3] in [-1, 1] → the VAE posterior's (mean, log-variance) float32 [B, H/f, W/f, 2C]
+    (what the exp1 feature cache stores)."""
     def moments(m, x):
         return m.quant_conv(m.encoder(x, deterministic=True))
 
-    mom = vae.apply({"params": vae_params}, images.astype(vae.dtype), method=moments)
-    z = FlaxDiagonalGaussianDistribution(mom.astype(jnp.float32)).sample(rng)  # NHWC
+    return vae.apply({"params": vae_params}, images.astype(vae.dtype), method=moments).astype(jnp.float32)
+
+
+def latents_from_moments(vae, moments, rng):
+    """posterior_moments [B, h, w, 2C] → sampled latents [B, C, h, w] × scaling_factor."""
+    from diffusers.models.vae_flax import FlaxDiagonalGaussianDistribution
+
+    z = FlaxDiagonalGaussianDistribution(moments.astype(jnp.float32)).sample(rng)  # NHWC
     return jnp.transpose(z, (0, 3, 1, 2)) * vae.scaling_factor
 
 
