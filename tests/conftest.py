@@ -13,6 +13,7 @@ if "--xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
 os.environ.setdefault("USE_TF", "0")
 
 import jax  # noqa: E402
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -31,6 +32,17 @@ def golden_dir() -> pathlib.Path:
     if not GOLDEN.is_dir():
         pytest.skip(f"golden tensors not found at {GOLDEN} (set MTOK_SHARED)")
     return GOLDEN
+
+
+def golden_arrays(golden_dir: pathlib.Path, name: str) -> dict:
+    """Every array of the golden file `name` (e.g. 'beats_small.npz'), loaded."""
+    with np.load(golden_dir / name) as d:
+        return {k: d[k] for k in d.files}
+
+
+def golden_state_dict(golden: dict) -> dict:
+    """The reference module's state dict stored under 'sd/…' in a golden file."""
+    return {k[len("sd/"):]: v for k, v in golden.items() if k.startswith("sd/")}
 
 
 def built_once(tmp_path_factory, name: str, build) -> dict[str, str]:

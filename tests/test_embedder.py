@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import torch_or_skip
+from conftest import golden_arrays, golden_state_dict, torch_or_skip
 from mtok_jax import convert
 from mtok_jax.models.embedder import (
     AudioTokenEmbedder,
@@ -23,13 +23,12 @@ CASES = ("beats10s", "rand")
 
 @pytest.fixture(scope="module")
 def golden(golden_dir):
-    with np.load(golden_dir / "audiotoken_embedder.npz") as d:
-        return {k: d[k] for k in d.files}
+    return golden_arrays(golden_dir, "audiotoken_embedder.npz")
 
 
 @pytest.fixture(scope="module")
 def state_dict(golden):
-    return {k[len("sd/"):]: v for k, v in golden.items() if k.startswith("sd/")}
+    return golden_state_dict(golden)
 
 
 @pytest.fixture(scope="module")

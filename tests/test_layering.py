@@ -20,7 +20,8 @@ USERS = {"mtok_jax.system", "mtok_jax.train", "mtok_jax.sample", "mtok_jax.expor
 LOW = ("mtok_jax.constants", "mtok_jax.errors", "mtok_jax.environment", "mtok_jax.config_utils", "mtok_jax.tree",
        "mtok_jax.params_io", "mtok_jax.pt_checkpoint", "mtok_jax.signals", "mtok_jax.workdir_lock",
        "mtok_jax.sharding", "mtok_jax.audio", "mtok_jax.models", "mtok_jax.data.sources", "mtok_jax.data.images",
-       "mtok_jax.data.jobs", "mtok_jax.data.music_image", "mtok_jax.data.pipeline")
+       "mtok_jax.data.jobs", "mtok_jax.data.music_image", "mtok_jax.data.pipeline",
+       "mtok_jax.torch_ref.fbank", "mtok_jax.torch_ref.beats", "mtok_jax.torch_ref.embedder")  # PyTorch references
 
 
 def module_files() -> dict[str, pathlib.Path]:
@@ -101,9 +102,9 @@ def upward_edges(graph: dict[str, set[str]]) -> list[tuple[str, str]]:
                 upward.append((module, target))  # configs are plain values
             if module.startswith("mtok_jax") and not target.startswith("mtok_jax"):
                 upward.append((module, target))  # the package needs neither metrics nor the entry points
-            if target.startswith("mtok_jax.demo") and module.startswith("mtok_jax") and not module.startswith(
-                    "mtok_jax.demo"):
-                upward.append((module, target))  # the demo's models are for the demo and the tests only
+            if target.startswith("mtok_jax.demo") and module.startswith("mtok_jax") and not _below(
+                    module, ("mtok_jax.demo", "mtok_jax.bench")):
+                upward.append((module, target))  # the demo's models: for the demo, the benchmark and the tests
             if _below(module, LOW) and target in USERS:
                 upward.append((module, target))
             if module.startswith("metrics") and target in ("train", "sample", "demo"):

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import torch_or_skip
+from conftest import golden_arrays, golden_state_dict, torch_or_skip
 from mtok_jax.models import beats as B
 from mtok_jax.models import embedder as E
 
@@ -33,8 +33,7 @@ def _np(x):
 
 @pytest.fixture(scope="module")
 def golden(golden_dir):
-    with np.load(golden_dir / "beats_small.npz") as d:
-        return {k: d[k] for k in d.files}
+    return golden_arrays(golden_dir, "beats_small.npz")
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +43,7 @@ def cfg(golden):
 
 @pytest.fixture(scope="module")
 def state_dict(golden):
-    return {k[3:]: v for k, v in golden.items() if k.startswith("sd/")}
+    return golden_state_dict(golden)
 
 
 @pytest.fixture(scope="module")
@@ -61,13 +60,12 @@ def pad_batch(golden):
 
 @pytest.fixture(scope="module")
 def embedder_golden(golden_dir):
-    with np.load(golden_dir / "audiotoken_embedder.npz") as d:
-        return {k: d[k] for k in d.files}
+    return golden_arrays(golden_dir, "audiotoken_embedder.npz")
 
 
 @pytest.fixture(scope="module")
 def embedder_sd(embedder_golden):
-    return {k[3:]: v for k, v in embedder_golden.items() if k.startswith("sd/")}
+    return golden_state_dict(embedder_golden)
 
 
 class Recorder:

@@ -387,11 +387,16 @@ class BEATs(nn.Module):
 
 def audiotoken_features(output: BEATsOutput, layers: Sequence[int] = AUDIOTOKEN_LAYERS) -> jax.Array:
     """Outputs of the 0-based blocks ``layers`` concatenated on channels: ``[B, T, len(layers)·C]``."""
-    n = len(output.hidden_states)
+    return jnp.concatenate(selected_layers(output.hidden_states, layers), axis=-1)
+
+
+def selected_layers(hidden_states: Sequence[Any], layers: Sequence[int]) -> list[Any]:
+    """hidden_states[i] for i in layers, or a ValueError naming the model's layer count."""
+    n = len(hidden_states)
     if max(layers) >= n:
         raise ValueError(f"audiotoken_features needs layers {tuple(layers)} but the model has only {n} "
                          f"layers; pass layers= for a small model")
-    return jnp.concatenate([output.hidden_states[i] for i in layers], axis=-1)
+    return [hidden_states[i] for i in layers]
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -287,11 +287,7 @@ class BEATs(nn.Module):
 
 def audiotoken_features(output: BEATsOutput, layers: Sequence[int] = AUDIOTOKEN_LAYERS) -> torch.Tensor:
     """Outputs of the 0-based blocks ``layers`` concatenated on channels: ``[B, T, len(layers)·C]``."""
-    n = len(output.hidden_states)
-    if max(layers) >= n:
-        raise ValueError(f"audiotoken_features needs layers {tuple(layers)} but the model has only {n} "
-                         f"layers; pass layers= for a small model")
-    return torch.cat([output.hidden_states[i] for i in layers], dim=-1)
+    return torch.cat(flax_beats.selected_layers(output.hidden_states, layers), dim=-1)
 
 
 # ----------------------------------------------------------------------------------------------------

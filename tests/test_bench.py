@@ -1,0 +1,29 @@
+"""python -m mtok_jax.bench: the harness end to end on the tiny preset (no timing is asserted)."""
+
+import json
+import os
+
+from mtok_jax import bench
+
+
+def test_tiny_preset_measures_everything(demo_models, tmp_path, capsys):
+    root = os.path.dirname(demo_models["sd"])
+    records = bench.main(["--preset", "tiny", "--what", "all", "--runs", "1", "--assets", root])
+    printed = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [r["what"] for r in records] == list(bench.WHATS) and printed == records
+    for r in records:
+        assert "error" not in r, r
+        assert r["backend"] == "jax" and r["device_kind"] and r["runs"] == 1
+        assert 0 < r["min_ms"] <= r["median_ms"] <= r["max_ms"] and r["peak_rss_gib"] > 0
+        if r["what"] != "input":
+            assert r["flops"] > 0 and 0 < r["mfu"] < 1.5, r
+    assert records[-1]["examples_per_s"] > 0
+
+    path = tmp_path / "BENCHMARKS.md"
+    path.write_text("# Benchmarks\n\nintro kept\n")
+    reference = [dict(r, backend="torch", median_ms=2 * r["median_ms"]) for r in records if r["what"] == "exp1"]
+    bench.write_markdown(path, "tiny", "cpu", bench.markdown_section("tiny", records + reference, "cmd"))
+    bench.write_markdown(path, "tiny", "cpu", bench.markdown_section("tiny", records + reference, "cmd"))
+    text = path.read_text()
+    assert text.count("<!-- bench:tiny:cpu -->") == 1 and "intro kept" in text
+    assert "| exp1 | torch |" in text and "2.00× | ≥ 1.2× | yes |" in text
