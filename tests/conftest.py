@@ -122,8 +122,9 @@ def metric_models(tmp_path_factory) -> dict[str, str]:
 
 # The slowest test files first, so that pytest-xdist's workers finish together (make test passes
 # --no-loadscope-reorder: xdist would otherwise order files by their number of tests).
-SLOWEST_FIRST = ("test_faults.py", "test_export.py", "test_distributed.py", "test_evaluate.py", "test_train.py",
-                 "test_app.py", "test_readme.py", "test_sample.py", "test_demo_metric_models.py")
+SLOWEST_FIRST = ("test_faults.py", "test_export.py", "test_distributed.py", "test_bench.py", "test_evaluate.py",
+                 "test_train.py", "test_app.py", "test_feature_cache.py", "test_readme.py", "test_sample.py",
+                 "test_torch_work.py", "test_demo_metric_models.py")
 
 
 def pytest_collection_modifyitems(items):

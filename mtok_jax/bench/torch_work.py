@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mtok_jax import bench, cli
+from mtok_jax import bench, cli, environment
 from mtok_jax import system as system_lib
 from mtok_jax.bench.jax_work import Work, random_inputs
 from mtok_jax.data import pipeline
@@ -95,6 +95,7 @@ def load(config) -> TorchSystem:
         autocast=lambda: torch.autocast(dev.type, dtype=torch.bfloat16, enabled=config.model.dtype == "bfloat16"))
     del system, params
     gc.collect()
+    environment.release_free_host_memory()  # the loading copies: the training state needs the room (exp2)
     for name in ("beats", "embedder", "text", "vae", "unet"):
         setattr(out, name, getattr(out, name).to(dev).eval().requires_grad_(False))
     return out
