@@ -385,6 +385,25 @@ class MetricsLog:
         plt.close(fig)
 
 
+class PendingMetrics:
+    """Metrics of the steps since the last pull, left on the device (dispatching the next step does not
+    wait for the previous one's loss)."""
+
+    def __init__(self):
+        self._items: list[tuple] = []
+
+    def add(self, step: int, epoch: int, batch_in_epoch: int, metrics: Mapping[str, jax.Array],
+            perf: Mapping[str, float]) -> None:
+        self._items.append((step, epoch, batch_in_epoch, metrics, perf))
+
+    def pull(self) -> list[tuple[int, int, int, dict[str, float], Mapping[str, float]]]:
+        """→ [(step, epoch, batch_in_epoch, {name: float}, perf)] in step order (one device → host transfer)."""
+        items, self._items = self._items, []
+        values = jax.device_get([m for _, _, _, m, _ in items])
+        return [(s, e, b, {k: float(v) for k, v in host.items()}, perf)
+                for (s, e, b, _, perf), host in zip(items, values)]
+
+
 def _progress(total: int, initial: int, unit_per_step: int, desc: str, enabled: bool):
     from tqdm.auto import tqdm
 
@@ -531,6 +550,28 @@ def _train(config, workdir: str, stop: signals.GracefulStop, ckpt: checkpoints.C
     val_losses: list[float] = []
     interrupted = None
     speed = monitor.Throughput(examples_per_step, flops_per_step)
+    pending = PendingMetrics()
+
+    def drain() -> None:
+        """Pull the steps' metrics since the last pull (one transfer): NaN guard (the first bad step of the
+        interval), epoch loss, metrics.jsonl / TensorBoard lines of the log steps, progress bar."""
+        nonlocal epoch_loss_sum, epoch_loss_n
+        for done, at_epoch, at_batch, m, perf in pending.pull():
+            loss = m["loss"]
+            if not math.isfinite(loss):
+                ckpt.wait()
+                raise FloatingPointError(
+                    f"non-finite training loss {loss} at step {done} (epoch {at_epoch + 1}, batch {at_batch}); "
+                    f"last good checkpoint: {ckpt.latest_step()}")
+            epoch_loss_sum, epoch_loss_n = epoch_loss_sum + loss, epoch_loss_n + 1
+            if done % train_cfg.log_every == 0:
+                terms = {k: m[k] for k in ("mse", "l1", "l2", "cosine", "grad_norm")}
+                metrics_log.write(kind="step", epoch=at_epoch + at_batch / steps_per_epoch, step=done,
+                                  train_loss=loss, val_loss=None, lr=m["lr"], **terms)
+                tb.scalars(done, {"train/loss": loss, "train/lr": m["lr"],
+                                  **{f"train/{k}": v for k, v in terms.items()}, **perf, **monitor.device_memory()})
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{m['lr']:.2e}",
+                            run_eta=speed.eta(min(max_steps, train_cfg.epochs * steps_per_epoch) - done))
     try:
         while epoch < train_cfg.epochs and step < max_steps and interrupted is None:
             bar = _progress(steps_per_epoch, batch_in_epoch, examples_per_step, f"epoch {epoch + 1}/{train_cfg.epochs}",
@@ -538,33 +579,23 @@ def _train(config, workdir: str, stop: signals.GracefulStop, ckpt: checkpoints.C
             host_batches = pipeline.batches(data_cfg.data_dir, "train", global_batch_size=examples_per_step,
                                             seed=data_cfg.seed, epoch=epoch, start_batch=batch_in_epoch,
                                             rows=train_rows, micro_batches=train_cfg.grad_accum, **data_kw)
-            for host_batch in host_batches:
-                host_batch = {k: v.reshape(train_cfg.grad_accum, -1, *v.shape[1:]) for k, v in host_batch.items()}
-                batch = pipeline.to_global(host_batch, sh.train_batch)
+            micro_batches = ({k: v.reshape(train_cfg.grad_accum, -1, *v.shape[1:]) for k, v in b.items()}
+                             for b in host_batches)
+            for batch in pipeline.on_devices(micro_batches, sh.train_batch):
                 profile.before(step)
                 trainable, opt_state, metrics = train_step(trainable, opt_state, frozen, batch, jnp.int32(step),
                                                            root_key)
-                loss = float(metrics["loss"])
                 profile.after(step + 1, trainable)
-                perf = speed.tick()
-                if not math.isfinite(loss):
-                    ckpt.wait()
-                    raise FloatingPointError(
-                        f"non-finite training loss {loss} at step {step + 1} (epoch {epoch + 1}, batch "
-                        f"{batch_in_epoch + 1}); last good checkpoint: {ckpt.latest_step()}")
                 step, batch_in_epoch = step + 1, batch_in_epoch + 1
-                epoch_loss_sum, epoch_loss_n = epoch_loss_sum + loss, epoch_loss_n + 1
+                pending.add(step, epoch, batch_in_epoch, metrics, speed.tick())  # stays on the device
                 bar.update(examples_per_step)
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{float(metrics['lr']):.2e}",
-                                run_eta=speed.eta(min(max_steps, train_cfg.epochs * steps_per_epoch) - step))
-                if step % train_cfg.log_every == 0:
-                    terms = {k: float(metrics[k]) for k in ("mse", "l1", "l2", "cosine", "grad_norm")}
-                    metrics_log.write(kind="step", epoch=epoch + batch_in_epoch / steps_per_epoch, step=step,
-                                      train_loss=loss, val_loss=None, lr=float(metrics["lr"]), **terms)
-                    tb.scalars(step, {"train/loss": loss, "train/lr": float(metrics["lr"]),
-                                      **{f"train/{k}": v for k, v in terms.items()}, **perf,
-                                      **monitor.device_memory()})
-                if step >= max_steps or stop.agreed():
+                due = (step % train_cfg.log_every == 0 or step % train_cfg.checkpoint_every == 0
+                       or batch_in_epoch == steps_per_epoch or step >= max_steps)
+                if due:
+                    drain()  # the host waits for the device here, not every step
+                # one process: the signal flag is a read; several: an all-gather, so at the pull points only
+                if step >= max_steps or ((due or jax.process_count() == 1) and stop.agreed()):
+                    drain()
                     break
                 if step % train_cfg.checkpoint_every == 0 and batch_in_epoch < steps_per_epoch:
                     ckpt.save_latest(step, trainable, opt_state, meta())

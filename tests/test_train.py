@@ -284,8 +284,15 @@ def test_nan_guard_names_the_step(assets, tmp_path, monkeypatch):
             yield batch
 
     monkeypatch.setattr(pipeline, "batches", poisoned)
+    pulled = []
+    real_pull = train.PendingMetrics.pull
+    monkeypatch.setattr(train.PendingMetrics, "pull", lambda self: pulled.append(len(self._items)) or real_pull(self))
+    # metrics stay on the device between log steps: steps 1-3 are pulled together, and the guard names the
+    # first bad one of them (step 3's loss is NaN too: the weights are after step 2)
     with pytest.raises(FloatingPointError, match="at step 2 "):
-        train.train_and_evaluate(demo_config(assets, *LOOP, "train.max_steps=3"), str(tmp_path / "nan"))
+        train.train_and_evaluate(demo_config(assets, *LOOP, "train.max_steps=3", "train.log_every=10"),
+                                 str(tmp_path / "nan"))
+    assert pulled == [3]
 
 
 def test_max_steps_zero_trains_nothing(assets, tmp_path):

@@ -7,7 +7,10 @@ Contract (what the trainer codes against):
   yields host-local numpy batches {'audio': float32 [b, N] in [-1, 1), 'image': float32 [b, H, W, 3]
   in [-1, 1], 'label': int32 [b]} (+ 'mask' float32 [b] when drop_remainder=False), b = the rows
   of the global batch this host loads (global_batch_size / process_count by default).
-- `to_global(batch, sharding) -> dict of jax.Array`.
+- `to_global(batch, sharding) -> dict of jax.Array`; `on_devices(batches, sharding)`: the same, one
+  batch ahead (its transfer overlaps the step).
+- `batches(..., features=store)`: the exp1 feature cache's 'features' and 'moments' instead of 'audio'
+  and 'image' (mtok_jax.data.features).
 
 Determinism: the split is shuffled globally with (seed, epoch) and cut into global batches; each
 host loads only its rows of each (the rows its devices hold); training images are re-paired per
@@ -18,6 +21,7 @@ consumed) continues the same order, also on another process count.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures as cf
 import dataclasses
 import functools
@@ -313,6 +317,18 @@ def to_global(batch: Mapping[str, np.ndarray], sharding) -> dict:
             s = NamedSharding(s.mesh, PartitionSpec(*s.spec[:np.ndim(value)]))
         out[key] = jax.make_array_from_process_local_data(s, np.asarray(value))
     return out
+
+
+def on_devices(host_batches: Iterator[Mapping[str, np.ndarray]], sharding, ahead: int = 1) -> Iterator[dict]:
+    """`to_global` of each batch, `ahead` batches before it is consumed: the next batch's transfer to the
+    devices is under way while the current step runs."""
+    queued: collections.deque = collections.deque()
+    for batch in host_batches:
+        queued.append(to_global(batch, sharding))
+        if len(queued) > ahead:
+            yield queued.popleft()
+    while queued:
+        yield queued.popleft()
 
 
 def iter_examples(data_dir, split: str, config_name: Optional[str] = None, *, seed: int = 0, epoch: int = 0
