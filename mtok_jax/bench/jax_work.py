@@ -81,7 +81,9 @@ def build(what: str, config, preset, compiled: bool = False) -> Work:
         return _train_work(system, params, inputs, kind, store)
     if what == "sample":
         return _sample_work(system, params, inputs, preset.sample_steps, kind)
-    beats_fn = functools.partial(lambda p, w: system_lib.beats_features(system, {"beats": p}, w, rng=key, train=False))
+    def beats_fn(p, w):
+        return system_lib.beats_features(system, {"beats": p}, w, rng=key, train=False)
+
     if what == "beats":
         fn, args = beats_fn, (params["beats"], inputs["audio"])
     elif what == "embedder":
@@ -178,5 +180,4 @@ def _input_work(config, batch: int, kind: str) -> Work:
         next(many)
         count += 1
     rate_all = count * batch / (time.perf_counter() - start)
-    work = Work(lambda: next(one), None, 0.0, kind, {"threads": threads, "examples_per_s_all_threads": rate_all})
-    return work
+    return Work(lambda: next(one), None, 0.0, kind, {"threads": threads, "examples_per_s_all_threads": rate_all})
