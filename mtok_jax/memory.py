@@ -32,13 +32,11 @@ import sys
 from typing import Any, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
 from mtok_jax import cli, config_utils, sharding, train
 from mtok_jax import system as system_lib
-from mtok_jax import tree as tree_lib
 
 TABLE_CONFIGS = ("configs/exp1.py", "configs/exp2.py")
 TABLE_DEVICES = (1, 8, 32)
@@ -54,22 +52,19 @@ def measure(config, devices: int, full_size: bool = True) -> dict[str, Any]:
         raise RuntimeError(f"JAX has {len(jax.devices())} devices, the measurement asks for {devices}")
     mesh = sharding.make_mesh({"data": 1, "fsdp": devices})
     system, shapes = system_lib.abstract_system(config, full_size=full_size)
-    trainable, frozen = tree_lib.split_params(shapes, config.train.trainable)
-    if config.model.dtype == "bfloat16":  # as train.py: frozen weights in bf16, fp32 masters of what trains
-        frozen = jax.eval_shape(lambda f: tree_lib.cast_floating(f, jnp.bfloat16), frozen)
     schedule = train.learning_rate(config.train, 1000)
     optimizer = train.make_optimizer(config.train, schedule)
-    sh = train.state_shardings(mesh, trainable, frozen, optimizer, config.train.fsdp_min_size)
-    opt_state = jax.eval_shape(optimizer.init, trainable)
+    state = train.create_state(config, shapes, mesh, optimizer)  # as train.py: fp32 masters, frozen in model.dtype
+    sh = state.sh
 
     def shard_bytes(tree, shardings) -> int:
         return sum(int(np.prod(s.shard_shape(x.shape))) * np.dtype(x.dtype).itemsize
                    for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)))
 
     batch = train.abstract_train_batch(config, sh.train_batch)
-    compiled = train.compile_train_step(system, optimizer, schedule, sh, train.placed_like(trainable, sh.trainable),
-                                        train.placed_like(opt_state, sh.opt_state),
-                                        train.placed_like(frozen, sh.frozen))
+    compiled = train.compile_train_step(system, optimizer, schedule, sh, state.trainable, state.opt_state,
+                                        state.frozen)
+    trainable, frozen, opt_state = state.trainable, state.frozen, state.opt_state
     ma = compiled.memory_analysis()
     record = {
         "config": config.workdir_name, "full_size": full_size,

@@ -1,7 +1,9 @@
 """Training loop: `train_and_evaluate(config, workdir)` (docs/design.md §1, §2.6, §3).
 
-Reads top to bottom: logging → mesh → input → models & optimizer → shard → step → checkpoint → eval
-→ loop. One path from 1 CPU to a pod: `jax.jit` with NamedSharding over a ('data', 'fsdp') mesh, the
+`_train` reads top to bottom: `prepare` (mesh → data plan → models and feature cache → `create_state`,
+restored from the latest checkpoint → `compile_train_step`), then one flat loop over global steps
+(`epoch, batch = divmod(step, steps_per_epoch)`) that pulls metrics at log/checkpoint steps and ends each
+epoch with validation and checkpoints (`_end_of_epoch`). One path from 1 CPU to a pod: `jax.jit` with NamedSharding over a ('data', 'fsdp') mesh, the
 batch split over both axes, frozen params passed as arguments (never closed over), gradients only for
 the trainable tree (a regex in the config), AdamW, gradient accumulation inside the step (a scan over
 micro-batches; the update equals the big batch's), `fold_in(rng, step)` randomness drawn per example
@@ -30,7 +32,7 @@ import logging
 import math
 import os
 import time
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -412,7 +414,7 @@ def _progress(total: int, initial: int, unit_per_step: int, desc: str, enabled: 
 
 
 # ===================================================================================================
-# train_and_evaluate
+# train_and_evaluate: prepare (data plan, models, state, compiled steps), then one flat loop over steps
 # ===================================================================================================
 def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     """Train per `config` into `workdir`, resuming from its latest restorable checkpoint when there is one.
@@ -434,128 +436,260 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
 
 
 def _train(config, workdir: str, stop: signals.GracefulStop, ckpt: checkpoints.Checkpointer) -> dict[str, Any]:
-    # ---------------------------------------------------------------------------------- logging
     is_main = jax.process_index() == 0
     if is_main:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-    metrics_log = MetricsLog(workdir, enabled=is_main and "jsonl" in config.train.report_to)
-    train_cfg = config.train
+    t = config.train
+    run = prepare(config, ckpt, progress=is_main)
+    plan, sh, state = run.plan, run.state.sh, run.state
+    trainable, opt_state, frozen = state.trainable, state.opt_state, state.frozen
+    progress = Progress.resumed(state.saved)
+    report = Reporter(config, workdir, run, is_main)
+    report.metrics_log.truncate_after(progress.step)  # equal to an uninterrupted run's log up to here
+    pending, val_losses, interrupted = PendingMetrics(), [], None
+    batches = pipeline.on_devices(plan.train_batches(progress.step), sh.train_batch)
+    try:
+        for step in range(progress.step, plan.total_steps):
+            epoch, batch_in_epoch = divmod(step, plan.steps_per_epoch)
+            report.step_starts(step, epoch, batch_in_epoch)
+            trainable, opt_state, metrics = run.train_step(trainable, opt_state, frozen, next(batches),
+                                                           jnp.int32(step), run.root_key)
+            progress.step = done = step + 1
+            report.step_ends(done, trainable)
+            pending.add(done, epoch, batch_in_epoch + 1, metrics, report.speed.tick())  # stays on the device
+            epoch_end, last = done % plan.steps_per_epoch == 0, done == plan.total_steps
+            due = done % t.log_every == 0 or done % t.checkpoint_every == 0 or epoch_end or last
+            # one process: the signal flag is a read; several: an all-gather, so at the pull points only
+            interrupted = (due or jax.process_count() == 1) and stop.agreed() or None
+            if due or interrupted:
+                report.drain(pending, progress, ckpt)  # the host waits for the device here, not every step
+            if epoch_end:  # validation, best and latest checkpoints, images (a signal waits for them)
+                val_losses.append(_end_of_epoch(run, report, progress, ckpt, trainable, opt_state, frozen))
+                interrupted = None if last else stop.agreed()  # a signal in the last validation: nothing left
+            elif interrupted or last or done % t.checkpoint_every == 0:
+                ckpt.save_latest(done, trainable, opt_state, run.meta(progress))
+            if interrupted:
+                break
+        ckpt.wait()
+    finally:
+        getattr(batches, "close", lambda: None)()  # stops the input threads
+        report.close()
+    epoch, batch_in_epoch = divmod(progress.step, plan.steps_per_epoch)
+    if interrupted:
+        where = f"epoch {epoch + 1}, batch {batch_in_epoch}/{plan.steps_per_epoch}" if batch_in_epoch else \
+            f"end of epoch {epoch}"
+        log.warning("interrupted at step %d (%s); saved checkpoint %d — rerun the same command to resume",
+                    progress.step, where, progress.step)
+    return {"step": progress.step, "epoch": epoch, "best_val_loss": progress.best_val_loss,
+            "val_losses": val_losses, "trainable": trainable, "interrupted": interrupted}
 
-    # ---------------------------------------------------------------------------------- mesh
-    mesh = sharding.make_mesh(config.mesh)
+
+def _end_of_epoch(run: "Prepared", report: "Reporter", progress: "Progress", ckpt: checkpoints.Checkpointer,
+                  trainable: Any, opt_state: Any, frozen: Any) -> float:
+    """Validation loss, the epoch's log line and plot, `best` (when it improved) and `latest`
+    checkpoints, then validation images (after the saves: a kill there loses no training) → val loss."""
+    step = progress.step
+    epoch = step // run.plan.steps_per_epoch
+    val_loss = run.evaluate(trainable, frozen)
+    train_loss = progress.epoch_loss_sum / max(progress.epoch_loss_n, 1)
+    progress.epoch_loss_sum, progress.epoch_loss_n = 0.0, 0
+    report.metrics_log.write(kind="epoch", epoch=epoch, step=step, train_loss=train_loss, val_loss=val_loss,
+                             lr=float(run.schedule(step)))
+    report.metrics_log.plot()
+    report.tb.scalars(step, {"epoch/train_loss": train_loss, "epoch/val_loss": val_loss, "epoch/epoch": epoch})
+    log.info("epoch %d: train loss %.5f, validation loss %.5f", epoch, train_loss, val_loss)
+    if val_loss < progress.best_val_loss:
+        progress.best_val_loss = val_loss
+        ckpt.save_best(step, trainable, {**run.meta(progress), "val_loss": val_loss})
+    ckpt.save_latest(step, trainable, opt_state, run.meta(progress))
+    if report.validation_images.due(epoch):
+        report.validation_images.write(epoch, step, tree_lib.merge_params(trainable, frozen), report.tb)
+    report.speed.exclude_since_last()  # the next step time leaves out validation and its images
+    return val_loss
+
+
+@dataclasses.dataclass
+class Progress:
+    """What the loop accumulates and a checkpoint carries: steps done, best validation loss, the
+    current epoch's training-loss sum and count."""
+    step: int = 0
+    best_val_loss: float = math.inf
+    epoch_loss_sum: float = 0.0
+    epoch_loss_n: int = 0
+
+    @classmethod
+    def resumed(cls, saved: Mapping | None) -> "Progress":
+        if saved is None:
+            return cls()
+        log.info("resumed from step %d (epoch %d, batch %d)", saved["step"], saved["epoch"], saved["batch_in_epoch"])
+        return cls(int(saved["step"]), float(saved["best_val_loss"]), float(saved["epoch_loss_sum"]),
+                   int(saved["epoch_loss_n"]))
+
+
+@dataclasses.dataclass(frozen=True)
+class DataPlan:
+    """How the run walks its dataset: steps per epoch, the step count, which rows of each global batch
+    this process loads, and the pipeline options."""
+    config: Any
+    steps_per_epoch: int
+    total_steps: int  # min(train.max_steps, epochs · steps_per_epoch)
+    examples_per_step: int
+    val_batch: int  # padded + masked, the loss summed in groups of train.val_batch_size
+    train_rows: np.ndarray
+    val_rows: np.ndarray
+    label_names: list[str]
+    options: dict  # pipeline.batches keywords: builder config, bgr, prefetch, feature store
+
+    def train_batches(self, first_step: int) -> Iterator[dict]:
+        """This process's micro-batched training batches [accum, B/processes, ...] of global steps
+        first_step … total_steps - 1, epoch after epoch (each epoch in its own shuffled order)."""
+        t, d = self.config.train, self.config.data
+        spe = self.steps_per_epoch
+        for epoch in range(first_step // spe, -(-self.total_steps // spe)):
+            start = max(first_step - epoch * spe, 0)
+            count = min(spe, self.total_steps - epoch * spe) - start
+            host = pipeline.batches(d.data_dir, "train", global_batch_size=self.examples_per_step, seed=d.seed,
+                                    epoch=epoch, start_batch=start, rows=self.train_rows,
+                                    micro_batches=t.grad_accum, **self.options)
+            try:
+                for _, b in zip(range(count), host):
+                    yield {k: v.reshape(t.grad_accum, -1, *v.shape[1:]) for k, v in b.items()}
+            finally:
+                getattr(host, "close", lambda: None)()  # stop its prefetch thread
+
+    def validation_batches(self) -> Iterator[dict]:
+        d = self.config.data
+        return pipeline.batches(d.data_dir, "validation", global_batch_size=self.val_batch, seed=d.seed, epoch=0,
+                                shuffle=False, drop_remainder=False, rows=self.val_rows, **self.options)
+
+
+def plan_data(config, mesh) -> DataPlan:
+    """The DataPlan of `config` on `mesh` (the dataset checked against the config's shapes; no feature
+    store yet)."""
+    t, d = config.train, config.data
     shards = sharding.num_batch_shards(mesh)
-    if train_cfg.batch_size % shards:
-        raise ValueError(f"train.batch_size={train_cfg.batch_size} must be divisible by the {shards} devices of the "
+    if t.batch_size % shards:
+        raise ValueError(f"train.batch_size={t.batch_size} must be divisible by the {shards} devices of the "
                          f"mesh (set --config.mesh.data / --config.mesh.fsdp)")
-    log.info("mesh %s over %d devices", dict(mesh.shape), shards)
-
-    # ---------------------------------------------------------------------------------- input
-    data_cfg = config.data
     dataset = _check_dataset(config)
     builder_config = dataset.path.parent.name
-    data_kw = dict(config_name=builder_config, bgr=data_cfg.bgr, prefetch=data_cfg.prefetch)
-    num_train = pipeline.num_examples(data_cfg.data_dir, "train", builder_config)
-    num_val = pipeline.num_examples(data_cfg.data_dir, "validation", builder_config)
-    examples_per_step = train_cfg.batch_size * train_cfg.grad_accum
+    num_train = pipeline.num_examples(d.data_dir, "train", builder_config)
+    num_val = pipeline.num_examples(d.data_dir, "validation", builder_config)
+    examples_per_step = t.batch_size * t.grad_accum
     steps_per_epoch = pipeline.num_batches(num_train, examples_per_step)
     if steps_per_epoch == 0:
         raise ValueError(f"{num_train} training examples give no full batch of {examples_per_step}")
-    val_batch = math.lcm(train_cfg.val_batch_size, shards)  # padded + masked, loss in groups of val_batch_size
     log.info("%d train / %d validation examples, %d steps per epoch", num_train, num_val, steps_per_epoch)
+    total = t.epochs * steps_per_epoch if t.max_steps < 0 else min(t.max_steps, t.epochs * steps_per_epoch)
+    val_batch = math.lcm(t.val_batch_size, shards)
+    batch_sh, eval_sh = sharding.batch_sharding(mesh, leading=1), sharding.batch_sharding(mesh)
+    return DataPlan(config, steps_per_epoch, total, examples_per_step, val_batch,
+                    sharding.process_rows(batch_sh, (t.grad_accum, t.batch_size), axis=1),
+                    sharding.process_rows(eval_sh, (val_batch,)), list(dataset.label_names),
+                    dict(config_name=builder_config, bgr=d.bgr, prefetch=d.prefetch))
 
-    # ---------------------------------------------------------------------------------- models & optimizer
-    system, params = system_lib.load_system(config, dataset.label_names)
-    feature_store = None
-    off = feature_cache.disabled_reason(config, params)
-    if off is None:
-        feature_store = feature_cache.ensure(config, system, params, progress=is_main)
-        data_kw["features"] = feature_store
-        log.info("feature cache %s: the step starts at the embedder", feature_store.path)
-    elif data_cfg.feature_cache:
-        log.info("feature cache not used: %s", off)
-    trainable, frozen = tree_lib.split_params(params, train_cfg.trainable)
-    del params
-    if system.config.model.dtype == "bfloat16":  # fp32 master copy of what trains; frozen weights in bf16
-        frozen = tree_lib.cast_floating(frozen, jnp.bfloat16)
-    schedule = learning_rate(train_cfg, steps_per_epoch)
-    optimizer = make_optimizer(train_cfg, schedule)
-    n_trainable = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainable))
-    log.info("trainable %r: %d parameters in %d leaves", train_cfg.trainable, n_trainable,
-             len(jax.tree.leaves(trainable)))
 
-    # ---------------------------------------------------------------------------------- state
-    sh = state_shardings(mesh, trainable, frozen, optimizer, train_cfg.fsdp_min_size)
-    frozen = sharding.put(frozen, sh.frozen)
-    paths = tree_lib.trainable_paths(tree_lib.merge_params(trainable, {}), train_cfg.trainable)
-    saved = None  # the checkpoint's meta
-    if ckpt.has_latest():  # its values replace the loaded ones: release those before reading it
-        trainable_like = placed_like(trainable, sh.trainable)
-        opt_like = placed_like(jax.eval_shape(optimizer.init, trainable), sh.opt_state)
-        del trainable
-        trainable, opt_state, saved = ckpt.restore_latest(trainable_like, opt_like)
-        opt_state = sharding.owned(opt_state)
-    else:
-        trainable = sharding.put(trainable, sh.trainable)
-        opt_state = jax.jit(optimizer.init, out_shardings=sh.opt_state)(trainable)
-    trainable = sharding.owned(trainable)  # donated by every step
-    environment.release_free_host_memory()  # what loading left behind
-    # the rows of each global batch this process loads (all of them on one process)
-    train_rows = sharding.process_rows(sh.train_batch, (train_cfg.grad_accum, train_cfg.batch_size), axis=1)
-    val_rows = sharding.process_rows(sh.eval_batch, (val_batch,))
-    root_key = sharding.put(jax.random.key(config.seed), sh.replicated)
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+    """Everything the loop runs with: the data plan, the system, the state as created or restored, the
+    learning-rate schedule, the compiled training step and the validation pass."""
+    config: Any
+    plan: DataPlan
+    system: system_lib.System
+    mesh: Any
+    state: "TrainState"
+    schedule: optax.Schedule
+    train_step: jax.stages.Compiled
+    eval_step: Callable
+    root_key: jax.Array
+    eval_key: jax.Array
 
-    # ---------------------------------------------------------------------------------- step
-    started = time.perf_counter()
-    train_step = compile_train_step(system, optimizer, schedule, sh, trainable, opt_state, frozen, feature_store)
-    log.info("train step compiled in %.1f s", time.perf_counter() - started)
-    environment.release_free_host_memory()  # what the compiler left behind
-    eval_step = jax.jit(make_eval_step(lambda *a: system_eval_loss(system, *a)),
-                        in_shardings=(sh.trainable, sh.frozen, sh.eval_batch, sh.replicated, sh.replicated),
-                        out_shardings=(sh.replicated, sh.replicated))
-    eval_key = sharding.put(jax.random.fold_in(jax.random.key(config.seed), EVAL_SEED), sh.replicated)
-    flops_per_step = monitor.compiled_flops(train_step)
-    tb = monitor.TensorBoard(workdir, enabled=is_main and "tensorboard" in train_cfg.report_to)
-    validation_images = monitor.ValidationImages(config, system, mesh, workdir, enabled=is_main)
-    profile = monitor.Profile(workdir, tuple(train_cfg.profile_steps), enabled=is_main)
-
-    # ---------------------------------------------------------------------------------- resume
-    step, epoch, batch_in_epoch = 0, 0, 0
-    best_val, epoch_loss_sum, epoch_loss_n = math.inf, 0.0, 0
-    if saved is not None:
-        step, epoch, batch_in_epoch = int(saved["step"]), int(saved["epoch"]), int(saved["batch_in_epoch"])
-        best_val = float(saved["best_val_loss"])
-        epoch_loss_sum, epoch_loss_n = float(saved["epoch_loss_sum"]), int(saved["epoch_loss_n"])
-        log.info("resumed from step %d (epoch %d, batch %d)", step, epoch, batch_in_epoch)
-    metrics_log.truncate_after(step)  # equal to an uninterrupted run's log up to here
-
-    def meta() -> dict:
-        return {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch, "best_val_loss": best_val,
-                "epoch_loss_sum": epoch_loss_sum, "epoch_loss_n": epoch_loss_n, "trainable_paths": paths,
-                "examples_per_step": examples_per_step, "seed": config.seed}
-
-    # ---------------------------------------------------------------------------------- eval
-    def evaluate() -> float:
+    def evaluate(self, trainable: Any, frozen: Any) -> float:
+        """Mean validation loss (the same noise every epoch)."""
         total, count = jnp.zeros(()), jnp.zeros(())
-        batches = pipeline.batches(data_cfg.data_dir, "validation", global_batch_size=val_batch, seed=data_cfg.seed,
-                                   epoch=0, shuffle=False, drop_remainder=False, rows=val_rows, **data_kw)
-        for i, host_batch in enumerate(batches):
-            batch = pipeline.to_global(host_batch, sh.eval_batch)
-            s, n = eval_step(trainable, frozen, batch, jnp.uint32(i * val_batch), eval_key)
+        for i, host_batch in enumerate(self.plan.validation_batches()):
+            batch = pipeline.to_global(host_batch, self.state.sh.eval_batch)
+            s, n = self.eval_step(trainable, frozen, batch, jnp.uint32(i * self.plan.val_batch), self.eval_key)
             total, count = total + s, count + n
         return float(total / jnp.maximum(count, 1.0))
 
-    # ---------------------------------------------------------------------------------- loop
-    max_steps = train_cfg.max_steps if train_cfg.max_steps >= 0 else train_cfg.epochs * steps_per_epoch
-    val_losses: list[float] = []
-    interrupted = None
-    speed = monitor.Throughput(examples_per_step, flops_per_step)
-    pending = PendingMetrics()
+    def meta(self, progress: Progress) -> dict:
+        """A checkpoint's meta at `progress`."""
+        epoch, batch_in_epoch = divmod(progress.step, self.plan.steps_per_epoch)
+        return {"step": progress.step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
+                "best_val_loss": progress.best_val_loss, "epoch_loss_sum": progress.epoch_loss_sum,
+                "epoch_loss_n": progress.epoch_loss_n, "trainable_paths": self.state.paths,
+                "examples_per_step": self.plan.examples_per_step, "seed": self.config.seed}
 
-    def drain() -> None:
+
+def prepare(config, ckpt: checkpoints.Checkpointer | None = None, progress: bool = True) -> Prepared:
+    """Mesh → data plan → models (feature cache built or checked when it applies) → state (restored
+    from `ckpt` when it has a `latest`) → the compiled training step and the jitted validation step."""
+    mesh = sharding.make_mesh(config.mesh)
+    log.info("mesh %s over %d devices", dict(mesh.shape), sharding.num_batch_shards(mesh))
+    plan = plan_data(config, mesh)
+    system, params = system_lib.load_system(config, plan.label_names)
+    feature_store = None
+    off = feature_cache.disabled_reason(config, params)
+    if off is None:
+        feature_store = feature_cache.ensure(config, system, params, progress=progress)
+        plan = dataclasses.replace(plan, options={**plan.options, "features": feature_store})
+        log.info("feature cache %s: the step starts at the embedder", feature_store.path)
+    elif config.data.feature_cache:
+        log.info("feature cache not used: %s", off)
+    schedule = learning_rate(config.train, plan.steps_per_epoch)
+    optimizer = make_optimizer(config.train, schedule)
+    if ckpt is not None and ckpt.has_latest():  # the checkpoint replaces the loaded trainable values
+        trainable, frozen = tree_lib.split_params(params, config.train.trainable)
+        params = tree_lib.merge_params(jax.eval_shape(lambda x: x, trainable), frozen)
+        del trainable, frozen
+    state = create_state(config, params, mesh, optimizer, ckpt)
+    del params
+    environment.release_free_host_memory()  # what loading left behind
+    started = time.perf_counter()
+    train_step = compile_train_step(system, optimizer, schedule, state.sh, state.trainable, state.opt_state,
+                                    state.frozen, feature_store)
+    log.info("train step compiled in %.1f s", time.perf_counter() - started)
+    environment.release_free_host_memory()  # what the compiler left behind
+    sh = state.sh
+    eval_step = jax.jit(make_eval_step(lambda *a: system_eval_loss(system, *a)),
+                        in_shardings=(sh.trainable, sh.frozen, sh.eval_batch, sh.replicated, sh.replicated),
+                        out_shardings=(sh.replicated, sh.replicated))
+    root_key = sharding.put(jax.random.key(config.seed), sh.replicated)
+    eval_key = sharding.put(jax.random.fold_in(jax.random.key(config.seed), EVAL_SEED), sh.replicated)
+    return Prepared(config, plan, system, mesh, state, schedule, train_step, eval_step, root_key, eval_key)
+
+
+class Reporter:
+    """The run's outputs besides checkpoints: metrics.jsonl + loss.png, TensorBoard, the progress bar
+    (one per epoch), throughput, validation images and the profiler window."""
+
+    def __init__(self, config, workdir: str, run: Prepared, is_main: bool):
+        t = config.train
+        self.config, self.plan, self.is_main = config, run.plan, is_main
+        self.metrics_log = MetricsLog(workdir, enabled=is_main and "jsonl" in t.report_to)
+        self.tb = monitor.TensorBoard(workdir, enabled=is_main and "tensorboard" in t.report_to)
+        self.validation_images = monitor.ValidationImages(config, run.system, run.mesh, workdir, enabled=is_main)
+        self.profile = monitor.Profile(workdir, tuple(t.profile_steps), enabled=is_main)
+        self.speed = monitor.Throughput(run.plan.examples_per_step, monitor.compiled_flops(run.train_step))
+        self.bar = None
+
+    def step_starts(self, step: int, epoch: int, batch_in_epoch: int) -> None:
+        if self.bar is None or batch_in_epoch == 0:
+            self.close_bar()
+            self.bar = _progress(self.plan.steps_per_epoch, batch_in_epoch, self.plan.examples_per_step,
+                                 f"epoch {epoch + 1}/{self.config.train.epochs}", self.is_main)
+        self.profile.before(step)
+
+    def step_ends(self, done: int, outputs: Any) -> None:
+        self.profile.after(done, outputs)
+        self.bar.update(self.plan.examples_per_step)
+
+    def drain(self, pending: PendingMetrics, progress: Progress, ckpt: checkpoints.Checkpointer) -> None:
         """Pull the steps' metrics since the last pull (one transfer): NaN guard (the first bad step of the
         interval), epoch loss, metrics.jsonl / TensorBoard lines of the log steps, progress bar."""
-        nonlocal epoch_loss_sum, epoch_loss_n
+        t, spe = self.config.train, self.plan.steps_per_epoch
         for done, at_epoch, at_batch, m, perf in pending.pull():
             loss = m["loss"]
             if not math.isfinite(loss):
@@ -563,83 +697,74 @@ def _train(config, workdir: str, stop: signals.GracefulStop, ckpt: checkpoints.C
                 raise FloatingPointError(
                     f"non-finite training loss {loss} at step {done} (epoch {at_epoch + 1}, batch {at_batch}); "
                     f"last good checkpoint: {ckpt.latest_step()}")
-            epoch_loss_sum, epoch_loss_n = epoch_loss_sum + loss, epoch_loss_n + 1
-            if done % train_cfg.log_every == 0:
+            progress.epoch_loss_sum, progress.epoch_loss_n = progress.epoch_loss_sum + loss, progress.epoch_loss_n + 1
+            if done % t.log_every == 0:
                 terms = {k: m[k] for k in ("mse", "l1", "l2", "cosine", "grad_norm")}
-                metrics_log.write(kind="step", epoch=at_epoch + at_batch / steps_per_epoch, step=done,
-                                  train_loss=loss, val_loss=None, lr=m["lr"], **terms)
-                tb.scalars(done, {"train/loss": loss, "train/lr": m["lr"],
-                                  **{f"train/{k}": v for k, v in terms.items()}, **perf, **monitor.device_memory()})
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{m['lr']:.2e}",
-                            run_eta=speed.eta(min(max_steps, train_cfg.epochs * steps_per_epoch) - done))
-    try:
-        while epoch < train_cfg.epochs and step < max_steps and interrupted is None:
-            bar = _progress(steps_per_epoch, batch_in_epoch, examples_per_step, f"epoch {epoch + 1}/{train_cfg.epochs}",
-                            is_main)
-            host_batches = pipeline.batches(data_cfg.data_dir, "train", global_batch_size=examples_per_step,
-                                            seed=data_cfg.seed, epoch=epoch, start_batch=batch_in_epoch,
-                                            rows=train_rows, micro_batches=train_cfg.grad_accum, **data_kw)
-            micro_batches = ({k: v.reshape(train_cfg.grad_accum, -1, *v.shape[1:]) for k, v in b.items()}
-                             for b in host_batches)
-            for batch in pipeline.on_devices(micro_batches, sh.train_batch):
-                profile.before(step)
-                trainable, opt_state, metrics = train_step(trainable, opt_state, frozen, batch, jnp.int32(step),
-                                                           root_key)
-                profile.after(step + 1, trainable)
-                step, batch_in_epoch = step + 1, batch_in_epoch + 1
-                pending.add(step, epoch, batch_in_epoch, metrics, speed.tick())  # stays on the device
-                bar.update(examples_per_step)
-                due = (step % train_cfg.log_every == 0 or step % train_cfg.checkpoint_every == 0
-                       or batch_in_epoch == steps_per_epoch or step >= max_steps)
-                if due:
-                    drain()  # the host waits for the device here, not every step
-                # one process: the signal flag is a read; several: an all-gather, so at the pull points only
-                if step >= max_steps or ((due or jax.process_count() == 1) and stop.agreed()):
-                    drain()
-                    break
-                if step % train_cfg.checkpoint_every == 0 and batch_in_epoch < steps_per_epoch:
-                    ckpt.save_latest(step, trainable, opt_state, meta())
-            bar.close()
-            getattr(host_batches, "close", lambda: None)()  # stop its prefetch thread
-            if batch_in_epoch < steps_per_epoch:  # stopped inside the epoch: max_steps or a signal
-                ckpt.save_latest(step, trainable, opt_state, meta())
-                interrupted = stop.agreed()
-                break
-            # End of epoch: validation, best and latest checkpoints (a signal waits for them).
-            val_loss = evaluate()
-            train_loss = epoch_loss_sum / max(epoch_loss_n, 1)
-            val_losses.append(val_loss)
-            epoch, batch_in_epoch, epoch_loss_sum, epoch_loss_n = epoch + 1, 0, 0.0, 0
-            metrics_log.write(kind="epoch", epoch=epoch, step=step, train_loss=train_loss, val_loss=val_loss,
-                              lr=float(schedule(step)))
-            metrics_log.plot()
-            tb.scalars(step, {"epoch/train_loss": train_loss, "epoch/val_loss": val_loss, "epoch/epoch": epoch})
-            log.info("epoch %d: train loss %.5f, validation loss %.5f", epoch, train_loss, val_loss)
-            if val_loss < best_val:
-                best_val = val_loss
-                ckpt.save_best(step, trainable, {**meta(), "val_loss": val_loss})
-            ckpt.save_latest(step, trainable, opt_state, meta())
-            if validation_images.due(epoch):  # after the saves: a kill here loses no training
-                validation_images.write(epoch, step, tree_lib.merge_params(trainable, frozen), tb)
-            finished = epoch >= train_cfg.epochs or step >= max_steps
-            interrupted = None if finished else stop.agreed()  # a signal in the last validation: nothing left
-            speed.exclude_since_last()  # the next step time leaves out validation and its images
-        ckpt.wait()
-    finally:
-        profile.end()
-        tb.close()
-    if interrupted:
-        where = (f"epoch {epoch + 1}, batch {batch_in_epoch}/{steps_per_epoch}" if batch_in_epoch
-                 else f"end of epoch {epoch}")
-        log.warning("interrupted at step %d (%s); saved checkpoint %d — rerun the same command to resume", step,
-                    where, step)
-    return {"step": step, "epoch": epoch, "best_val_loss": best_val, "val_losses": val_losses,
-            "trainable": trainable, "interrupted": interrupted}
+                self.metrics_log.write(kind="step", epoch=at_epoch + at_batch / spe, step=done, train_loss=loss,
+                                       val_loss=None, lr=m["lr"], **terms)
+                self.tb.scalars(done, {"train/loss": loss, "train/lr": m["lr"],
+                                       **{f"train/{k}": v for k, v in terms.items()}, **perf,
+                                       **monitor.device_memory()})
+            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{m['lr']:.2e}",
+                                 run_eta=self.speed.eta(self.plan.total_steps - done))
+
+    def close_bar(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+    def close(self) -> None:
+        self.close_bar()
+        self.profile.end()
+        self.tb.close()
 
 
 # ===================================================================================================
-# State placement and the compiled step (also used at full size without weights: mtok_jax.memory)
+# The training state and the compiled step (also used at full size without weights: mtok_jax.memory)
 # ===================================================================================================
+@dataclasses.dataclass(frozen=True)
+class TrainState:
+    """The state on the mesh: what trains (float32 masters), Adam's state, the frozen weights (bf16
+    when model.dtype is bfloat16), their shardings, the trainable paths, the restored checkpoint's meta
+    (None for a fresh start). Arrays, or placed ShapeDtypeStructs when created from shapes."""
+    sh: "StateShardings"
+    trainable: Any
+    opt_state: Any
+    frozen: Any
+    paths: list[str]
+    saved: dict | None = None
+
+
+def create_state(config, params: Mapping, mesh, optimizer: optax.GradientTransformation,
+                 ckpt: checkpoints.Checkpointer | None = None) -> TrainState:
+    """`params` split by train.trainable and placed on `mesh`, Adam's state initialised; or, when `ckpt`
+    has a `latest` checkpoint, what trains and Adam's state restored from it (its trainable leaves may
+    then be ShapeDtypeStructs, so that their loaded values are not held while it is read). All leaves
+    ShapeDtypeStructs: a state of placed ShapeDtypeStructs, for compiling without weights."""
+    t = config.train
+    trainable, frozen = tree_lib.split_params(params, t.trainable)
+    trainable = tree_lib.cast_floating(trainable, jnp.float32)
+    if config.model.dtype == "bfloat16":  # fp32 master copy of what trains; frozen weights in bf16
+        frozen = tree_lib.cast_floating(frozen, jnp.bfloat16)
+    sh = state_shardings(mesh, trainable, frozen, optimizer, t.fsdp_min_size)
+    paths = tree_lib.trainable_paths(tree_lib.merge_params(trainable, {}), t.trainable)
+    n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainable))
+    log.info("trainable %r: %d parameters in %d leaves", t.trainable, n, len(jax.tree.leaves(trainable)))
+    trainable_like = placed_like(trainable, sh.trainable)
+    opt_like = placed_like(jax.eval_shape(optimizer.init, trainable), sh.opt_state)
+    if all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(params)):
+        return TrainState(sh, trainable_like, opt_like, placed_like(frozen, sh.frozen), paths)
+    frozen = sharding.put(frozen, sh.frozen)
+    saved = None
+    if ckpt is not None and ckpt.has_latest():
+        del trainable
+        trainable, opt_state, saved = ckpt.restore_latest(trainable_like, opt_like)
+        opt_state = sharding.owned(opt_state)
+    else:
+        trainable = sharding.put(trainable, sh.trainable)
+        opt_state = jax.jit(optimizer.init, out_shardings=sh.opt_state)(trainable)
+    return TrainState(sh, sharding.owned(trainable), opt_state, frozen, paths, saved)  # trainable: donated
+
+
 @dataclasses.dataclass(frozen=True)
 class StateShardings:
     """NamedShardings of the training state and inputs on one mesh (trees match the params)."""

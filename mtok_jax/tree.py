@@ -59,5 +59,14 @@ def _plain(tree: Mapping[str, Any]) -> dict:
 
 def cast_floating(tree: Any, dtype: Any) -> Any:
     """Floating leaves of `tree` cast to `dtype` (integer leaves untouched): the frozen weights in the
-    compute dtype, while what trains keeps its float32 master copy."""
-    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+    compute dtype, while what trains keeps its float32 master copy. Leaves already in `dtype` are
+    returned as they are (no copy); ShapeDtypeStruct leaves give ShapeDtypeStructs."""
+
+    def cast(x):
+        if not jnp.issubdtype(x.dtype, jnp.floating) or x.dtype == dtype:
+            return x
+        if isinstance(x, jax.ShapeDtypeStruct):
+            return jax.ShapeDtypeStruct(x.shape, dtype, sharding=x.sharding)
+        return x.astype(dtype)
+
+    return jax.tree.map(cast, tree)

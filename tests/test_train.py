@@ -59,7 +59,7 @@ def synthetic_batch(accum: int, micro: int, seed: int = 0) -> dict:
 
 def run_step(system, params, pattern: str, mesh, batch, fsdp_min_size: int = 2 ** 30, eps: float = 1e-8,
              lr: float = 1e-3, remat: bool = False):
-    """One train step as train_and_evaluate builds it (train.state_shardings + train.compile_train_step)
+    """One train step as train_and_evaluate builds it (train.create_state + train.compile_train_step)
     on `batch` [accum, B, ...] → (new full params, metrics). lr is pinned (not the demo config's) and
     there is no warm-up (the first step moves every trainable leaf), because the tolerances below are
     fractions of one Adam step."""
@@ -67,13 +67,12 @@ def run_step(system, params, pattern: str, mesh, batch, fsdp_min_size: int = 2 *
     t = config.train
     t.eps, t.lr, t.warmup_steps, t.trainable, t.remat = eps, lr, 0, pattern, remat
     t.grad_accum, t.batch_size = batch["label"].shape
+    t.fsdp_min_size = fsdp_min_size
     system = dataclasses.replace(system, config=config, beats=system.beats.clone(remat=remat))
-    trainable, frozen = tree_lib.split_params(params, pattern)
     schedule = train.learning_rate(t, 10)
     optimizer = train.make_optimizer(t, schedule)
-    sh = train.state_shardings(mesh, trainable, frozen, optimizer, fsdp_min_size)
-    trainable, frozen = sharding.put(trainable, sh.trainable), sharding.put(frozen, sh.frozen)
-    opt_state = jax.jit(optimizer.init, out_shardings=sh.opt_state)(trainable)
+    state = train.create_state(config, params, mesh, optimizer)
+    sh, trainable, opt_state, frozen = state.sh, state.trainable, state.opt_state, state.frozen
     step = train.compile_train_step(system, optimizer, schedule, sh, trainable, opt_state, frozen)
     batch = pipeline.to_global(batch, sh.train_batch)
     new, _, metrics = step(trainable, opt_state, frozen, batch, jnp.int32(0),
@@ -160,16 +159,19 @@ def test_remat_recomputes_in_the_backward_pass(loaded):
 
 
 def _exp2_step(system, params, stages: bool):
-    """exp2's step jitted on one device, with or without train.system_loss_stages → (compiled, args)."""
-    trainable, frozen = tree_lib.split_params(params, EXP2)
-    t = system.config.train
-    schedule = train.learning_rate(t, 10)
-    optimizer = train.make_optimizer(t, schedule)
-    step = train.make_train_step(lambda *a: train.system_loss(system, *a), None, optimizer, schedule,
-                                 stages=train.system_loss_stages(system) if stages else None)
-    batch = {k: jnp.asarray(v) for k, v in synthetic_batch(1, 8).items()}
-    args = (trainable, jax.jit(optimizer.init)(trainable), frozen, batch, jnp.int32(3), jax.random.key(7))
-    return jax.jit(step).lower(*args).compile(), args
+    """exp2's compiled step on one device, with or without train.update_unet_first → (step, args)."""
+    config = system.config.copy_and_resolve_references()
+    config.train.trainable, config.train.update_unet_first = EXP2, stages
+    config.train.grad_accum, config.train.batch_size = 1, 8
+    system = dataclasses.replace(system, config=config)
+    schedule = train.learning_rate(config.train, 10)
+    optimizer = train.make_optimizer(config.train, schedule)
+    state = train.create_state(config, params, sharding.make_mesh({"data": 1, "fsdp": 1}), optimizer)
+    step = train.compile_train_step(system, optimizer, schedule, state.sh, state.trainable, state.opt_state,
+                                    state.frozen)
+    batch = pipeline.to_global(synthetic_batch(1, 8), state.sh.train_batch)
+    key = sharding.put(jax.random.key(7), state.sh.replicated)
+    return step, (state.trainable, state.opt_state, state.frozen, batch, jnp.int32(3), key)
 
 
 def test_unet_update_before_the_audio_backward_pass(loaded):
@@ -177,8 +179,8 @@ def test_unet_update_before_the_audio_backward_pass(loaded):
     pass, so the UNet's gradients are freed before it) gives the one-pass step's loss, gradient norm,
     new params and optimizer state. (What it saves is measured at full size: README "Memory per device".)"""
     system, params = loaded
-    (staged, args), (plain, _) = _exp2_step(system, params, True), _exp2_step(system, params, False)
-    (new_a, opt_a, m_a), (new_b, opt_b, m_b) = staged(*args), plain(*args)
+    (staged, args_a), (plain, args_b) = _exp2_step(system, params, True), _exp2_step(system, params, False)
+    (new_a, opt_a, m_a), (new_b, opt_b, m_b) = staged(*args_a), plain(*args_b)  # (each donates its state)
     for k in ("loss", "grad_norm", "mse", "cosine"):
         np.testing.assert_allclose(float(m_a[k]), float(m_b[k]), rtol=1e-6, err_msg=k)
     assert jax.tree.structure(opt_a) == jax.tree.structure(opt_b)

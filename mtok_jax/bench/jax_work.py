@@ -118,15 +118,10 @@ def _train_work(system: system_lib.System, params: dict, inputs: dict, kind: str
     """train.py's compiled step on one device (from the feature cache `store` when given); each call
     continues from the previous call's state."""
     config = system.config
-    trainable, frozen = tree_lib.split_params(params, config.train.trainable)
-    trainable = tree_lib.cast_floating(trainable, jnp.float32)  # float32 masters
     schedule = train.learning_rate(config.train, 1000)
     optimizer = train.make_optimizer(config.train, schedule)
-    mesh = sharding.make_mesh({"data": 1, "fsdp": 1})
-    sh = train.state_shardings(mesh, trainable, frozen, optimizer, config.train.fsdp_min_size)
-    frozen = sharding.put(frozen, sh.frozen)
-    trainable = sharding.owned(sharding.put(trainable, sh.trainable))
-    opt_state = jax.jit(optimizer.init, out_shardings=sh.opt_state)(trainable)
+    state = train.create_state(config, params, sharding.make_mesh({"data": 1, "fsdp": 1}), optimizer)
+    sh, trainable, opt_state, frozen = state.sh, state.trainable, state.opt_state, state.frozen
     start = time.perf_counter()
     step = train.compile_train_step(system, optimizer, schedule, sh, trainable, opt_state, frozen, store)
     seconds = time.perf_counter() - start

@@ -321,14 +321,17 @@ def to_global(batch: Mapping[str, np.ndarray], sharding) -> dict:
 
 def on_devices(host_batches: Iterator[Mapping[str, np.ndarray]], sharding, ahead: int = 1) -> Iterator[dict]:
     """`to_global` of each batch, `ahead` batches before it is consumed: the next batch's transfer to the
-    devices is under way while the current step runs."""
+    devices is under way while the current step runs. Closing it closes `host_batches`."""
     queued: collections.deque = collections.deque()
-    for batch in host_batches:
-        queued.append(to_global(batch, sharding))
-        if len(queued) > ahead:
+    try:
+        for batch in host_batches:
+            queued.append(to_global(batch, sharding))
+            if len(queued) > ahead:
+                yield queued.popleft()
+        while queued:
             yield queued.popleft()
-    while queued:
-        yield queued.popleft()
+    finally:
+        getattr(host_batches, "close", lambda: None)()
 
 
 def iter_examples(data_dir, split: str, config_name: Optional[str] = None, *, seed: int = 0, epoch: int = 0
