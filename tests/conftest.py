@@ -6,11 +6,21 @@ XLA_FLAGS must be set before jax initialises its backend, so this runs before an
 import json
 import os
 import pathlib
+import re
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 if "--xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
     os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
 os.environ.setdefault("USE_TF", "0")
+# One persistent XLA compilation cache for the run, shared by the xdist workers and every train.py /
+# sample.py process the tests start (test_faults.py alone starts ~20 that compile the same programs:
+# ≈12 s saved per process). Set in the controller before its workers start, so all inherit it.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="mtok-test-xla-cache-")
+    os.environ["MTOK_TEST_OWNS_XLA_CACHE"] = str(os.getpid())
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -43,6 +53,13 @@ def golden_arrays(golden_dir: pathlib.Path, name: str) -> dict:
 def golden_state_dict(golden: dict) -> dict:
     """The reference module's state dict stored under 'sd/…' in a golden file."""
     return {k[len("sd/"):]: v for k, v in golden.items() if k.startswith("sd/")}
+
+
+def xla_flags(devices: int) -> str:
+    """This session's XLA_FLAGS (its optimisation level, scheduler flags) with `devices` host devices: the
+    environment of a test's child process."""
+    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
+    return f"{flags.strip()} --xla_force_host_platform_device_count={devices}".strip()
 
 
 def built_once(tmp_path_factory, name: str, build) -> dict[str, str]:
@@ -130,3 +147,11 @@ SLOWEST_FIRST = ("test_faults.py", "test_export.py", "test_distributed.py", "tes
 def pytest_collection_modifyitems(items):
     rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: in-file order kept
+
+
+def pytest_unconfigure(config):
+    """The process that made the run's compilation cache removes it."""
+    if os.environ.get("MTOK_TEST_OWNS_XLA_CACHE") == str(os.getpid()):
+        import shutil
+
+        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)

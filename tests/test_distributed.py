@@ -6,7 +6,6 @@ one process with all 8 devices, and sample.py / metrics.evaluate under two proce
 import json
 import os
 import pathlib
-import re
 import shutil
 import socket
 import subprocess
@@ -17,7 +16,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import built_once
+from conftest import built_once, xla_flags
 from mtok_jax import config_utils, errors, sharding
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -44,7 +43,7 @@ def _free_port() -> int:
 def _launch_code(overrides_per_process):
     """Start one worker per entry of `overrides_per_process` → [(returncode, stdout, stderr)]."""
     address = f"127.0.0.1:{_free_port()}"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "XLA_FLAGS": xla_flags(4)}
     n = len(overrides_per_process)
     procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(DEMO), address, str(n), str(i), *overrides],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -133,8 +132,7 @@ def _run(script: pathlib.Path | str, args: list[str], processes: int, fault_on: 
     MTOK_FAULT} for the fault harness."""
     command = [sys.executable, str(script)] if isinstance(script, pathlib.Path) else [sys.executable, "-m", script]
     address = f"127.0.0.1:{_free_port()}"
-    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
-    env = {**os.environ, "XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count={8 // processes}"}
+    env = {**os.environ, "XLA_FLAGS": xla_flags(8 // processes)}
     env.pop("MTOK_FAULT", None)
     procs = []
     for i in range(processes):

@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 from mtok_jax import config_utils
+from conftest import xla_flags
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
@@ -69,7 +70,7 @@ def run_readme_block(tmp_path: pathlib.Path, tiny_assets, metric_models, *overri
     audio = pathlib.Path(tiny_assets["data"]).parent / "manual" / "audio"
     env = {**os.environ, "CONFIG": str(config), "RUN": str(run), "SD": tiny_assets["sd"], "AUDIO": str(audio),
            "PATH": f"{pathlib.Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "PYTHONPATH": str(REPO), "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+           "PYTHONPATH": str(REPO), "XLA_FLAGS": xla_flags(2)}
     for command in readme_commands(README.read_text(encoding="utf-8")):
         p = subprocess.run(["bash", "-c", command], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
         assert p.returncode == 0, f"README command failed: {command}\n{p.stderr[-3000:]}"

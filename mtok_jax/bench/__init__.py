@@ -294,7 +294,7 @@ def _run_child(preset_name: str, what: str, backend: str, assets_root: str, runs
         cmd.append(f"--_flops={flops}")
     failed = {"what": what, "preset": preset_name, "backend": backend}
     try:
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_one_device_env(),
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_child_env(backend),
                               timeout=timeout_s)
     except subprocess.TimeoutExpired:
         return {**failed, "error": f"timed out after {timeout_s:.0f} s (--timeout_s)"}
@@ -377,12 +377,18 @@ def write_markdown(path: pathlib.Path, preset_name: str, device: str, section: s
     path.write_text(text)
 
 
-def _one_device_env() -> dict[str, str]:
-    """This environment without a forced host device count: a CPU measurement runs on the one CPU device
-    with all cores (virtual devices would split them)."""
+def _child_env(backend: str) -> dict[str, str]:
+    """This environment without a forced host device count (a CPU measurement runs on the one CPU device
+    with all cores; virtual devices would split them), without a persistent compilation cache (the
+    compile time measured is a compile, not a cache read), and for the PyTorch children without
+    USE_TORCH=0 (they use transformers' torch classes; the JAX ones never load torch)."""
     kept = [f for f in os.environ.get("XLA_FLAGS", "").split()
             if not f.startswith("--xla_force_host_platform_device_count")]
-    return {**os.environ, "XLA_FLAGS": " ".join(kept)}
+    env = {**os.environ, "XLA_FLAGS": " ".join(kept)}
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    if backend != "jax" and env.get("USE_TORCH") == "0":
+        del env["USE_TORCH"]
+    return env
 
 
 def _commit() -> str:
