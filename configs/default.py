@@ -33,6 +33,12 @@ def get_config() -> ml_collections.ConfigDict:
         beats_train_mode=False,  # thesis: BEATs dropout/layer-drop on while training; AudioToken: eval
         unary_dropout_at_inference=True,  # reference quirk: embedder p=0.5 dropout also at inference
         split_conv_pos=True,  # BEATs positional conv as 16 ungrouped convs (fast backward on XLA:CPU)
+        # UNet attention: auto (cuDNN flash attention at the large levels on a GPU in bfloat16, else einsum) |
+        # einsum (diffusers' own) | xla (jax.nn.dot_product_attention) | cudnn (mtok_jax/models/attention.py)
+        attention="auto",
+        # UNet stride-1 convolutions: auto (matmul on a CPU, else xla) | xla | matmul (im2col products where
+        # XLA:CPU's convolution is slow: mtok_jax/models/conv.py)
+        conv="auto",
     ))
 
     c.prompt = ml_collections.ConfigDict(dict(

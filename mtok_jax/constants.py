@@ -10,3 +10,5 @@ PARTS = ("beats", "embedder", "text", "unet", "vae")
 PROMPTS = ("train", "inference")  # config.prompt keys: the training and the sampling prompt
 SAMPLERS = ("pndm", "ddim", "dpm", "euler")  # sample.scheduler choices (diffusers' Flax schedulers)
 DTYPES = ("float32", "bfloat16")  # model.dtype choices (compute dtype; parameters stay float32)
+ATTENTIONS = ("auto", "einsum", "xla", "cudnn")  # model.attention choices (mtok_jax/models/attention.py)
+CONVS = ("auto", "xla", "matmul")  # model.conv choices (mtok_jax/models/conv.py)

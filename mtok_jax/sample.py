@@ -48,6 +48,7 @@ import numpy as np
 import tqdm
 
 from mtok_jax import checkpoints, config_utils, errors, sharding
+from mtok_jax import tree as tree_lib
 from mtok_jax import system as system_lib
 from mtok_jax.audio.io import AudioDecodeError, load_audio
 from mtok_jax.data import pipeline
@@ -92,8 +93,10 @@ def generate_images(system: system_lib.System, params: Mapping[str, Any], uncond
 
     uncond: [1, 77, D] unconditional states; guidance: scalar; prompt: `prompt_ids` of the prompt
     (default: the config's inference prompt); on_step: host function of the step index (progress).
-    Pure function of its arguments.
+    Pure function of its arguments. The weights are cast to the compute dtype once, before the loop
+    (with model.dtype=bfloat16 the denoising steps read bfloat16 weights, as training's frozen ones).
     """
+    params = tree_lib.cast_floating(params, system_lib.compute_dtype(system.config))
     keys = jax.random.wrap_key_data(key_data)
     token_keys, noise_keys = jnp.moveaxis(jax.vmap(jax.random.split)(keys), 1, 0)
     token = system_lib.audio_token(system, params, waveforms, rng=token_keys, train=False)
@@ -102,7 +105,8 @@ def generate_images(system: system_lib.System, params: Mapping[str, Any], uncond
     shape = latent_shape(system)
     latents = jax.vmap(lambda k: jax.random.normal(k, shape, jnp.float32))(noise_keys)
     latents = diffusion.denoise_latents(system.unet, params["unet"], scheduler, state, cond, uncond, latents,
-                                        num_steps=steps, guidance=guidance, on_step=on_step)
+                                        num_steps=steps, guidance=guidance, on_step=on_step,
+                                        attention=system.attention, conv=system.conv)
     return diffusion.images_to_uint8(diffusion.decode_images(system.vae, params["vae"], latents))
 
 

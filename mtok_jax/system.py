@@ -26,7 +26,9 @@ import numpy as np
 
 from mtok_jax import config_utils
 from mtok_jax.constants import PROMPTS
+from mtok_jax.models import attention as attention_lib
 from mtok_jax.models import beats as beats_lib
+from mtok_jax.models import conv as conv_lib
 from mtok_jax.models import diffusion
 from mtok_jax.models import embedder as embedder_lib
 from mtok_jax.models import hub
@@ -57,6 +59,24 @@ class System:
     @property
     def token_dim(self) -> int:
         return int(self.embedder.output_dim)
+
+    @property
+    def attention(self) -> str:
+        """The UNet's attention (einsum | xla | cudnn): `model.attention` for this backend and dtype."""
+        return unet_attention(self.config)
+
+    @property
+    def conv(self) -> str:
+        """The UNet's stride-1 convolutions (xla | matmul): `model.conv` for this backend."""
+        return conv_lib.resolve(self.config.model.conv)
+
+
+def unet_attention(config) -> str:
+    """`model.attention` resolved (mtok_jax.models.attention.resolve); ConfigError with the fix if unusable."""
+    try:
+        return attention_lib.resolve(config.model.attention, compute_dtype(config))
+    except ValueError as e:
+        raise config_utils.ConfigError(f"invalid config: {e}") from None
 
 
 def compute_dtype(config) -> Any:
@@ -222,6 +242,7 @@ def load_system(config, labels: Sequence[str]) -> tuple[System, dict[str, Any]]:
     """
     m = config.model
     dtype = compute_dtype(config)
+    unet_attention(config)  # an unusable model.attention fails before any file is read
     beats, beats_params = beats_lib.load_beats(m.beats_path, dtype=dtype, split_conv_pos=m.split_conv_pos,
                                                remat=config.train.remat)
     fetch = dict(allow_download=m.allow_download)
@@ -337,7 +358,8 @@ def eval_shapes(config, *, full_size: bool = True, batch_size: int | None = None
         states = text_states(system, params, token, "train")
         latents = diffusion.encode_latents(system.vae, params["vae"], img, key)
         t = jnp.zeros((b,), jnp.int32)
-        out = system.unet.apply({"params": params["unet"]}, latents, t, states, train=False).sample
+        out = diffusion.unet_noise(system.unet, params["unet"], latents, t, states, attention=system.attention,
+                                   conv=system.conv)
         return feats, token, states, latents, out
 
     feats, token, states, latents, out = jax.eval_shape(forward, shapes, waves, images)

@@ -1,7 +1,8 @@
 """Speed, measured against PyTorch in the same run (BENCHMARKS.md).
 
   python -m mtok_jax.bench [--preset tiny|sd14-256|sd14] [--what all|beats,embedder,unet,exp1,exp2,sample,input]
-                           [--reference torch] [--runs 5] [--assets DIR] [--markdown]
+                           [--reference torch|torch-eager] [--runs 5] [--assets DIR] [--set KEY=VALUE ...]
+                           [--markdown]
 
 Presets (PRESETS): `tiny` — the demo models (demo_assets/, written when missing; seconds); `sd14-256` —
 SD v1.4 + BEATs iter3+ at their released shapes with random weights (python -m mtok_jax.demo.full_size,
@@ -21,7 +22,8 @@ What is timed (the same work for every backend; torch side: mtok_jax.torch_ref):
 
 Each (what, backend) runs in a process of its own, one after the other: `jax` (mtok_jax.bench.jax_work);
 with `--reference torch` also `torch` (eager, SDPA attention) and, for TORCH_COMPILED, `torch.compile`
-(mtok_jax.bench.torch_work; PyTorch gets as many threads as the machine has cores, as XLA:CPU). Each
+(mtok_jax.bench.torch_work; PyTorch gets as many threads as the machine has cores, as XLA:CPU;
+`--reference torch-eager`: eager only, as inductor's CPU compile of a training step takes minutes). Each
 prints one JSON line: what, preset, backend, device kind, dtype, batch, median/min/max ms over `--runs`
 timed runs after one warm-up, compile s (JAX: the AOT compile; torch.compile: the first call less a
 timed one), FLOP per call (XLA's cost analysis of our function, used for every backend), achieved
@@ -122,9 +124,9 @@ def ensure_assets(preset: Preset, root: str) -> dict[str, str]:
     return write_full_size_assets(root, image_size=preset.image_size, clips_per_label=1)
 
 
-def bench_config(preset: Preset, what: str, assets: dict[str, str]):
+def bench_config(preset: Preset, what: str, assets: dict[str, str], settings: Sequence[str] = ()):
     """configs/exp2.py for exp2, configs/exp1.py otherwise, at the preset's shapes and on its assets (the
-    feature cache only for exp1-cached)."""
+    feature cache only for exp1-cached), then `settings` (`--set KEY=VALUE` overrides)."""
     name = "exp2" if what == "exp2" else "exp1"
     overrides = [f"model.sd_path={assets['sd']}", f"model.beats_path={assets['beats']}",
                  f"data.data_dir={assets['data']}", f"data.builder_config={assets['builder_config']}",
@@ -136,7 +138,8 @@ def bench_config(preset: Preset, what: str, assets: dict[str, str]):
         overrides.append(f"model.beats_layers={tuple(demo.model.beats_layers)}")
     if what == "exp2" and preset.batch == 1:  # its lower-memory ordering (configs/exp2.py: 24 GiB machines)
         overrides.append("train.update_unet_first=True")
-    return config_utils.validate(config_utils.load_config(str(REPO / "configs" / f"{name}.py"), overrides))
+    return config_utils.validate(config_utils.load_config(str(REPO / "configs" / f"{name}.py"),
+                                                          [*overrides, *settings]))
 
 
 # ===================================================================================================
@@ -235,13 +238,13 @@ def peak_device_memory(backend: str) -> dict[str, float]:
 # One measurement (in a process of its own)
 # ===================================================================================================
 def measure(preset_name: str, what: str, backend: str, assets_root: str, runs: int, flops: float | None = None,
-            builder: Callable = jax_work.build) -> dict[str, Any]:
+            builder: Callable = jax_work.build, settings: Sequence[str] = ()) -> dict[str, Any]:
     """Build and time one workload → its record (module docstring). builder(what, config, preset, compiled)
     → Work: jax_work.build, or torch_work.build in its own child; `flops`: the count to use when the
-    backend is not JAX (the JAX record's)."""
+    backend is not JAX (the JAX record's); `settings`: config overrides of the JAX side (in the record)."""
     preset = PRESETS[preset_name]
     assets = ensure_assets(preset, assets_root)
-    config = bench_config(preset, what, assets)
+    config = bench_config(preset, what, assets, settings if backend == "jax" else ())
     work = builder(what, config, preset, compiled=backend == "torch.compile")
     flops = work.flops if backend == "jax" else flops
     stats = time_calls(work.call, preset.runs(what, runs))
@@ -250,6 +253,8 @@ def measure(preset_name: str, what: str, backend: str, assets_root: str, runs: i
               "dtype": preset.dtype, "batch": preset.batch,
               **{k: round(v, 2) for k, v in stats.items() if k != "peak_rss_gib"},
               "compile_s": round(compile_s, 2), "flops": flops, **work.extra}
+    if settings and backend == "jax":
+        record["settings"] = list(settings)
     if flops:
         achieved = flops / (stats["median_ms"] / 1e3)
         peak, source = peak_flops(work.device_kind, preset.dtype, backend)
@@ -267,9 +272,9 @@ def measure(preset_name: str, what: str, backend: str, assets_root: str, runs: i
 # ===================================================================================================
 def run_all(preset_name: str, whats: Sequence[str], backends: Sequence[str], assets_root: str, runs: int,
             emit: Callable[[dict], None] = lambda r: print(json.dumps(r), flush=True),
-            timeout_s: float | None = None) -> list[dict]:
-    """Every (what, backend) in its own child process, JAX first (its FLOP count goes to the others).
-    → the records (a failed child gives a record with 'error')."""
+            timeout_s: float | None = None, settings: Sequence[str] = ()) -> list[dict]:
+    """Every (what, backend) in its own child process, JAX first (its FLOP count goes to the others);
+    `settings`: config overrides of the JAX side. → the records (a failed child gives a record with 'error')."""
     ensure_assets(PRESETS[preset_name], assets_root)  # once, before the children read them
     records = []
     for what in whats:
@@ -277,7 +282,7 @@ def run_all(preset_name: str, whats: Sequence[str], backends: Sequence[str], ass
         for backend in backends:
             if (what in JAX_ONLY and backend != "jax") or (backend == "torch.compile" and what not in TORCH_COMPILED):
                 continue
-            record = _run_child(preset_name, what, backend, assets_root, runs, flops, timeout_s)
+            record = _run_child(preset_name, what, backend, assets_root, runs, flops, timeout_s, settings)
             if backend == "jax":
                 flops = record.get("flops")
             emit(record)
@@ -286,12 +291,13 @@ def run_all(preset_name: str, whats: Sequence[str], backends: Sequence[str], ass
 
 
 def _run_child(preset_name: str, what: str, backend: str, assets_root: str, runs: int,
-               flops: float | None, timeout_s: float | None = None) -> dict:
+               flops: float | None, timeout_s: float | None = None, settings: Sequence[str] = ()) -> dict:
     module = "mtok_jax.bench" if backend == "jax" else "mtok_jax.bench.torch_work"
     cmd = [sys.executable, "-m", module, "--preset", preset_name, "--what", what, "--assets", assets_root,
            "--runs", str(runs), f"--_backend={backend}"]
     if flops:
         cmd.append(f"--_flops={flops}")
+    cmd += [f"--set={s}" for s in settings]
     failed = {"what": what, "preset": preset_name, "backend": backend}
     try:
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_child_env(backend),
@@ -417,13 +423,16 @@ def _versions() -> str:
 def _define(fv: flags.FlagValues, argv: list[str]) -> None:
     flags.DEFINE_enum("preset", "sd14-256", list(PRESETS), "shapes and models (module docstring)", flag_values=fv)
     flags.DEFINE_string("what", "all", f"comma-separated of {', '.join(WHATS)}, or all", flag_values=fv)
-    flags.DEFINE_enum("reference", None, ["torch"], "also time PyTorch eager (SDPA) and torch.compile",
+    flags.DEFINE_enum("reference", None, ["torch", "torch-eager"],
+                      "also time PyTorch eager (SDPA) and torch.compile (torch) or eager only (torch-eager)",
                       flag_values=fv)
     flags.DEFINE_integer("runs", 5, "timed runs after one warm-up", lower_bound=1, flag_values=fv)
     flags.DEFINE_string("assets", None, "weights and data folder (default: the preset's, written when missing)",
                         flag_values=fv)
     flags.DEFINE_float("timeout_s", 3600, "a measurement still running after this long is recorded as failed",
                        flag_values=fv)
+    flags.DEFINE_multi_string("set", [], "config override of our side, KEY=VALUE (e.g. model.conv=xla); "
+                              "repeatable, recorded in each JAX record", flag_values=fv)
     flags.DEFINE_bool("markdown", False, "rewrite this preset's section of BENCHMARKS.md", flag_values=fv)
     flags.DEFINE_enum("_backend", None, list(BACKENDS), "(internal) run one measurement in this process",
                       flag_values=fv)
@@ -447,11 +456,11 @@ def main(argv: Sequence[str] | None = None, builder: Callable = jax_work.build) 
     assets = fv.assets or PRESETS[fv.preset].assets
     if fv._backend:  # a child: one measurement, one result line
         (what,) = whats
-        record = measure(fv.preset, what, fv._backend, assets, fv.runs, fv._flops, builder)
+        record = measure(fv.preset, what, fv._backend, assets, fv.runs, fv._flops, builder, fv.set)
         print(RECORD_PREFIX + json.dumps(record), flush=True)
         return None
-    backends = ["jax", "torch", "torch.compile"] if fv.reference == "torch" else ["jax"]
-    records = run_all(fv.preset, whats, backends, assets, fv.runs, timeout_s=fv.timeout_s)
+    backends = {"torch": ["jax", "torch", "torch.compile"], "torch-eager": ["jax", "torch"]}.get(fv.reference, ["jax"])
+    records = run_all(fv.preset, whats, backends, assets, fv.runs, timeout_s=fv.timeout_s, settings=fv.set)
     if fv.markdown:
         command = "python -m mtok_jax.bench " + " ".join(args)
         write_markdown(REPO / "BENCHMARKS.md", fv.preset, device_class(records),

@@ -111,7 +111,8 @@ def unet_inputs(system: system_lib.System, batch: int, seed: int = 2) -> tuple[j
 
 
 def _unet_call(system: system_lib.System) -> Callable:
-    return lambda p, x, t, s: system.unet.apply({"params": p}, x, t, s, train=False).sample
+    return lambda p, x, t, s: diffusion.unet_noise(system.unet, p, x, t, s, attention=system.attention,
+                                                   conv=system.conv)
 
 
 def _train_work(system: system_lib.System, params: dict, inputs: dict, kind: str, store=None) -> Work:

@@ -33,6 +33,8 @@ import numpy as np
 from flax import traverse_util
 
 from mtok_jax.constants import SAMPLERS
+from mtok_jax.models import attention as attention_lib
+from mtok_jax.models import conv as conv_lib
 from mtok_jax.models import hub
 
 
@@ -151,6 +153,78 @@ def rematerialized_unet_blocks():
 
     with nn.intercept_methods(_remat_interceptor):
         yield
+
+
+def _attention_interceptor(implementation: str):
+    """A flax method interceptor that computes every diffusers ``FlaxAttention`` call with
+    :func:`attention_lib.dot_product_attention` (its own q/k/v/out projections and dropout kept)."""
+    from diffusers.models.attention_flax import FlaxAttention
+
+    signature = inspect.signature(FlaxAttention.__call__)
+
+    def intercept(next_fun, args, kwargs, context):
+        module = context.module
+        if context.method_name != "__call__" or not isinstance(module, FlaxAttention) or \
+                module.use_memory_efficient_attention:
+            return next_fun(*args, **kwargs)
+        call = signature.bind(module, *args, **kwargs)
+        call.apply_defaults()
+        hidden, keys_from = call.arguments["hidden_states"], call.arguments["context"]
+        keys_from = hidden if keys_from is None else keys_from
+        b, heads, dim = hidden.shape[0], module.heads, module.dim_head
+        q = module.query(hidden).reshape(b, -1, heads, dim)
+        k = module.key(keys_from).reshape(b, -1, heads, dim)
+        v = module.value(keys_from).reshape(b, -1, heads, dim)
+        plan = attention_lib.site_plan(implementation, q.shape[1], k.shape[1])
+        out = attention_lib.dot_product_attention(q, k, v, plan).reshape(b, -1, heads * dim)
+        return module.dropout_layer(module.proj_attn(out), deterministic=call.arguments["deterministic"])
+
+    return intercept
+
+
+def _matmul_conv_interceptor(next_fun, args, kwargs, context):
+    """A flax method interceptor that computes the stride-1 'same' convolutions :func:`conv_lib.as_matmul`
+    selects with :func:`conv_lib.conv_as_matmul` (the module's own kernel, bias, dtype promotion)."""
+    import flax.linen as nn
+    from flax.linen.linear import canonicalize_padding
+
+    module = context.module
+    if context.method_name != "__call__" or type(module) is not nn.Conv or len(args) != 1 or kwargs:
+        return next_fun(*args, **kwargs)
+    x, k = args[0], tuple(module.kernel_size) if not isinstance(module.kernel_size, int) else (module.kernel_size,)
+    same = {(1, 1): [(0, 0), (0, 0)], (3, 3): [(1, 1), (1, 1)]}.get(k)
+    padding = canonicalize_padding(module.padding, len(k))
+    padding = [(0, 0), (0, 0)] if padding == "VALID" else padding if isinstance(padding, str) else \
+        [tuple(p) for p in padding]
+    plain = all(v in (None, 1) or tuple(v) == (1, 1)
+                for v in (module.strides, module.input_dilation, module.kernel_dilation))
+    if (x.ndim != 4 or same is None or padding != same or not plain or module.feature_group_count != 1
+            or not module.shared_weights or module.mask is not None or not module.has_variable("params", "kernel")
+            or not conv_lib.as_matmul(k, x.shape[-1])):
+        return next_fun(*args, **kwargs)
+    kernel = module.get_variable("params", "kernel")
+    bias = module.get_variable("params", "bias") if module.use_bias else None
+    x, kernel, bias = module.promote_dtype(x, kernel, bias, dtype=module.dtype)
+    y = conv_lib.conv_as_matmul(x, kernel, module.precision)
+    return y if bias is None else y + bias
+
+
+def unet_noise(unet, unet_params, latents: jax.Array, timesteps: jax.Array, states: jax.Array, *,
+               attention: str = "einsum", conv: str = "xla", remat: bool = False) -> jax.Array:
+    """The UNet's prediction [B, C, h, w] for latents [B, C, h, w], timesteps [B] and text states
+    [B, 77, D]. attention: a resolved ``model.attention`` (einsum | xla | cudnn,
+    :func:`attention_lib.resolve`); conv: a resolved ``model.conv`` (xla | matmul, :mod:`conv_lib`);
+    remat: :func:`rematerialized_unet_blocks` (training only)."""
+    import flax.linen as nn
+
+    with contextlib.ExitStack() as stack:
+        if remat:
+            stack.enter_context(rematerialized_unet_blocks())
+        if attention != "einsum":
+            stack.enter_context(nn.intercept_methods(_attention_interceptor(attention)))
+        if conv == "matmul":
+            stack.enter_context(nn.intercept_methods(_matmul_conv_interceptor))
+        return unet.apply({"params": unet_params}, latents, timesteps, states, train=False).sample
 
 
 # --------------------------------------------------------------------------------------- loading
@@ -338,7 +412,8 @@ def sampler_step(scheduler, state, model_output, index, sample):
 
 
 def denoise_latents(unet, unet_params, scheduler, state, text_states, uncond_states, latents, *,
-                    num_steps: int, guidance: float | jax.Array, on_step=None):
+                    num_steps: int, guidance: float | jax.Array, on_step=None, attention: str = "einsum",
+                    conv: str = "xla"):
     """Classifier-free-guided denoising loop (one ``lax.fori_loop``; call it inside ``jax.jit``).
 
     text_states, uncond_states: [B, 77, D] conditional / unconditional CLIP states.
@@ -346,6 +421,7 @@ def denoise_latents(unet, unet_params, scheduler, state, text_states, uncond_sta
     on_step: optional host function ``on_step(i, n)`` of the loop index i of n iterations (PNDM runs
     num_steps + 1) through ``jax.debug.callback``; it reads no value of the loop, so the images are
     the same with or without it.
+    attention, conv: the resolved ``model.attention`` and ``model.conv`` (:func:`unet_noise`).
     Returns the final latents [B, C, h, w] (still × scaling_factor).
     """
     state = scheduler.set_timesteps(state, num_steps, latents.shape)  # PNDM: num_steps + 1 UNet calls
@@ -358,7 +434,7 @@ def denoise_latents(unet, unet_params, scheduler, state, text_states, uncond_sta
         t = st.timesteps[i]
         x_in = scheduler.scale_model_input(st, jnp.concatenate([x, x], axis=0), t)
         t_in = jnp.broadcast_to(t, (x_in.shape[0],))
-        out = unet.apply({"params": unet_params}, x_in, t_in, context, train=False).sample
+        out = unet_noise(unet, unet_params, x_in, t_in, context, attention=attention, conv=conv)
         uncond, cond = jnp.split(out.astype(jnp.float32), 2, axis=0)
         guided = uncond + guidance * (cond - uncond)
         if on_step is not None:
