@@ -425,6 +425,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     """
     config_utils.validate(config)
     workdir = os.path.abspath(workdir)
+    if config.train.remat:
+        environment.memory_first_cpu_schedule()  # before JAX starts (a no-op off CPU)
     sharding.initialize_distributed(config)  # (a no-op when the entry point started it)
     os.makedirs(workdir, exist_ok=True)
     with contextlib.ExitStack() as stack:
@@ -460,10 +462,13 @@ def _train(config, workdir: str, stop: signals.GracefulStop, ckpt: checkpoints.C
             pending.add(done, epoch, batch_in_epoch + 1, metrics, report.speed.tick())  # stays on the device
             epoch_end, last = done % plan.steps_per_epoch == 0, done == plan.total_steps
             due = done % t.log_every == 0 or done % t.checkpoint_every == 0 or epoch_end or last
-            # one process: the signal flag is a read; several: an all-gather, so at the pull points only
-            interrupted = (due or jax.process_count() == 1) and stop.agreed() or None
-            if due or interrupted:
+            if due:
                 report.drain(pending, progress, ckpt)  # the host waits for the device here, not every step
+            # one process: the signal flag is a read; several: an all-gather, so at the pull points only.
+            # After the drain: a signal that came while the host waited stops at this step.
+            interrupted = (due or jax.process_count() == 1) and stop.agreed() or None
+            if interrupted and not due:
+                report.drain(pending, progress, ckpt)
             if epoch_end:  # validation, best and latest checkpoints, images (a signal waits for them)
                 val_losses.append(_end_of_epoch(run, report, progress, ckpt, trainable, opt_state, frozen))
                 interrupted = None if last else stop.agreed()  # a signal in the last validation: nothing left
