@@ -1,5 +1,5 @@
 """Process-wide set-up of the third-party libraries (imported first by ``mtok_jax``): no TensorFlow,
-quiet known-noisy loggers, a broken torchvision hidden, XLA:CPU's memory-minimising scheduler.
+quiet known-noisy loggers, a broken torchvision hidden, XLA:CPU's scheduler chosen per run.
 
 diffusers 0.39 logs "Flax classes are deprecated" from every Flax module's ``setup`` (~120 lines per
 UNet trace) through its own non-propagating logger, so ``warnings`` filters cannot reach it; we drop
@@ -14,15 +14,7 @@ import os
 os.environ.setdefault("USE_TF", "0")  # transformers must never import TensorFlow
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-# XLA:CPU's default "concurrency-optimised" HLO scheduler orders independent work for parallelism and
-# hoists rematerialised forward ops back next to the forward, so `train.remat` saved nothing on CPU
-# (a per-block checkpointed chain: 1,396 MiB of temporaries with remat vs 1,380 without); the
-# memory-minimising scheduler gives 220 vs 990 MiB, and a small SD-shaped UNet forward+backward ran
-# faster with it (0.69 s vs 0.82 s, 2 cores). Read when the CPU backend starts; an explicit setting of
-# the flag in XLA_FLAGS is kept. No effect on GPU/TPU (their schedulers are memory-aware).
 _CPU_SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler"
-if _CPU_SCHEDULER_FLAG not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_CPU_SCHEDULER_FLAG}=false".strip()
 
 _DROPPED = ("Flax classes are deprecated", "TensorFlow and JAX classes are deprecated")
 
@@ -40,6 +32,34 @@ def without_torch_in_transformers() -> None:
     so unconditionally), so a full run starts about as fast as before. Our own PyTorch readers import
     torch themselves and still work. Call before transformers is imported; an explicit USE_TORCH is kept."""
     os.environ.setdefault("USE_TORCH", "0")
+
+
+def memory_first_cpu_schedule() -> bool:
+    """Ask XLA:CPU for its memory-minimising HLO scheduler (``--xla_cpu_enable_concurrency_optimized_scheduler=false``)
+    → whether it is in effect. Call before the first JAX computation (train.py and train_and_evaluate do
+    when ``train.remat`` is on; ``python -m mtok_jax.memory`` always); an explicit setting in XLA_FLAGS is kept.
+
+    XLA:CPU's default concurrency-optimised scheduler hoists rematerialised forward ops back next to the
+    forward, so ``train.remat`` saves nothing on CPU (a per-block checkpointed chain: 1,396 MiB of
+    temporaries with remat vs 1,380 without; memory-minimising: 220 vs 990 MiB). It is also slower where
+    there is nothing to save (sd14-256, 2 cores: BEATs 30 s forward 5.7 s vs 4.0 s, UNet forward 2.3 s vs
+    1.8 s), so it is not the default. No effect on GPU/TPU (their schedulers are memory-aware)."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    if _CPU_SCHEDULER_FLAG in flags:
+        return f"{_CPU_SCHEDULER_FLAG}=false" in flags
+    from jax._src import xla_bridge
+
+    if xla_bridge.backends_are_initialized():
+        import jax
+
+        if jax.default_backend() == "cpu":
+            logging.getLogger("mtok_jax").warning(
+                "train.remat on CPU: XLA already started with its concurrency-optimised scheduler, which "
+                "undoes rematerialisation; set XLA_FLAGS=%s=false before the first JAX computation",
+                _CPU_SCHEDULER_FLAG)
+        return False
+    os.environ["XLA_FLAGS"] = f"{flags} {_CPU_SCHEDULER_FLAG}=false".strip()
+    return True
 
 
 def release_free_host_memory() -> None:

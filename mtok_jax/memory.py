@@ -13,7 +13,7 @@ nothing read or allocated) on `--devices` virtual CPU devices with mesh data=1, 
   never reads, e.g. the VAE decoder, which train.py still holds for validation images);
   peak = trainable + frozen + opt_state + batch + outputs − aliased + temporaries (what the device holds
   at once; generated code not counted).
-XLA:CPU's buffer assignment with its memory-minimising scheduler (mtok_jax.environment) stands in for an
+XLA:CPU's buffer assignment with its memory-minimising scheduler (environment.memory_first_cpu_schedule) stands in for an
 accelerator's: GPU and TPU compilers schedule for memory too, but fuse differently, so treat the
 temporaries as an estimate to ±20 %, arguments as exact.
 
@@ -35,7 +35,7 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from mtok_jax import cli, config_utils, sharding, train
+from mtok_jax import cli, config_utils, environment, sharding, train
 from mtok_jax import system as system_lib
 
 TABLE_CONFIGS = ("configs/exp1.py", "configs/exp2.py")
@@ -129,6 +129,7 @@ def _define(fv: flags.FlagValues, argv: list[str]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    environment.memory_first_cpu_schedule()  # the remat figures are only real with it (before JAX starts)
     cli.setup_logging()
     args = sys.argv[1:] if argv is None else list(argv)
     fv, _ = cli.parse_command("python -m mtok_jax.memory", __doc__, _define, args)

@@ -22,13 +22,17 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["MTOK_TEST_OWNS_XLA_CACHE"] = str(os.getpid())
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
+import mtok_jax.environment as environment  # noqa: E402
+
+# train.remat's tests (and test_memory) measure what remat saves, which XLA:CPU's default scheduler
+# undoes; in XLA_FLAGS, so the train.py processes the tests start get it too.
+environment.memory_first_cpu_schedule()
+
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
-
-import mtok_jax.environment as environment  # noqa: E402
 
 environment.quiet_third_party_loggers()
 

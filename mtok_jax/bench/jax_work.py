@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mtok_jax import config_utils, monitor, sharding
+from mtok_jax import config_utils, environment, monitor, sharding
 from mtok_jax import sample as sample_lib
 from mtok_jax import system as system_lib
 from mtok_jax import train
@@ -60,6 +60,8 @@ def _blocking(compiled, *args) -> Callable[[], Any]:
 def build(what: str, config, preset, compiled: bool = False) -> Work:
     """The JAX Work of `what` (mtok_jax.bench.WHATS) for `config` at `preset.batch`."""
     del compiled  # (a torch option)
+    if what in ("exp1", "exp1-cached", "exp2") and config.train.remat:
+        environment.memory_first_cpu_schedule()  # as train.py's step (before JAX starts)
     kind = jax.devices()[0].device_kind
     if what == "input":
         return _input_work(config, preset.batch, kind)
