@@ -33,7 +33,7 @@ demo: $(VENV)/.core
 TEST_WORKERS ?= 2
 test: $(VENV)/.test
 	XLA_FLAGS="--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0" \
-	  $(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=25 tests
+	  $(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=40 tests
 
 clean-demo:
 	rm -rf runs/demo demo_assets
