@@ -23,7 +23,7 @@ import logging
 import os
 import sys
 
-from absl import app, flags
+from absl import flags
 
 from mtok_jax import checkpoints, cli, config_utils, export, sample, sharding
 from mtok_jax.constants import SAMPLERS
@@ -70,9 +70,7 @@ def main():
     if _PROMPT.value is not None:
         sample.check_prompt(_PROMPT.value, config.prompt.placeholder)
     audio = sample.find_audio(_AUDIO.value) if _AUDIO.value else None
-    manual = os.path.join(os.path.dirname(os.path.normpath(config.data.data_dir)), "manual")
-    if audio is None and not os.path.isdir(manual):
-        raise app.UsageError(f"no --audio given and no demo manual dir at {manual} (run `make demo`)")
+    manual = None if audio else sample.manual_dir(config)  # (checked before the models load)
     logging.getLogger("mtok_jax").info("config: %s", cli.config_source())
     pipe = sample.load_pipeline(config, workdir, checkpoint, max_batch=_BATCH.value)
     if audio is None:

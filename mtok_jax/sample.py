@@ -272,6 +272,30 @@ def label_of(path: str, labels: Sequence[str]) -> str | None:
     return None
 
 
+def manual_dir(config) -> str:
+    """<data_dir>/../manual, the dataset's source folders (where the default held-out audio is); a
+    one-line UserError when it is missing."""
+    path = os.path.join(os.path.dirname(os.path.normpath(config.data.data_dir)), "manual")
+    if not os.path.isdir(path):
+        raise errors.UserError(f"no --audio given and no demo manual dir at {path} (run `make demo`)")
+    return path
+
+
+def load_clips(config, paths: Sequence[str], start: float = 0.0) -> tuple[list[int], list[np.ndarray], list[dict]]:
+    """`load_clip` of each file → (indices of the decoded files, their clips, skip records {'audio',
+    'reason'}); an undecodable file is logged and skipped."""
+    kept, waves, skipped = [], [], []
+    for i, path in enumerate(paths):
+        try:
+            waves.append(load_clip(config, path, start))
+            kept.append(i)
+        except (AudioDecodeError, OSError) as e:
+            reason = e.reason if isinstance(e, AudioDecodeError) else f"{type(e).__name__}: {e}"
+            log.warning("%s: %s (skipped)", path, reason)
+            skipped.append(dict(audio=os.path.abspath(path), reason=reason))
+    return kept, waves, skipped
+
+
 def held_out_audio(manual_dir: str | os.PathLike, labels: Sequence[str], per_label: int = 0) -> list[str]:
     """Held-out test audio of a `folders`-layout manual dir (the split rule of the dataset builder);
     per_label > 0 keeps the first `per_label` files of each label."""
@@ -348,15 +372,7 @@ def sample_files(pipe: Pipeline, audio_paths: Sequence[str], out_dir: str | os.P
     prompt_ids(pipe.system, prompt)  # a bad template fails before any decoding
     os.makedirs(out_dir, exist_ok=True)
     seeds = [int(seed) + (0 if same_seed else i) for i in range(len(audio_paths))]
-    kept, waves, skipped = [], [], []
-    for i, path in enumerate(audio_paths):
-        try:
-            waves.append(load_clip(config, path, start))
-            kept.append(i)
-        except (AudioDecodeError, OSError) as e:
-            reason = e.reason if isinstance(e, AudioDecodeError) else f"{type(e).__name__}: {e}"
-            log.warning("%s: %s (skipped)", path, reason)
-            skipped.append(dict(audio=os.path.abspath(path), reason=reason))
+    kept, waves, skipped = load_clips(config, audio_paths, start)
     if writes:
         _write_jsonl(os.path.join(out_dir, "skipped.jsonl"), skipped)
     if not kept:
