@@ -12,7 +12,8 @@ disagreement on one probability-flow ODE: PSNR (dB, per image, averaged) and mea
 evaluates the conditional and unconditional branch as one batch), which sets the sampling time.
 
 Outputs in OUT (default WORKDIR/samplers): samplers.json (a record per sampler), samplers.md (the table)
-and grid.png (a row per sampler, the reference first; every column one audio file and seed).
+and grid.png (a row per sampler, the reference first; every column one audio file and seed; each
+cell captioned with its PSNR).
 The config is the run's own WORKDIR/config.json unless --config is given; the default audio is the
 dataset's held-out test audio (as sample.py), `--per_label` files per label.
 """
@@ -63,7 +64,8 @@ def compare(pipe: sample.Pipeline, waveforms: np.ndarray, seeds: Sequence[int], 
             prompt: str | None = None) -> tuple[list[dict[str, Any]], dict[tuple[str, int], np.ndarray]]:
     """Every sampler's images of `waveforms` [B, N] (one seed each) → (records, {(kind, steps): uint8
     [B·num_images, H, W, 3]}); the reference's record comes first. Record: sampler, kind, steps,
-    unet_passes, psnr_db (mean; None for the reference), psnr_db_min, mean_abs_diff."""
+    unet_passes, psnr_db (mean; None for the reference), psnr_db_min, psnr_db_images (per image, in
+    the images' order; not for the reference), mean_abs_diff."""
     images = {}
     for kind, steps in [reference, *[s for s in samplers if s != reference]]:
         log.info("sampling with %s:%d", kind, steps)
@@ -78,7 +80,8 @@ def compare(pipe: sample.Pipeline, waveforms: np.ndarray, seeds: Sequence[int], 
                       mean_abs_diff=float(np.abs(imgs.astype(np.int16) - ref.astype(np.int16)).mean()))
         if (kind, steps) != reference:
             db = psnr_db(imgs, ref)
-            record.update(psnr_db=float(np.mean(db)), psnr_db_min=float(np.min(db)))
+            record.update(psnr_db=float(np.mean(db)), psnr_db_min=float(np.min(db)),
+                          psnr_db_images=[round(float(x), 2) for x in db])
         records.append(record)
     return records, images
 
@@ -101,8 +104,8 @@ def write_outputs(out_dir: str, records: Sequence[dict], images: dict[tuple[str,
     with open(os.path.join(out_dir, "samplers.md"), "w") as f:
         f.write(markdown(records, records[0]["sampler"]) + "\n")
     rows = [images[r["kind"], r["steps"]] for r in records]
-    captions = [r["sampler"] if r["psnr_db"] is None else f"{r['sampler']} {r['psnr_db']:.1f} dB"
-                for r in records for _ in range(len(rows[0]))]
+    captions = [r["sampler"] if r["psnr_db"] is None else f"{r['sampler']} {r['psnr_db_images'][i]:.1f} dB"
+                for r in records for i in range(len(rows[0]))]
     sample.write_grid(os.path.join(out_dir, "grid.png"), np.concatenate(rows), captions, columns=len(rows[0]))
 
 
