@@ -36,8 +36,9 @@ def without_torch_in_transformers() -> None:
 
 def memory_first_cpu_schedule() -> bool:
     """Ask XLA:CPU for its memory-minimising HLO scheduler (``--xla_cpu_enable_concurrency_optimized_scheduler=false``)
-    → whether it is in effect. Call before the first JAX computation (train.py and train_and_evaluate do
-    when ``train.remat`` is on; ``python -m mtok_jax.memory`` always); an explicit setting in XLA_FLAGS is kept.
+    → whether it is in effect. Call before the first JAX computation (``train.train_and_evaluate`` and the
+    bench's training steps do when ``train.remat`` is on; ``python -m mtok_jax.memory`` always); an explicit
+    setting in XLA_FLAGS is kept.
 
     XLA:CPU's default concurrency-optimised scheduler hoists rematerialised forward ops back next to the
     forward, so ``train.remat`` saves nothing on CPU (a per-block checkpointed chain: 1,396 MiB of

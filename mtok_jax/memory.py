@@ -13,9 +13,9 @@ nothing read or allocated) on `--devices` virtual CPU devices with mesh data=1, 
   never reads, e.g. the VAE decoder, which train.py still holds for validation images);
   peak = trainable + frozen + opt_state + batch + outputs − aliased + temporaries (what the device holds
   at once; generated code not counted).
-XLA:CPU's buffer assignment with its memory-minimising scheduler (environment.memory_first_cpu_schedule) stands in for an
-accelerator's: GPU and TPU compilers schedule for memory too, but fuse differently, so treat the
-temporaries as an estimate to ±20 %, arguments as exact.
+XLA:CPU's buffer assignment with its memory-minimising scheduler (environment.memory_first_cpu_schedule)
+stands in for an accelerator's: GPU and TPU compilers schedule for memory too, but fuse differently, so
+treat the temporaries as an estimate to ±20 %, arguments as exact.
 
 `--table` runs exp1 and exp2 at 512 px, bf16 compute (fp32 masters) and train.remat on 1, 8 and 32
 devices, one process each (the device count is fixed when JAX starts), 8 examples per device on one

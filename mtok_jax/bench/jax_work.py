@@ -60,8 +60,8 @@ def _blocking(compiled, *args) -> Callable[[], Any]:
 def build(what: str, config, preset, compiled: bool = False) -> Work:
     """The JAX Work of `what` (mtok_jax.bench.WHATS) for `config` at `preset.batch`."""
     del compiled  # (a torch option)
-    if what in ("exp1", "exp1-cached", "exp2") and config.train.remat:
-        environment.memory_first_cpu_schedule()  # as train.py's step (before JAX starts)
+    if config.train.remat:  # (exp2's config) as train.py's step; before JAX starts
+        environment.memory_first_cpu_schedule()
     kind = jax.devices()[0].device_kind
     if what == "input":
         return _input_work(config, preset.batch, kind)
