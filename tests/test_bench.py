@@ -30,8 +30,23 @@ def test_tiny_preset_measures_everything(demo_models, tmp_path, capsys):
     path = tmp_path / "BENCHMARKS.md"
     path.write_text("# Benchmarks\n\nintro kept\n")
     reference = [dict(r, backend="torch", median_ms=2 * r["median_ms"]) for r in records if r["what"] == "exp1"]
-    bench.write_markdown(path, "tiny", "cpu", bench.markdown_section("tiny", records + reference, "cmd"))
-    bench.write_markdown(path, "tiny", "cpu", bench.markdown_section("tiny", records + reference, "cmd"))
+    bench.write_markdown(path, "tiny", records + reference, "cmd --what all")
+    text = path.read_text()
+    assert "| exp1 | torch | 1 |" in text and "| exp1 | torch | 1 | " in text.split("Ratios")[1]
+    assert "2.00× | ≥ 1.2× | yes |" in text
+    # a second run of one workload replaces its rows only; the first run's command stays for the others
+    rerun = [dict(r, median_ms=4 * r["median_ms"]) for r in records + reference if r["what"] == "exp1"]
+    bench.write_markdown(path, "tiny", rerun, "cmd --what exp1")
     text = path.read_text()
     assert text.count("<!-- bench:tiny:cpu -->") == 1 and "intro kept" in text
-    assert "| exp1 | torch |" in text and "2.00× | ≥ 1.2× | yes |" in text
+    assert "- run 1: `cmd --what all`" in text
+    assert "- run 2: `cmd --what exp1`" in text
+    rows = [line for line in text.splitlines() if line.startswith("| exp1 |")]
+    assert len(rows) == 3 and all(" | 2 | " in line for line in rows), rows  # 2 records + 1 ratio
+    assert "| beats | jax | 1 |" in text and "| input | jax | 1 |" in text
+    assert "-->" not in text.split("<!-- bench-data")[1].split("\n-->")[0]
+    # every workload measured again: run 1 is no longer referenced, and the new run is run 1
+    bench.write_markdown(path, "tiny", records, "cmd --what all again")
+    text = path.read_text()
+    assert "- run 1: `cmd --what all again`" in text and "- run 2" not in text
+    assert "| exp1 | torch |" not in text

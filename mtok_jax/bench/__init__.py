@@ -30,8 +30,10 @@ timed one), FLOP per call (XLA's cost analysis of our function, used for every b
 FLOP/s, MFU (against PEAK_FLOPS for accelerators; on a CPU against a matmul measured in that process),
 and peak memory (the process's resident set, sampled during the warm-up and timed calls; on
 accelerators also the device's peak).
-`--markdown` also rewrites this preset's section of BENCHMARKS.md (command, date, commit, versions,
-every figure, the ratios against PyTorch and the issue's targets).
+`--markdown` also merges this run into this preset's section of BENCHMARKS.md: its records replace the
+earlier ones of the same workloads, the others stay with their run's command, date, commit and versions
+(so a slow workload can be measured on its own); the table, and the ratios against PyTorch of the same
+run with the issue's targets, are rewritten from the records the section keeps as JSON.
 """
 
 from __future__ import annotations
@@ -322,64 +324,102 @@ def device_class(records: Sequence[dict]) -> str:
 
 
 def ratios(records: Sequence[dict]) -> list[dict]:
-    """Per what and reference backend: reference median / ours (≥ 1: we are faster)."""
-    by = {(r["what"], r["backend"]): r for r in records if "median_ms" in r}
+    """Per what and reference backend of the same run: reference median / ours (≥ 1: we are faster)."""
+    by = {(r.get("run"), r["what"], r["backend"]): r for r in records if "median_ms" in r}
     out = []
-    for (what, backend), ours in by.items():
+    for (run, what, backend), ours in by.items():
         if backend != "jax":
             continue
         for reference in BACKENDS[1:]:
-            ref = by.get((REFERENCE_OF.get(what, what), reference))
+            ref = by.get((run, REFERENCE_OF.get(what, what), reference))
             if ref:
                 out.append({"what": what, "reference": reference, "ours_ms": ours["median_ms"],
-                            "reference_ms": ref["median_ms"], "ratio": ref["median_ms"] / ours["median_ms"]})
+                            "reference_ms": ref["median_ms"], "ratio": ref["median_ms"] / ours["median_ms"],
+                            "run": run})
     return out
 
 
-def markdown_section(preset_name: str, records: Sequence[dict], command: str) -> str:
-    """This run's section of BENCHMARKS.md (Markdown)."""
+def merge_runs(previous: dict, records: Sequence[dict], run: dict) -> dict:
+    """A section's {'runs': [run dicts], 'records': [...]} after a run: this run's records (tagged with its
+    number) replace every earlier record of the same workloads; runs no record refers to any more are
+    dropped and the rest renumbered from 1 in order. Records are ordered as WHATS, then BACKENDS."""
+    whats = {r["what"] for r in records}
+    kept = [r for r in previous.get("records", []) if r["what"] not in whats]
+    number = max([r["run"] for r in kept], default=0) + 1
+    merged = kept + [dict(r, run=number) for r in records]
+    runs = {**{i + 1: x for i, x in enumerate(previous.get("runs", []))}, number: run}
+    used = sorted({r["run"] for r in merged})
+    renumber = {old: new for new, old in enumerate(used, 1)}
+    merged = [dict(r, run=renumber[r["run"]]) for r in merged]
+    order = {w: i for i, w in enumerate(WHATS)}
+    merged.sort(key=lambda r: (order.get(r["what"], len(order)), BACKENDS.index(r["backend"])
+                               if r["backend"] in BACKENDS else len(BACKENDS)))
+    return {"runs": [runs[old] for old in used], "records": merged}
+
+
+def markdown_section(preset_name: str, data: dict) -> str:
+    """The section of (preset, device class) from merge_runs' {'runs', 'records'} (Markdown)."""
+    records = data["records"]
     kinds = sorted({r["device_kind"] for r in records if "device_kind" in r})
-    lines = [f"## `{preset_name}` on {', '.join(kinds) or 'unknown device'}", "",
-             f"- command: `{command}`", f"- date: {datetime.date.today().isoformat()}, commit {_commit()}",
-             f"- versions: {_versions()}", f"- machine: {platform.machine()}, {os.cpu_count()} cores", "",
-             "| what | backend | dtype | batch | runs | median ms | min ms | max ms | compile s | GFLOP | GFLOP/s "
-             "| MFU | peak RSS GiB | peak device GiB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [f"## `{preset_name}` on {', '.join(kinds) or 'unknown device'}", ""]
+    for i, run in enumerate(data["runs"], 1):
+        lines += [f"- run {i}: `{run['command']}`", f"  - date: {run['date']}, commit {run['commit']}",
+                  f"  - versions: {run['versions']}", f"  - machine: {run['machine']}"]
+    lines += ["", "| what | backend | run | dtype | batch | runs | median ms | min ms | max ms | compile s | GFLOP "
+              "| GFLOP/s | MFU | peak RSS GiB | peak device GiB |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         if "error" in r:
-            lines.append(f"| {r['what']} | {r['backend']} | failed: {r['error']} ||||||||||||")
+            lines.append(f"| {r['what']} | {r['backend']} | {r['run']} | failed: {r['error']} ||||||||||||")
             continue
         gflop = f"{r['flops'] / 1e9:.1f}" if r.get("flops") else "–"
         rate = f"{r['flops_per_s'] / 1e9:.1f}" if r.get("flops_per_s") else "–"
         mfu = f"{100 * r['mfu']:.1f} %" if r.get("mfu") is not None else "–"
         device_gib = f"{r['peak_device_gib']:.2f}" if "peak_device_gib" in r else "–"
-        lines.append(f"| {r['what']} | {r['backend']} | {r['dtype']} | {r['batch']} | {r['runs']} | "
+        lines.append(f"| {r['what']} | {r['backend']} | {r['run']} | {r['dtype']} | {r['batch']} | {r['runs']} | "
                      f"{r['median_ms']:.1f} | {r['min_ms']:.1f} | {r['max_ms']:.1f} | {r['compile_s']:.1f} | "
                      f"{gflop} | {rate} | {mfu} | {r['peak_rss_gib']:.2f} | {device_gib} |")
-    extra = [r for r in records if r.get("what") == "input" and "examples_per_s" in r]
-    for r in extra:
-        lines += ["", f"Input pipeline: {r['examples_per_s']:.2f} examples/s with one reader thread "
-                      f"({r['examples_per_s_all_threads']:.2f} with {r['threads']})."]
-    lines += ["", "Ratios (PyTorch median / ours; > 1: mtok_jax is faster) and the targets:", "",
-              "| what | against | ours ms | PyTorch ms | ratio | target | met |", "|---|---|---|---|---|---|---|"]
+    for r in records:
+        if r.get("what") == "input" and "examples_per_s" in r:
+            lines += ["", f"Input pipeline (run {r['run']}): {r['examples_per_s']:.2f} examples/s with one reader "
+                          f"thread ({r['examples_per_s_all_threads']:.2f} with {r['threads']})."]
+    lines += ["", "Ratios (PyTorch median / ours, both from the same run; > 1: mtok_jax is faster) and the targets:",
+              "", "| what | against | run | ours ms | PyTorch ms | ratio | target | met |",
+              "|---|---|---|---|---|---|---|---|"]
     targets = {(w, ref): t for w, ref, t, where in TARGETS if where == device_class(records)}
     for r in ratios(records):
         t = targets.get((r["what"], r["reference"]))
         met = "–" if t is None else ("yes" if r["ratio"] >= t else "**no**")
-        lines.append(f"| {r['what']} | {r['reference']} | {r['ours_ms']:.1f} | {r['reference_ms']:.1f} | "
+        lines.append(f"| {r['what']} | {r['reference']} | {r['run']} | {r['ours_ms']:.1f} | {r['reference_ms']:.1f} | "
                      f"{r['ratio']:.2f}× | {f'≥ {t}×' if t else '–'} | {met} |")
     return "\n".join(lines) + "\n"
 
 
-def write_markdown(path: pathlib.Path, preset_name: str, device: str, section: str) -> None:
-    """Replace (or add) the section of (preset, device class) in `path`, keeping the others."""
+_DATA_BEGIN, _DATA_END = "<!-- bench-data\n", "\n-->\n"
+
+
+def write_markdown(path: pathlib.Path, preset_name: str, records: Sequence[dict], command: str) -> None:
+    """Merge this run's `records` into the section of (preset, device class) in `path` (merge_runs; the
+    section keeps its records as JSON in an HTML comment) and rewrite it, keeping the other sections."""
+    device = device_class(records)
     begin, end = f"<!-- bench:{preset_name}:{device} -->", f"<!-- /bench:{preset_name}:{device} -->"
     text = path.read_text() if path.exists() else (
         "# Benchmarks\n\nRegenerated by `python -m mtok_jax.bench --preset PRESET --what all --reference torch "
         "--markdown` (one section per preset and device class; see the module docstring of mtok_jax/bench.py).\n")
-    block = f"{begin}\n{section}{end}"
     pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
-    text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + block + "\n"
+    found = pattern.search(text)
+    previous = {}
+    if found and _DATA_BEGIN in found.group(0):
+        blob = found.group(0).split(_DATA_BEGIN, 1)[1].split(_DATA_END, 1)[0]
+        previous = json.loads(blob)
+    run = {"command": command, "date": datetime.date.today().isoformat(), "commit": _commit(),
+           "versions": _versions(), "machine": f"{platform.machine()}, {os.cpu_count()} cores"}
+    data = merge_runs(previous, records, run)
+    lines = lambda xs: ",\n".join(json.dumps(x) for x in xs)  # noqa: E731 (one record a line)
+    blob = f'{{"runs": [\n{lines(data["runs"])}],\n"records": [\n{lines(data["records"])}]}}'
+    blob = blob.replace("--", "-\\u002d")  # (JSON's escape of "-": a "--" in a comment is not well-formed)
+    block = f"{begin}\n{markdown_section(preset_name, data)}{_DATA_BEGIN}{blob}{_DATA_END}{end}"
+    text = pattern.sub(lambda _: block, text) if found else text.rstrip("\n") + "\n\n" + block + "\n"
     path.write_text(text)
 
 
@@ -433,7 +473,7 @@ def _define(fv: flags.FlagValues, argv: list[str]) -> None:
                        flag_values=fv)
     flags.DEFINE_multi_string("set", [], "config override of our side, KEY=VALUE (e.g. model.conv=xla); "
                               "repeatable, recorded in each JAX record", flag_values=fv)
-    flags.DEFINE_bool("markdown", False, "rewrite this preset's section of BENCHMARKS.md", flag_values=fv)
+    flags.DEFINE_bool("markdown", False, "merge this run into this preset's section of BENCHMARKS.md", flag_values=fv)
     flags.DEFINE_enum("_backend", None, list(BACKENDS), "(internal) run one measurement in this process",
                       flag_values=fv)
     flags.DEFINE_float("_flops", None, "(internal) FLOP count of the JAX record", flag_values=fv)
@@ -463,8 +503,7 @@ def main(argv: Sequence[str] | None = None, builder: Callable = jax_work.build) 
     records = run_all(fv.preset, whats, backends, assets, fv.runs, timeout_s=fv.timeout_s, settings=fv.set)
     if fv.markdown:
         command = "python -m mtok_jax.bench " + " ".join(args)
-        write_markdown(REPO / "BENCHMARKS.md", fv.preset, device_class(records),
-                       markdown_section(fv.preset, records, command))
+        write_markdown(REPO / "BENCHMARKS.md", fv.preset, records, command)
     failed = [r for r in records if "error" in r]
     if failed:
         raise SystemExit(f"{len(failed)} of {len(records)} measurements failed: "
