@@ -45,11 +45,14 @@ def parse_sampler(spec: str, flag: str = "--samplers") -> tuple[str, int]:
     return kind, int(steps)
 
 
+IDENTICAL_DB = 100.0  # PSNR reported for identical images (above uint8's one-level 48.1 dB; JSON has no inf)
+
+
 def psnr_db(images: np.ndarray, reference: np.ndarray) -> np.ndarray:
-    """uint8 [N, H, W, 3] twice → PSNR per image in dB (peak 255; inf where identical)."""
+    """uint8 [N, H, W, 3] twice → PSNR per image in dB (peak 255; IDENTICAL_DB where identical)."""
     mse = ((images.astype(np.float64) - reference.astype(np.float64)) ** 2).reshape(len(images), -1).mean(1)
     with np.errstate(divide="ignore"):
-        return 10.0 * np.log10(255.0 ** 2 / mse)
+        return np.minimum(10.0 * np.log10(255.0 ** 2 / mse), IDENTICAL_DB)
 
 
 def unet_passes(config, kind: str, steps: int) -> int:
@@ -100,7 +103,7 @@ def write_outputs(out_dir: str, records: Sequence[dict], images: dict[tuple[str,
     """samplers.json, samplers.md and grid.png (rows in record order) in `out_dir`."""
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "samplers.json"), "w") as f:
-        json.dump(dict(settings, samplers=list(records)), f, indent=2)
+        json.dump(dict(settings, samplers=list(records)), f, indent=2, allow_nan=False)
     with open(os.path.join(out_dir, "samplers.md"), "w") as f:
         f.write(markdown(records, records[0]["sampler"]) + "\n")
     rows = [images[r["kind"], r["steps"]] for r in records]
