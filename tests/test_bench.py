@@ -49,4 +49,4 @@ def test_tiny_preset_measures_everything(demo_models, tmp_path, capsys):
     bench.write_markdown(path, "tiny", records, "cmd --what all again")
     text = path.read_text()
     assert "- run 1: `cmd --what all again`" in text and "- run 2" not in text
-    assert "| exp1 | torch |" not in text
+    assert "| exp1 | torch |" not in text and "Ratios" not in text  # (no PyTorch figure: no ratios table)

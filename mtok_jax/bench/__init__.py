@@ -383,11 +383,14 @@ def markdown_section(preset_name: str, data: dict) -> str:
         if r.get("what") == "input" and "examples_per_s" in r:
             lines += ["", f"Input pipeline (run {r['run']}): {r['examples_per_s']:.2f} examples/s with one reader "
                           f"thread ({r['examples_per_s_all_threads']:.2f} with {r['threads']})."]
+    pairs = ratios(records)
+    if not pairs:  # (no PyTorch figure of the same run: no ratios table)
+        return "\n".join(lines) + "\n"
     lines += ["", "Ratios (PyTorch median / ours, both from the same run; > 1: mtok_jax is faster) and the targets:",
               "", "| what | against | run | ours ms | PyTorch ms | ratio | target | met |",
               "|---|---|---|---|---|---|---|---|"]
     targets = {(w, ref): t for w, ref, t, where in TARGETS if where == device_class(records)}
-    for r in ratios(records):
+    for r in pairs:
         t = targets.get((r["what"], r["reference"]))
         met = "–" if t is None else ("yes" if r["ratio"] >= t else "**no**")
         lines.append(f"| {r['what']} | {r['reference']} | {r['run']} | {r['ours_ms']:.1f} | {r['reference_ms']:.1f} | "
@@ -438,6 +441,9 @@ def _child_env(backend: str) -> dict[str, str]:
 
 
 def _commit() -> str:
+    """HEAD's short hash, or MTOK_BENCH_COMMIT where set (a copy of the tree without .git: a device machine)."""
+    if os.environ.get("MTOK_BENCH_COMMIT"):
+        return os.environ["MTOK_BENCH_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
                               check=True).stdout.strip()
