@@ -104,7 +104,7 @@ PEAK_FLOPS = {
     ("TPU v5p", "bfloat16"): 459e12, ("TPU v6", "bfloat16"): 918e12,
 }
 
-# The issue's targets: (what, our backend, reference backend, minimum ratio reference_ms / our_ms, where).
+# The issue's targets: (what, reference backend, minimum ratio reference_ms / our_ms, where).
 TARGETS = (
     ("exp1", "torch", 1.2, "cpu"), ("exp1-cached", "torch", 2.0, "cpu"), ("exp2", "torch", 1.2, "cpu"), ("unet", "torch.compile", 1.0, "cpu"),
     ("sample", "torch.compile", 1.0, "cpu"), ("beats", "torch", 1.8, "cpu"),
@@ -416,7 +416,7 @@ def write_markdown(path: pathlib.Path, preset_name: str, records: Sequence[dict]
         blob = found.group(0).split(_DATA_BEGIN, 1)[1].split(_DATA_END, 1)[0]
         previous = json.loads(blob)
     run = {"command": command, "date": datetime.date.today().isoformat(), "commit": _commit(),
-           "versions": _versions(), "machine": f"{platform.machine()}, {os.cpu_count()} cores"}
+           "versions": _versions(), "machine": _machine()}
     data = merge_runs(previous, records, run)
     lines = lambda xs: ",\n".join(json.dumps(x) for x in xs)  # noqa: E731 (one record a line)
     blob = f'{{"runs": [\n{lines(data["runs"])}],\n"records": [\n{lines(data["records"])}]}}'
@@ -449,6 +449,19 @@ def _commit() -> str:
                               check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+def _machine() -> str:
+    """The CPU's model name (/proc/cpuinfo where there is one), its architecture and core count."""
+    model = platform.processor() or platform.machine()
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model}, {platform.machine()}, {os.cpu_count()} cores"
 
 
 def _versions() -> str:
