@@ -16,7 +16,7 @@ from typing import Sequence
 import ml_collections
 from absl import flags
 
-from mtok_jax.constants import ATTENTIONS, CONVS, DTYPES, PARTS, REFERENCE_SAMPLE_RATE, SAMPLE_RATE, SAMPLERS
+from mtok_jax.constants import ATTENTIONS, BEATS_ATTENTIONS, CONVS, DTYPES, PARTS, REFERENCE_SAMPLE_RATE, SAMPLE_RATE, SAMPLERS
 from mtok_jax.errors import ConfigError
 
 flags.disclaim_key_flags()  # the --config flag defined here belongs to the entry point (its --help lists it)
@@ -145,6 +145,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     need(m.dtype in DTYPES, f"model.dtype={m.dtype!r} not in {DTYPES}")
     need(m.attention in ATTENTIONS, f"model.attention={m.attention!r} not in {ATTENTIONS}")
     need(m.conv in CONVS, f"model.conv={m.conv!r} not in {CONVS}")
+    need(m.beats_attention in BEATS_ATTENTIONS, f"model.beats_attention={m.beats_attention!r} not in {BEATS_ATTENTIONS}")
     need(config.data.feature_cache_dtype in DTYPES,
          f"data.feature_cache_dtype={config.data.feature_cache_dtype!r} not in {DTYPES}")
     need(len(m.beats_layers) > 0 and all(isinstance(i, int) and i >= 0 for i in m.beats_layers),

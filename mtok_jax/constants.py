@@ -12,3 +12,4 @@ SAMPLERS = ("pndm", "ddim", "dpm", "euler")  # sample.scheduler choices (diffuse
 DTYPES = ("float32", "bfloat16")  # model.dtype choices (compute dtype; parameters stay float32)
 ATTENTIONS = ("auto", "einsum", "xla", "cudnn")  # model.attention choices (mtok_jax/models/attention.py)
 CONVS = ("auto", "xla", "matmul")  # model.conv choices (mtok_jax/models/conv.py)
+BEATS_ATTENTIONS = ("auto", "batched", "per_head")  # model.beats_attention choices (mtok_jax/models/beats.py)

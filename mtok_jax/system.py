@@ -244,7 +244,8 @@ def load_system(config, labels: Sequence[str]) -> tuple[System, dict[str, Any]]:
     dtype = compute_dtype(config)
     unet_attention(config)  # an unusable model.attention fails before any file is read
     beats, beats_params = beats_lib.load_beats(m.beats_path, dtype=dtype, split_conv_pos=m.split_conv_pos,
-                                               remat=config.train.remat)
+                                               remat=config.train.remat,
+                                               per_head_attention=beats_lib.resolve_attention(m.beats_attention))
     fetch = dict(allow_download=m.allow_download)
     unet, unet_params = diffusion.load_unet(m.sd_path, dtype=dtype, **fetch)
     vae, vae_params = diffusion.load_vae(m.sd_path, dtype=dtype, **fetch)
@@ -313,7 +314,8 @@ def abstract_system(config, *, full_size: bool = True, num_labels: int = 18) -> 
             hub.read_json(os.path.join(hub.resolve_folder(m.sd_path, part, allow_download=m.allow_download),
                                     hub.CONFIG_FILE)) for part in ("unet", "vae", "text_encoder"))
         sched_cfg = diffusion.read_scheduler_config(m.sd_path, allow_download=m.allow_download)
-    beats = beats_lib.BEATs(dict(beats_cfg), dtype=dtype, split_conv_pos=m.split_conv_pos, remat=config.train.remat)
+    beats = beats_lib.BEATs(dict(beats_cfg), dtype=dtype, split_conv_pos=m.split_conv_pos, remat=config.train.remat,
+                            per_head_attention=beats_lib.resolve_attention(m.beats_attention))
     unet = diffusion.unet_from_config(unet_cfg, dtype=dtype)
     vae = diffusion.vae_from_config(vae_cfg, dtype=dtype)
     text = text_lib.text_encoder_module(text_cfg, dtype)

@@ -27,7 +27,7 @@ from flax import struct, traverse_util
 
 from mtok_jax import params_io
 from mtok_jax.audio.fbank import beats_normalize, kaldi_fbank
-from mtok_jax.constants import SAMPLE_RATE  # BEATs.preprocess hard-codes 16 kHz, 128 mel bins
+from mtok_jax.constants import BEATS_ATTENTIONS, SAMPLE_RATE  # (BEATs.preprocess hard-codes 16 kHz, 128 mel bins)
 
 LN_EPS = 1e-5                     # torch.nn.LayerNorm default (Flax's is 1e-6)
 NUM_MEL_BINS = 128
@@ -199,13 +199,50 @@ class ConvPositionalEmbedding(nn.Module):
         return _gelu_f32(y)
 
 
+def resolve_attention(name: str, backend: str | None = None) -> bool:
+    """`model.beats_attention` → per_head (True) or batched (False); ``auto``: per_head on a CPU."""
+    if name not in BEATS_ATTENTIONS:
+        raise ValueError(f"model.beats_attention={name!r}: expected one of {', '.join(BEATS_ATTENTIONS)}")
+    return name == "per_head" or (name == "auto" and (backend or jax.default_backend()) == "cpu")
+
+
+def attention_probs(q, k, pos_bias, gate, key_padding_mask):
+    """Softmax attention weights, float32 ``[B, H, T, T]``: q (scaled) and k ``[B, H, T, d]``; pos_bias
+    ``[H, T, T]`` or None, scaled per query by gate ``[B, H, T]`` (the GRU gate) when given;
+    key_padding_mask ``[B, T]`` (True = padding) or None."""
+    logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
+    if key_padding_mask is not None:
+        logits = jnp.where(key_padding_mask[:, None, None, :], -jnp.inf, logits)
+    if pos_bias is not None:
+        logits = logits + (pos_bias[None] if gate is None else gate[..., None] * pos_bias[None])
+    return jax.nn.softmax(logits, axis=-1)
+
+
+def attend_per_head(q, k, v, pos_bias, gate, key_padding_mask):
+    """``probs · v`` ``[B, H, T, d]`` one head at a time (a loop over H; the same numbers as all heads at
+    once): the scores of one head (``[B, T, T]``, 9 MB at 1,496 tokens) stay in cache on a CPU, where the
+    batched form streams ``[B, H, T, T]`` (107 MB) through memory for each softmax pass."""
+    heads = lambda x: jnp.moveaxis(x, 1, 0)[:, :, None]  # noqa: E731 ([B, H, ...] → [H, B, 1, ...])
+    xs = (heads(q), heads(k), heads(v), None if pos_bias is None else pos_bias[:, None],
+          None if gate is None else heads(gate))
+
+    def one(x):
+        qh, kh, vh, bh, gh = x
+        probs = attention_probs(qh, kh, bh, gh, key_padding_mask)
+        return jnp.einsum("bhqk,bhkd->bhqd", probs.astype(vh.dtype), vh)
+    return jnp.moveaxis(jax.lax.map(one, xs)[:, :, 0], 0, 1)
+
+
 class BEATsAttention(nn.Module):
-    """Multi-head self-attention with the (optionally GRU-gated) shared relative position bias."""
+    """Multi-head self-attention with the (optionally GRU-gated) shared relative position bias.
+    ``per_head``: the heads are computed one after the other (:func:`attend_per_head`) where nothing
+    else needs the weights (no dropout, no sown intermediates)."""
     embed_dim: int
     num_heads: int
     gru_rel_pos: bool
     attention_dropout: float
     dtype: Any = jnp.float32
+    per_head: bool = False
 
     @nn.compact
     def __call__(self, x, pos_bias, key_padding_mask, deterministic: bool):
@@ -217,26 +254,26 @@ class BEATsAttention(nn.Module):
         q = dense("q_proj")(x).reshape(b, t, h, d)
         k = dense("k_proj")(x).reshape(b, t, h, d)
         v = dense("v_proj")(x).reshape(b, t, h, d)
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q * jnp.asarray(d ** -0.5, q.dtype), k,
-                            preferred_element_type=jnp.float32)
-        if key_padding_mask is not None:
-            logits = jnp.where(key_padding_mask[:, None, None, :], -jnp.inf, logits)
-        if pos_bias is not None:                                # [H, T, T] float32
-            bias = pos_bias[None]
-            if self.gru_rel_pos:
-                g = nn.Dense(8, dtype=self.dtype, name="grep_linear",
-                             kernel_init=nn.initializers.normal(0.02))(q)          # [B, T, H, 8]
-                self.sow("intermediates", "grep_linear_out", g.transpose(0, 2, 1, 3))
-                g = jax.nn.sigmoid(g.astype(jnp.float32).reshape(b, t, h, 2, 4).sum(-1))
-                grep_a = self.param("grep_a", nn.initializers.ones, (h,), jnp.float32)
-                gate = g[..., 0] * (g[..., 1] * grep_a - 1.0) + 2.0                # [B, T, H]
-                bias = gate.transpose(0, 2, 1)[..., None] * bias
-            logits = logits + bias
-        probs = jax.nn.softmax(logits, axis=-1)
-        self.sow("intermediates", "attn_probs", probs)
-        probs = nn.Dropout(self.attention_dropout)(probs, deterministic=deterministic)
-        out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v).reshape(b, t, c)
-        out = dense("out_proj")(out)
+        gate = None
+        if pos_bias is not None and self.gru_rel_pos:
+            g = nn.Dense(8, dtype=self.dtype, name="grep_linear",
+                         kernel_init=nn.initializers.normal(0.02))(q)              # [B, T, H, 8]
+            self.sow("intermediates", "grep_linear_out", g.transpose(0, 2, 1, 3))
+            g = jax.nn.sigmoid(g.astype(jnp.float32).reshape(b, t, h, 2, 4).sum(-1))
+            grep_a = self.param("grep_a", nn.initializers.ones, (h,), jnp.float32)
+            gate = (g[..., 0] * (g[..., 1] * grep_a - 1.0) + 2.0).transpose(0, 2, 1)  # [B, H, T]
+        # [B, H, T, d] operands: with v as [B, T, H, d] ("bhqk,bkhd->bqhd") XLA:CPU computes vᵀ·Pᵀ and
+        # copies P [B, H, T, T] transposed every layer (≈ 55 ms a layer at 1,496 tokens)
+        q = (q * jnp.asarray(d ** -0.5, q.dtype)).transpose(0, 2, 1, 3)
+        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+        if self.per_head and deterministic and not self.is_mutable_collection("intermediates"):
+            out = attend_per_head(q, k, v, pos_bias, gate, key_padding_mask)
+        else:
+            probs = attention_probs(q, k, pos_bias, gate, key_padding_mask)
+            self.sow("intermediates", "attn_probs", probs)
+            probs = nn.Dropout(self.attention_dropout)(probs, deterministic=deterministic)
+            out = jnp.einsum("bhqk,bhkd->bhqd", probs.astype(v.dtype), v)
+        out = dense("out_proj")(out.transpose(0, 2, 1, 3).reshape(b, t, c))
         self.sow("intermediates", "attn_out", out)
         return out
 
@@ -245,6 +282,7 @@ class BEATsLayer(nn.Module):
     """One transformer layer: post-LN with deep-norm residual scale α, or pre-LN (layer_norm_first)."""
     cfg: Mapping[str, Any]
     dtype: Any = jnp.float32
+    per_head_attention: bool = False
 
     @nn.compact
     def __call__(self, x, pos_bias, key_padding_mask, deterministic: bool):
@@ -253,7 +291,7 @@ class BEATsLayer(nn.Module):
         alpha = (2.0 * c["encoder_layers"]) ** 0.25 if c["deep_norm"] else 1.0
         act = _ACTIVATIONS[c["activation_fn"]]
         attn = BEATsAttention(dim, c["encoder_attention_heads"], bool(c["gru_rel_pos"]),
-                              c["attention_dropout"], self.dtype, name="self_attn")
+                              c["attention_dropout"], self.dtype, self.per_head_attention, name="self_attn")
         attn_ln = nn.LayerNorm(LN_EPS, dtype=self.dtype, name="self_attn_layer_norm")
         final_ln = nn.LayerNorm(LN_EPS, dtype=self.dtype, name="final_layer_norm")
         init = nn.initializers.normal(0.02)
@@ -275,11 +313,13 @@ class BEATsLayer(nn.Module):
 
 class BEATsEncoder(nn.Module):
     """Conv-pos embedding, LayerNorm and the layer stack (the reference's ``TransformerEncoder``).
-    ``remat``: each layer's activations are recomputed in the backward pass (same numbers, less memory)."""
+    ``remat``: each layer's activations are recomputed in the backward pass (same numbers, less memory);
+    ``per_head_attention``: :class:`BEATsAttention`'s ``per_head``."""
     cfg: Mapping[str, Any]
     dtype: Any = jnp.float32
     split_conv_pos: bool = True
     remat: bool = False
+    per_head_attention: bool = False
 
     def relative_position_bias(self, length: int) -> jax.Array:
         """Shared bias ``[H, T, T]``: ``bias[h, i, j] = table[bucket(j − i), h]`` (float32)."""
@@ -290,7 +330,7 @@ class BEATsEncoder(nn.Module):
         b1d = jnp.asarray(relative_position_buckets_1d(length - 1, c["num_buckets"], c["max_distance"]))
         pos = jnp.arange(length)
         buckets = b1d[pos[None, :] - pos[:, None] + (length - 1)]     # [T, T]
-        return jnp.transpose(table[buckets], (2, 0, 1)).astype(jnp.float32)
+        return table.T[:, buckets].astype(jnp.float32)                 # (gathered as [H, T, T]: no transpose)
 
     @nn.compact
     def __call__(self, x, padding_mask, deterministic: bool):
@@ -317,7 +357,8 @@ class BEATsEncoder(nn.Module):
         for i in range(c["encoder_layers"]):
             if ratio != 1.0:
                 x = grad_multiply(x, ratio)
-            y = layer(c, self.dtype, name=f"layers_{i}")(x, pos_bias, padding_mask, deterministic)
+            y = layer(c, self.dtype, self.per_head_attention, name=f"layers_{i}")(x, pos_bias, padding_mask,
+                                                                                deterministic)
             if not deterministic and layerdrop > 0.0:
                 keep = jax.random.uniform(self.make_rng("dropout")) > layerdrop
                 y = jnp.where(keep, y, x)
@@ -337,12 +378,14 @@ class BEATs(nn.Module):
     ``rngs={'dropout': key}`` is needed. ``dtype=jnp.bfloat16`` computes in bf16 (params stay float32;
     fbank, softmax, GELU and LayerNorm statistics in float32). ``split_conv_pos`` picks the conv-pos form
     (same numbers; split trains much faster on CPU). ``remat``: rematerialise each transformer layer in
-    the backward pass (``train.remat``).
+    the backward pass (``train.remat``). ``per_head_attention``: attention one head at a time where no
+    dropout or sown weights need them all (same numbers; faster on CPU: ``model.beats_attention``).
     """
     cfg: Mapping[str, Any]
     dtype: Any = jnp.float32
     split_conv_pos: bool = True
     remat: bool = False
+    per_head_attention: bool = False
 
     def setup(self):
         c = beats_config(self.cfg)
@@ -354,7 +397,7 @@ class BEATs(nn.Module):
         if c["embed_dim"] != c["encoder_embed_dim"]:
             self.post_extract_proj = nn.Dense(c["encoder_embed_dim"], dtype=self.dtype)
         self.dropout_input = nn.Dropout(c["dropout_input"])
-        self.encoder = BEATsEncoder(c, self.dtype, self.split_conv_pos, self.remat)
+        self.encoder = BEATsEncoder(c, self.dtype, self.split_conv_pos, self.remat, self.per_head_attention)
 
     def __call__(self, waveforms, padding_mask=None, deterministic: bool = True) -> BEATsOutput:
         fbank = beats_normalize(kaldi_fbank(waveforms, SAMPLE_RATE, NUM_MEL_BINS))
@@ -585,11 +628,11 @@ def check_provenance(directory: str | os.PathLike, config: Mapping[str, Any]) ->
 
 
 def load_beats(directory: str | os.PathLike, dtype: Any = jnp.float32, split_conv_pos: bool = True,
-               remat: bool = False) -> tuple[BEATs, dict[str, Any]]:
+               remat: bool = False, per_head_attention: bool = False) -> tuple[BEATs, dict[str, Any]]:
     """Read a folder written by :func:`save_beats` / the converter → ``(BEATs module, params)``; warns
     (:func:`check_provenance`) when it was not converted from a fine-tuned checkpoint."""
     params, config = params_io.load_params(directory)
     check_provenance(directory, config)
     cfg = {k: v for k, v in config.items() if k not in PROVENANCE_KEYS}
-    model = BEATs(cfg, dtype=dtype, split_conv_pos=split_conv_pos, remat=remat)
+    model = BEATs(cfg, dtype=dtype, split_conv_pos=split_conv_pos, remat=remat, per_head_attention=per_head_attention)
     return model, jax.tree.map(jnp.asarray, params)
