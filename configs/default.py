@@ -33,8 +33,8 @@ def get_config() -> ml_collections.ConfigDict:
         beats_train_mode=False,  # thesis: BEATs dropout/layer-drop on while training; AudioToken: eval
         unary_dropout_at_inference=True,  # reference quirk: embedder p=0.5 dropout also at inference
         split_conv_pos=True,  # BEATs positional conv as 16 ungrouped convs (fast backward on XLA:CPU)
-        # BEATs attention: auto (per_head on a CPU, else batched) | batched (all heads in one product) |
-        # per_head (a loop over heads: the [T, T] scores of one head stay in cache; mtok_jax/models/beats.py)
+        # BEATs attention: auto (blocked on a CPU, else batched) | batched (all heads in one product) |
+        # blocked (by heads and blocks of queries, whose scores stay in cache: mtok_jax/models/attention.py)
         beats_attention="auto",
         # UNet attention: auto (cuDNN flash attention at the large levels on a GPU in bfloat16, else einsum) |
         # einsum (diffusers' own) | xla (jax.nn.dot_product_attention) | cudnn (mtok_jax/models/attention.py)

@@ -25,6 +25,7 @@ import ml_collections
 import numpy as np
 
 from mtok_jax import config_utils
+from mtok_jax import tree as tree_lib
 from mtok_jax.constants import PROMPTS
 from mtok_jax.models import attention as attention_lib
 from mtok_jax.models import beats as beats_lib
@@ -62,13 +63,18 @@ class System:
 
     @property
     def attention(self) -> str:
-        """The UNet's attention (einsum | xla | cudnn): `model.attention` for this backend and dtype."""
+        """The UNet's attention (einsum | xla | cudnn | blocked): `model.attention` for this backend and dtype."""
         return unet_attention(self.config)
 
     @property
     def conv(self) -> str:
         """The UNet's stride-1 convolutions (xla | matmul): `model.conv` for this backend."""
         return conv_lib.resolve(self.config.model.conv)
+
+
+def _trains_beats(config) -> bool:
+    """Whether `train.trainable` selects BEATs leaves (gradients flow through its attention)."""
+    return tree_lib.path_matcher(config.train.trainable)("beats/x")
 
 
 def unet_attention(config) -> str:
@@ -245,7 +251,7 @@ def load_system(config, labels: Sequence[str]) -> tuple[System, dict[str, Any]]:
     unet_attention(config)  # an unusable model.attention fails before any file is read
     beats, beats_params = beats_lib.load_beats(m.beats_path, dtype=dtype, split_conv_pos=m.split_conv_pos,
                                                remat=config.train.remat,
-                                               per_head_attention=beats_lib.resolve_attention(m.beats_attention))
+                                               blocked_attention=beats_lib.resolve_attention(m.beats_attention, trained=_trains_beats(config)))
     fetch = dict(allow_download=m.allow_download)
     unet, unet_params = diffusion.load_unet(m.sd_path, dtype=dtype, **fetch)
     vae, vae_params = diffusion.load_vae(m.sd_path, dtype=dtype, **fetch)
@@ -315,7 +321,7 @@ def abstract_system(config, *, full_size: bool = True, num_labels: int = 18) -> 
                                     hub.CONFIG_FILE)) for part in ("unet", "vae", "text_encoder"))
         sched_cfg = diffusion.read_scheduler_config(m.sd_path, allow_download=m.allow_download)
     beats = beats_lib.BEATs(dict(beats_cfg), dtype=dtype, split_conv_pos=m.split_conv_pos, remat=config.train.remat,
-                            per_head_attention=beats_lib.resolve_attention(m.beats_attention))
+                            blocked_attention=beats_lib.resolve_attention(m.beats_attention, trained=_trains_beats(config)))
     unet = diffusion.unet_from_config(unet_cfg, dtype=dtype)
     vae = diffusion.vae_from_config(vae_cfg, dtype=dtype)
     text = text_lib.text_encoder_module(text_cfg, dtype)

@@ -125,8 +125,8 @@ def system_back(system: system_lib.System, trainable: Mapping, frozen: Mapping, 
     num_t = system.noise_scheduler.config.num_train_timesteps
     t = jax.vmap(lambda key: jax.random.randint(key, (), 0, num_t))(k["timestep"])
     noisy, target = diffusion.noisy_latents_and_target(system.noise_scheduler, system.noise_state, latents, noise, t)
-    pred = diffusion.unet_noise(system.unet, params["unet"], noisy, t, front["states"], attention=system.attention,
-                                conv=system.conv, remat=system.config.train.remat)
+    pred = diffusion.unet_noise(system.unet, params["unet"], noisy, t, front["states"],
+                                attention=system.attention, conv=system.conv, remat=system.config.train.remat)
     return {"pred": pred, "target": target, "token": front["token"], "tau": system.label_targets[batch["label"]]}
 
 

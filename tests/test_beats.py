@@ -223,31 +223,39 @@ def test_tiny_random_model_and_save_load(tmp_path):
         jax.eval_shape(model.apply, {"params": loaded}, np.zeros((1, 2000), np.float32))
 
 
-def test_per_head_attention_equals_batched_with_mask_and_gradients(cfg, params, golden):
-    """model.beats_attention=per_head (one head at a time) = the batched attention and the golden tensors:
-    forward on the padded batch (key padding mask, GRU-gated relative bias) and gradients w.r.t. every
-    parameter and the waveform."""
+def test_blocked_attention_equals_batched_with_mask_and_gradients(cfg, params, golden, monkeypatch):
+    """model.beats_attention=blocked (heads and blocks of queries one at a time; blocks of ≤ 128 of the
+    496 queries here) = the batched attention and the golden tensors: forward on the padded batch (key
+    padding mask, GRU-gated relative bias) and gradients w.r.t. every parameter and the waveform."""
+    from mtok_jax.models import attention as attention_lib
+
+    monkeypatch.setattr(attention_lib, "MIN_BLOCKED_SCORES", 0)
+    monkeypatch.setattr(attention_lib, "MAX_BLOCK_QUERIES", 128)
+    assert attention_lib.query_blocks(496, 496) == 4  # 124 queries a block
     wav = np.stack([golden["wav_10s"], np.pad(golden["wav_3p3s"], (0, 160000 - 52800))])
     mask = golden["pad_batch/padding_mask_samples"]
     weights = np.random.default_rng(0).normal(size=(2, 496, cfg["encoder_embed_dim"])).astype(np.float32)
 
-    def run(per_head):
-        model = B.BEATs(cfg, per_head_attention=per_head)
+    def run(blocked):
+        model = B.BEATs(cfg, blocked_attention=blocked)
 
         def objective(p, x):
             out = model.apply({"params": p}, x, mask)
             return jnp.sum(jnp.where(out.padding_mask[..., None], 0.0, out.features) * weights), out.features
-        (_, feats), grads = jax.jit(jax.value_and_grad(objective, argnums=(0, 1), has_aux=True))(params, wav)
+        fn = jax.jit(jax.value_and_grad(objective, argnums=(0, 1), has_aux=True))
+        assert (" while(" in fn.lower(params, wav).as_text(dialect="hlo")) == blocked  # the loop is there
+        (_, feats), grads = fn(params, wav)
         return np.asarray(feats), jax.tree.map(np.asarray, grads)
 
-    (batched, g_batched), (per_head, g_per_head) = run(False), run(True)
-    np.testing.assert_allclose(per_head, golden["pad_batch/final"], **TOL)
-    np.testing.assert_allclose(per_head, batched, atol=1e-5, rtol=1e-5)
-    leaves_b, leaves_p = jax.tree.leaves(g_batched), jax.tree.leaves(g_per_head)
+    (batched, g_batched), (blocked, g_blocked) = run(False), run(True)
+    np.testing.assert_allclose(blocked, golden["pad_batch/final"], **TOL)
+    np.testing.assert_allclose(blocked, batched, atol=1e-5, rtol=1e-5)
+    leaves_b, leaves_p = jax.tree.leaves(g_batched), jax.tree.leaves(g_blocked)
     assert len(leaves_b) == len(leaves_p) > 10 and np.abs(leaves_b[-1]).max() > 0
     for a, b in zip(leaves_p, leaves_b):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * max(np.abs(b).max(), 1.0))
     assert B.resolve_attention("auto", "cpu") and not B.resolve_attention("auto", "gpu")
-    assert B.resolve_attention("per_head", "gpu") and not B.resolve_attention("batched", "cpu")
+    assert not B.resolve_attention("auto", "cpu", trained=True)  # exp2: the batched backward is faster
+    assert B.resolve_attention("blocked", "gpu") and not B.resolve_attention("batched", "cpu")
     with pytest.raises(ValueError, match="model.beats_attention"):
         B.resolve_attention("flash")

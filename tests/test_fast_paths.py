@@ -98,6 +98,29 @@ def test_cudnn_routing_pads_cross_attention_keys_and_keeps_the_result(unet_case,
     assert_close_trees(ours[2], ref[2], rtol=1e-4, atol=1e-5)
 
 
+def test_blocked_attention_equals_einsum_forward_and_gradients(unet_case, monkeypatch):
+    """`blocked` with its thresholds lowered to the demo UNet (every site looped over heads, 256 queries in
+    4 blocks of 64): same output and gradients as diffusers' einsum; and the blocks at SD v1.4's sizes."""
+    monkeypatch.setattr(attention_lib, "MIN_BLOCKED_SCORES", 0)
+    monkeypatch.setattr(attention_lib, "MAX_BLOCK_QUERIES", 64)
+    assert attention_lib.site_plan("blocked", 256, 77) == attention_lib.SitePlan("blocked", query_blocks=4)
+    ref = forward_and_grads(*unet_case, attention="einsum")
+    ours = forward_and_grads(*unet_case, attention="blocked")
+    np.testing.assert_allclose(ours[0], ref[0], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(ours[1], ref[1], rtol=1e-4, atol=1e-6)
+    assert_close_trees(ours[2], ref[2], rtol=1e-4, atol=1e-5)
+    unet, params, latents, t, states = unet_case
+    hlo = jax.jit(lambda p: diffusion.unet_noise(unet, p, latents, t, states, attention="blocked")).lower(
+        params).as_text(dialect="hlo")
+    # 16×16: 6 sites (3 blocks × self, cross) × (heads, query blocks); 8×8: 2 sites × heads (64 queries: 1 block)
+    assert hlo.count(" while(") == 6 * 2 + 2 * 1
+    monkeypatch.undo()
+    blocks = {(q, k): attention_lib.query_blocks(q, k) for q, k in
+              ((4096, 4096), (1496, 1496), (1024, 1024), (1024, 77), (256, 256), (4096, 77))}
+    assert blocks == {(4096, 4096): 8, (1496, 1496): 2, (1024, 1024): 2, (1024, 77): 0, (256, 256): 0,
+                      (4096, 77): 0}
+
+
 def test_padding_without_lengths_would_change_the_result():
     """Why the lengths: a zero key gets weight exp(0) in the softmax (the routing test would catch a drop)."""
     rs = np.random.RandomState(2)
@@ -114,7 +137,8 @@ def test_auto_and_the_refusals():
     bf16, f32 = jnp.bfloat16, jnp.float32
     assert attention_lib.resolve("auto", bf16, "gpu") == "cudnn"
     assert attention_lib.resolve("auto", f32, "gpu") == "einsum"
-    assert attention_lib.resolve("auto", bf16, "cpu") == attention_lib.resolve("auto", bf16, "tpu") == "einsum"
+    assert attention_lib.resolve("auto", bf16, "tpu") == "einsum"
+    assert attention_lib.resolve("auto", bf16, "cpu") == attention_lib.resolve("auto", f32, "cpu") == "blocked"
     assert attention_lib.resolve("xla", f32, "cpu") == "xla"
     with pytest.raises(ValueError, match="needs a GPU"):
         attention_lib.resolve("cudnn", bf16, "cpu")

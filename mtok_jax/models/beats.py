@@ -26,6 +26,7 @@ import numpy as np
 from flax import struct, traverse_util
 
 from mtok_jax import params_io
+from mtok_jax.models import attention as attention_lib
 from mtok_jax.audio.fbank import beats_normalize, kaldi_fbank
 from mtok_jax.constants import BEATS_ATTENTIONS, SAMPLE_RATE  # (BEATs.preprocess hard-codes 16 kHz, 128 mel bins)
 
@@ -199,17 +200,19 @@ class ConvPositionalEmbedding(nn.Module):
         return _gelu_f32(y)
 
 
-def resolve_attention(name: str, backend: str | None = None) -> bool:
-    """`model.beats_attention` → per_head (True) or batched (False); ``auto``: per_head on a CPU."""
+def resolve_attention(name: str, backend: str | None = None, trained: bool = False) -> bool:
+    """`model.beats_attention` → blocked (True) or batched (False); ``auto``: blocked on a CPU where BEATs
+    is not `trained` (blocked's loops are left to autodiff, whose backward was slower than the batched one's
+    for the UNet's attention, which therefore has its own flash backward)."""
     if name not in BEATS_ATTENTIONS:
         raise ValueError(f"model.beats_attention={name!r}: expected one of {', '.join(BEATS_ATTENTIONS)}")
-    return name == "per_head" or (name == "auto" and (backend or jax.default_backend()) == "cpu")
+    return name == "blocked" or (name == "auto" and (backend or jax.default_backend()) == "cpu" and not trained)
 
 
 def attention_probs(q, k, pos_bias, gate, key_padding_mask):
-    """Softmax attention weights, float32 ``[B, H, T, T]``: q (scaled) and k ``[B, H, T, d]``; pos_bias
-    ``[H, T, T]`` or None, scaled per query by gate ``[B, H, T]`` (the GRU gate) when given;
-    key_padding_mask ``[B, T]`` (True = padding) or None."""
+    """Softmax attention weights, float32 ``[B, H, T, S]``: q (scaled) ``[B, H, T, d]`` and k ``[B, H, S, d]``;
+    pos_bias ``[H, T, S]`` or None, scaled per query by gate ``[B, H, T]`` (the GRU gate) when given;
+    key_padding_mask ``[B, S]`` (True = padding) or None."""
     logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
     if key_padding_mask is not None:
         logits = jnp.where(key_padding_mask[:, None, None, :], -jnp.inf, logits)
@@ -218,31 +221,36 @@ def attention_probs(q, k, pos_bias, gate, key_padding_mask):
     return jax.nn.softmax(logits, axis=-1)
 
 
-def attend_per_head(q, k, v, pos_bias, gate, key_padding_mask):
-    """``probs · v`` ``[B, H, T, d]`` one head at a time (a loop over H; the same numbers as all heads at
-    once): the scores of one head (``[B, T, T]``, 9 MB at 1,496 tokens) stay in cache on a CPU, where the
-    batched form streams ``[B, H, T, T]`` (107 MB) through memory for each softmax pass."""
-    heads = lambda x: jnp.moveaxis(x, 1, 0)[:, :, None]  # noqa: E731 ([B, H, ...] → [H, B, 1, ...])
-    xs = (heads(q), heads(k), heads(v), None if pos_bias is None else pos_bias[:, None],
-          None if gate is None else heads(gate))
+def attend_blocked(q, k, v, pos_bias, gate, key_padding_mask):
+    """``attention_probs · v`` ``[B, H, T, d]`` one head and block of queries at a time
+    (:func:`attention_lib.loop_heads_and_query_blocks`, blocks from :func:`attention_lib.query_blocks`;
+    all at once below its size): at 1,496 tokens a head's [748, 1,496] block of scores stays in a CPU
+    core's cache, where all heads at once stream [B, 12, T, T] (107 MB) through memory for each pass."""
+    blocks = attention_lib.query_blocks(q.shape[2], k.shape[2])
+    if blocks == 0:
+        return jnp.einsum("bhqk,bhkd->bhqd", attention_probs(q, k, pos_bias, gate, key_padding_mask).astype(v.dtype), v)
+    heads = lambda x: None if x is None else jnp.moveaxis(x, 1, 0)  # noqa: E731 ([B, H, ...] → [H, B, ...])
+    per_query = (heads(q), None if pos_bias is None else pos_bias[:, None], heads(gate))  # [H, B|1, T, ...]
 
-    def one(x):
-        qh, kh, vh, bh, gh = x
-        probs = attention_probs(qh, kh, bh, gh, key_padding_mask)
-        return jnp.einsum("bhqk,bhkd->bhqd", probs.astype(vh.dtype), vh)
-    return jnp.moveaxis(jax.lax.map(one, xs)[:, :, 0], 0, 1)
+    def attend(queries, keys):  # q [B, t, d], bias [1, t, S], gate [B, t]; k/v [B, S, d]
+        qb, bias, g = queries
+        kb, vb = keys
+        probs = attention_probs(qb[:, None], kb[:, None], bias, None if g is None else g[:, None], key_padding_mask)
+        return jnp.einsum("bhqk,bhkd->bhqd", probs.astype(vb.dtype), vb[:, None])[:, 0]
+    out = attention_lib.loop_heads_and_query_blocks(attend, per_query, (heads(k), heads(v)), blocks)
+    return jnp.moveaxis(out, 0, 1)
 
 
 class BEATsAttention(nn.Module):
     """Multi-head self-attention with the (optionally GRU-gated) shared relative position bias.
-    ``per_head``: the heads are computed one after the other (:func:`attend_per_head`) where nothing
-    else needs the weights (no dropout, no sown intermediates)."""
+    ``blocked``: by heads and blocks of queries (:func:`attend_blocked`) where nothing else needs the
+    weights (no dropout, no sown intermediates)."""
     embed_dim: int
     num_heads: int
     gru_rel_pos: bool
     attention_dropout: float
     dtype: Any = jnp.float32
-    per_head: bool = False
+    blocked: bool = False
 
     @nn.compact
     def __call__(self, x, pos_bias, key_padding_mask, deterministic: bool):
@@ -266,8 +274,8 @@ class BEATsAttention(nn.Module):
         # copies P [B, H, T, T] transposed every layer (≈ 55 ms a layer at 1,496 tokens)
         q = (q * jnp.asarray(d ** -0.5, q.dtype)).transpose(0, 2, 1, 3)
         k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-        if self.per_head and deterministic and not self.is_mutable_collection("intermediates"):
-            out = attend_per_head(q, k, v, pos_bias, gate, key_padding_mask)
+        if self.blocked and deterministic and not self.is_mutable_collection("intermediates"):
+            out = attend_blocked(q, k, v, pos_bias, gate, key_padding_mask)
         else:
             probs = attention_probs(q, k, pos_bias, gate, key_padding_mask)
             self.sow("intermediates", "attn_probs", probs)
@@ -282,7 +290,7 @@ class BEATsLayer(nn.Module):
     """One transformer layer: post-LN with deep-norm residual scale α, or pre-LN (layer_norm_first)."""
     cfg: Mapping[str, Any]
     dtype: Any = jnp.float32
-    per_head_attention: bool = False
+    blocked_attention: bool = False
 
     @nn.compact
     def __call__(self, x, pos_bias, key_padding_mask, deterministic: bool):
@@ -291,7 +299,7 @@ class BEATsLayer(nn.Module):
         alpha = (2.0 * c["encoder_layers"]) ** 0.25 if c["deep_norm"] else 1.0
         act = _ACTIVATIONS[c["activation_fn"]]
         attn = BEATsAttention(dim, c["encoder_attention_heads"], bool(c["gru_rel_pos"]),
-                              c["attention_dropout"], self.dtype, self.per_head_attention, name="self_attn")
+                              c["attention_dropout"], self.dtype, self.blocked_attention, name="self_attn")
         attn_ln = nn.LayerNorm(LN_EPS, dtype=self.dtype, name="self_attn_layer_norm")
         final_ln = nn.LayerNorm(LN_EPS, dtype=self.dtype, name="final_layer_norm")
         init = nn.initializers.normal(0.02)
@@ -314,12 +322,12 @@ class BEATsLayer(nn.Module):
 class BEATsEncoder(nn.Module):
     """Conv-pos embedding, LayerNorm and the layer stack (the reference's ``TransformerEncoder``).
     ``remat``: each layer's activations are recomputed in the backward pass (same numbers, less memory);
-    ``per_head_attention``: :class:`BEATsAttention`'s ``per_head``."""
+    ``blocked_attention``: :class:`BEATsAttention`'s ``blocked``."""
     cfg: Mapping[str, Any]
     dtype: Any = jnp.float32
     split_conv_pos: bool = True
     remat: bool = False
-    per_head_attention: bool = False
+    blocked_attention: bool = False
 
     def relative_position_bias(self, length: int) -> jax.Array:
         """Shared bias ``[H, T, T]``: ``bias[h, i, j] = table[bucket(j − i), h]`` (float32)."""
@@ -357,7 +365,7 @@ class BEATsEncoder(nn.Module):
         for i in range(c["encoder_layers"]):
             if ratio != 1.0:
                 x = grad_multiply(x, ratio)
-            y = layer(c, self.dtype, self.per_head_attention, name=f"layers_{i}")(x, pos_bias, padding_mask,
+            y = layer(c, self.dtype, self.blocked_attention, name=f"layers_{i}")(x, pos_bias, padding_mask,
                                                                                 deterministic)
             if not deterministic and layerdrop > 0.0:
                 keep = jax.random.uniform(self.make_rng("dropout")) > layerdrop
@@ -378,14 +386,14 @@ class BEATs(nn.Module):
     ``rngs={'dropout': key}`` is needed. ``dtype=jnp.bfloat16`` computes in bf16 (params stay float32;
     fbank, softmax, GELU and LayerNorm statistics in float32). ``split_conv_pos`` picks the conv-pos form
     (same numbers; split trains much faster on CPU). ``remat``: rematerialise each transformer layer in
-    the backward pass (``train.remat``). ``per_head_attention``: attention one head at a time where no
-    dropout or sown weights need them all (same numbers; faster on CPU: ``model.beats_attention``).
+    the backward pass (``train.remat``). ``blocked_attention``: attention by heads and blocks of queries
+    where no dropout or sown weights need them all (same numbers; faster on CPU: ``model.beats_attention``).
     """
     cfg: Mapping[str, Any]
     dtype: Any = jnp.float32
     split_conv_pos: bool = True
     remat: bool = False
-    per_head_attention: bool = False
+    blocked_attention: bool = False
 
     def setup(self):
         c = beats_config(self.cfg)
@@ -397,7 +405,7 @@ class BEATs(nn.Module):
         if c["embed_dim"] != c["encoder_embed_dim"]:
             self.post_extract_proj = nn.Dense(c["encoder_embed_dim"], dtype=self.dtype)
         self.dropout_input = nn.Dropout(c["dropout_input"])
-        self.encoder = BEATsEncoder(c, self.dtype, self.split_conv_pos, self.remat, self.per_head_attention)
+        self.encoder = BEATsEncoder(c, self.dtype, self.split_conv_pos, self.remat, self.blocked_attention)
 
     def __call__(self, waveforms, padding_mask=None, deterministic: bool = True) -> BEATsOutput:
         fbank = beats_normalize(kaldi_fbank(waveforms, SAMPLE_RATE, NUM_MEL_BINS))
@@ -628,11 +636,11 @@ def check_provenance(directory: str | os.PathLike, config: Mapping[str, Any]) ->
 
 
 def load_beats(directory: str | os.PathLike, dtype: Any = jnp.float32, split_conv_pos: bool = True,
-               remat: bool = False, per_head_attention: bool = False) -> tuple[BEATs, dict[str, Any]]:
+               remat: bool = False, blocked_attention: bool = False) -> tuple[BEATs, dict[str, Any]]:
     """Read a folder written by :func:`save_beats` / the converter → ``(BEATs module, params)``; warns
     (:func:`check_provenance`) when it was not converted from a fine-tuned checkpoint."""
     params, config = params_io.load_params(directory)
     check_provenance(directory, config)
     cfg = {k: v for k, v in config.items() if k not in PROVENANCE_KEYS}
-    model = BEATs(cfg, dtype=dtype, split_conv_pos=split_conv_pos, remat=remat, per_head_attention=per_head_attention)
+    model = BEATs(cfg, dtype=dtype, split_conv_pos=split_conv_pos, remat=remat, blocked_attention=blocked_attention)
     return model, jax.tree.map(jnp.asarray, params)
