@@ -12,7 +12,8 @@
 #   1. exp1, exp1-cached against PyTorch eager and torch.compile (exp1: ≥ 2× eager, ≥ 1.2× compile, MFU)
 #   2. sample, exp2 against PyTorch eager (sampling ≥ 1.5× diffusers, exp2 ≥ 1.5× eager)
 # each with --markdown, so BENCHMARKS.md (copied to $OUT after each stage) holds every finished figure.
-# Environment: PRESET (sd14; tiny checks the script on a CPU in minutes), PYTHON (python3), OUT (results;
+# Environment: PRESET (sd14; tiny checks the script on a CPU in minutes), PYTHON (.venv/bin/python where
+# there is one, else python3), OUT (results;
 # default ./device_out), ASSETS (/tmp/mtok_assets), CHILD_TIMEOUT_S (300: one measurement's limit),
 # MTOK_BENCH_COMMIT (the commit to record: the machine gets no .git), WHEELS (.whl).
 set -uo pipefail
@@ -43,7 +44,8 @@ if [[ "${1:-}" == "--download" ]]; then
 fi
 
 PRESET=${PRESET:-sd14}
-PYTHON=${PYTHON:-python3}
+# here: make venv-test's .venv; on the device machine (no .venv carried): its own python3
+PYTHON=${PYTHON:-$([[ -x .venv/bin/python ]] && echo .venv/bin/python || echo python3)}
 OUT=${OUT:-$PWD/device_out}
 ASSETS=${ASSETS:-/tmp/mtok_assets}
 CHILD_TIMEOUT_S=${CHILD_TIMEOUT_S:-300}
