@@ -72,9 +72,11 @@ class System:
         return conv_lib.resolve(self.config.model.conv)
 
 
-def _trains_beats(config) -> bool:
-    """Whether `train.trainable` selects BEATs leaves (gradients flow through its attention)."""
-    return tree_lib.path_matcher(config.train.trainable)("beats/x")
+def beats_blocked_attention(config) -> bool:
+    """`model.beats_attention` resolved for this backend; BEATs counts as trained where `train.trainable`
+    selects its leaves (gradients flow through its attention)."""
+    trained = tree_lib.path_matcher(config.train.trainable)("beats/x")
+    return beats_lib.resolve_attention(config.model.beats_attention, trained=trained)
 
 
 def unet_attention(config) -> str:
@@ -250,8 +252,7 @@ def load_system(config, labels: Sequence[str]) -> tuple[System, dict[str, Any]]:
     dtype = compute_dtype(config)
     unet_attention(config)  # an unusable model.attention fails before any file is read
     beats, beats_params = beats_lib.load_beats(m.beats_path, dtype=dtype, split_conv_pos=m.split_conv_pos,
-                                               remat=config.train.remat,
-                                               blocked_attention=beats_lib.resolve_attention(m.beats_attention, trained=_trains_beats(config)))
+                                               remat=config.train.remat, blocked_attention=beats_blocked_attention(config))
     fetch = dict(allow_download=m.allow_download)
     unet, unet_params = diffusion.load_unet(m.sd_path, dtype=dtype, **fetch)
     vae, vae_params = diffusion.load_vae(m.sd_path, dtype=dtype, **fetch)
@@ -321,7 +322,7 @@ def abstract_system(config, *, full_size: bool = True, num_labels: int = 18) -> 
                                     hub.CONFIG_FILE)) for part in ("unet", "vae", "text_encoder"))
         sched_cfg = diffusion.read_scheduler_config(m.sd_path, allow_download=m.allow_download)
     beats = beats_lib.BEATs(dict(beats_cfg), dtype=dtype, split_conv_pos=m.split_conv_pos, remat=config.train.remat,
-                            blocked_attention=beats_lib.resolve_attention(m.beats_attention, trained=_trains_beats(config)))
+                            blocked_attention=beats_blocked_attention(config))
     unet = diffusion.unet_from_config(unet_cfg, dtype=dtype)
     vae = diffusion.vae_from_config(vae_cfg, dtype=dtype)
     text = text_lib.text_encoder_module(text_cfg, dtype)

@@ -256,7 +256,7 @@ def test_blocked_attention_equals_batched_with_mask_and_gradients(cfg, params, g
     for a, b in zip(leaves_p, leaves_b):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * max(np.abs(b).max(), 1.0))
     assert B.resolve_attention("auto", "cpu") and not B.resolve_attention("auto", "gpu")
-    assert not B.resolve_attention("auto", "cpu", trained=True)  # exp2: the batched backward is faster
+    assert not B.resolve_attention("auto", "cpu", trained=True)  # exp2: blocked's loops have no backward of their own
     assert B.resolve_attention("blocked", "gpu") and not B.resolve_attention("batched", "cpu")
     with pytest.raises(ValueError, match="model.beats_attention"):
         B.resolve_attention("flash")
